@@ -1,0 +1,33 @@
+# Quick start: `make demo` (train + evaluate + draw on the synthetic set) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= work_dirs/demo
+DEMO_CFG ?= atss_r18_fpn_synth
+
+.PHONY: venv demo test lint bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/densedet data synth --out data/synth
+	$(VENV)/bin/densedet train $(DEMO_CFG) --work-dir $(DEMO_DIR)
+	$(VENV)/bin/densedet test $(DEMO_CFG) $(DEMO_DIR) --out $(DEMO_DIR)/test
+	$(VENV)/bin/densedet predict $(DEMO_CFG) $(DEMO_DIR) data/synth/val --out $(DEMO_DIR)/predictions --limit 12
+	@echo "Curves: $(DEMO_DIR)/curves.png  Drawn predictions: $(DEMO_DIR)/predictions/"
+
+test: venv
+	$(PY) -m pytest -q -x --durations=15
+
+lint: venv
+	$(VENV)/bin/ruff check densedet tests benchmarks
+
+clean:
+	rm -rf $(VENV) work_dirs data/synth

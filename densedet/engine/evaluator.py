@@ -1,0 +1,97 @@
+"""Inference over a data loader and COCO evaluation, single- or multi-process.
+
+With DDP every rank runs the images of its shard (the validation loader's distributed sampler does not pad, so
+each image is seen once); detections are gathered with their image ids on every rank, de-duplicated and ordered by
+image id. COCO evaluation runs on rank 0 and its result is broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from densedet.engine.checkpoint import unwrap_model
+from densedet.engine.dist import all_gather_object, broadcast_object, get_world_size, is_main_process
+
+__all__ = ["evaluate", "run_inference"]
+
+logger = logging.getLogger("densedet")
+
+
+def _to_device(batch_targets: Any, device: torch.device) -> Any:
+    if isinstance(batch_targets, torch.Tensor):
+        return batch_targets.to(device, non_blocking=True)
+    if isinstance(batch_targets, dict):
+        return {k: _to_device(v, device) for k, v in batch_targets.items()}
+    if isinstance(batch_targets, (list, tuple)):
+        return type(batch_targets)(_to_device(v, device) for v in batch_targets)
+    return batch_targets
+
+
+@torch.no_grad()
+def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> list[dict[str, Any]]:
+    """Predict every image of ``loader``.
+
+    Args:
+        model: detector (DDP wrappers are unwrapped: ranks may run different numbers of batches, and DDP's
+            forward would wait for the others).
+        loader: yields ``{"images": (B, 3, H, W), "metas": [{"image_id", ...}, ...]}``.
+        device: where to run.
+
+    Returns:
+        One dict per image, over all processes, ordered by image id: ``{"image_id": int, "boxes": (K, 4) xyxy
+        original-image pixels, "scores": (K,), "labels": (K,) int64}``, tensors on CPU.
+    """
+    device = torch.device(device)
+    net = unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    local: list[dict[str, Any]] = []
+    try:
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            metas = batch["metas"]
+            dets = net(images, None, metas, mode="predict")
+            if len(dets) != len(metas):
+                raise RuntimeError(f"run_inference: the model returned {len(dets)} results for {len(metas)} images")
+            for det, meta in zip(dets, metas):
+                local.append({"image_id": int(meta["image_id"]), "boxes": det["boxes"].detach().float().cpu(),
+                              "scores": det["scores"].detach().float().cpu(),
+                              "labels": det["labels"].detach().long().cpu()})
+    finally:
+        net.train(was_training)
+
+    gathered = local if get_world_size() == 1 else [r for part in all_gather_object(local) for r in part]
+    unique: dict[int, dict[str, Any]] = {}
+    for r in gathered:
+        unique.setdefault(r["image_id"], r)  # a padded sampler would repeat images; keep the first
+    return [unique[i] for i in sorted(unique)]
+
+
+def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device | str,
+             out_json: str | Path | None = None) -> Any:
+    """Run :func:`run_inference` and COCO bbox evaluation.
+
+    Args:
+        dataset: has ``label2cat`` (contiguous label -> category id) and ``coco_gt_dict`` (COCO ground truth).
+        out_json: if given, the COCO results list is written there (rank 0, atomically).
+
+    Returns:
+        ``densedet.evaluation.EvalResult`` on every rank (computed on rank 0, broadcast).
+    """
+    from densedet.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, save_results_json
+
+    dets = run_inference(model, loader, device)
+    result = None
+    if is_main_process():
+        results = detections_to_coco_results(dets, [d["image_id"] for d in dets], dataset.label2cat)
+        if out_json is not None:
+            save_results_json(results, out_json)
+        if not results:
+            logger.warning("evaluation: the model produced no detections on %d images", len(dets))
+        result = evaluate_coco(dataset.coco_gt_dict, results)
+    return broadcast_object(result)

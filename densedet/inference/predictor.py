@@ -1,0 +1,113 @@
+"""Run a trained detector on images: paths, PIL images or (H, W, 3) uint8 RGB arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from densedet.config import Config, load_config
+from densedet.data.collate import collate
+from densedet.data.transforms import build_pipeline
+from densedet.models.build import build_detector
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """An image file, or every image in a folder (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image or folder")
+    return [path]
+
+
+def read_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """Any supported input -> (H, W, 3) uint8 RGB array."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as im:
+                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"cannot decode image {image}: {e}") from e
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"an image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
+    return arr
+
+
+class Predictor:
+    """Detector + test pipeline + class names.
+
+    ``Predictor("atss_r18_fpn_synth", "work_dirs/demo/latest.pth")(images)`` returns, per image, a dict with
+    ``boxes`` (K, 4) xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names).
+    """
+
+    def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
+                 score_thr: float | None = None, classes: Sequence[str] | None = None,
+                 overrides: list[str] | None = None) -> None:
+        from densedet.engine.checkpoint import load_checkpoint, load_model_weights
+
+        self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        model_cfg = dict(self.cfg.model)
+        model_cfg["backbone"] = {**model_cfg["backbone"], "pretrained": None}  # the checkpoint has all weights
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+        self.model = build_detector(model_cfg, init=checkpoint is None)
+        meta: dict[str, Any] = {}
+        if checkpoint is not None:
+            ckpt = load_checkpoint(checkpoint)
+            load_model_weights(self.model, ckpt, strict=True, source=str(checkpoint))
+            meta = ckpt.get("meta", {}) or {}
+        self.model.to(self.device).eval()
+        if score_thr is not None:
+            self.model.bbox_head.test_cfg.score_thr = score_thr
+        n = self.model.num_classes
+        names = list(classes or meta.get("classes") or [f"class_{i}" for i in range(n)])
+        if len(names) != n:
+            raise ValueError(f"{len(names)} class names for a model with {n} classes")
+        self.classes = names
+        self.pipeline = build_pipeline(self.cfg.data.val.pipeline, "data.val.pipeline")
+        self.size_divisor = self.cfg.data.size_divisor
+
+    def preprocess(self, images: Sequence[Any]) -> dict[str, Any]:
+        samples = []
+        for img in images:
+            arr = read_image(img)
+            h, w = arr.shape[:2]
+            sample = {"img": arr, "boxes": np.zeros((0, 4), np.float32), "labels": np.zeros((0,), np.int64),
+                      "ignore_boxes": np.zeros((0, 4), np.float32),
+                      "meta": {"image_id": -1, "ori_shape": (h, w), "img_shape": (h, w), "scale_factor": (1.0, 1.0),
+                               "flip": False}}
+            sample = self.pipeline(sample)
+            img_t = sample["img"]
+            if isinstance(img_t, np.ndarray):
+                img_t = torch.from_numpy(np.ascontiguousarray(img_t.transpose(2, 0, 1))).float()
+            samples.append({"img": img_t, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                            "ignore_boxes": torch.zeros(0, 4), "meta": sample["meta"]})
+        return collate(samples, self.size_divisor)
+
+    @torch.no_grad()
+    def __call__(self, images: Any, batch_size: int = 4) -> list[dict[str, Any]]:
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        out: list[dict[str, Any]] = []
+        for i in range(0, len(items), batch_size):
+            batch = self.preprocess(items[i:i + batch_size])
+            dets = self.model(batch["images"].to(self.device), metas=batch["metas"], mode="predict")
+            for d in dets:
+                d = {k: v.cpu() for k, v in d.items()}
+                d["class_names"] = [self.classes[int(c)] for c in d["labels"]]
+                out.append(d)
+        return out[0] if single else out

@@ -1,0 +1,254 @@
+"""Anchor-based dense heads: RetinaNet and ATSS.
+
+RetinaHead follows mmdet/models/dense_heads/retina_head.py + anchor_head.py (MMDetection 2.x): max-IoU assignment,
+focal loss normalised by the number of positives (``max(pos, 1)`` per image, summed, *not* averaged across
+processes, as the reference does), box loss on encoded deltas (or on decoded boxes when ``reg_decoded_bbox``).
+ATSSHead follows mmdet/models/dense_heads/atss_head.py: ATSS assignment, focal loss over ``reduce_mean(num_pos)``,
+GIoU weighted by the centerness target and normalised by its cross-process mean sum, centerness BCE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from densedet.assigners import atss_assign, max_iou_assign
+from densedet.engine.dist import reduce_mean
+from densedet.losses import build_loss
+from densedet.models.heads.dense_head import DenseHead, flatten_levels, split_assigner_cfg
+from densedet.models.layers import Scale
+from densedet.registry import HEADS, ConfigError, check_kwargs
+from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, pad_targets
+
+
+def _build_anchor_generator(cfg: dict[str, Any] | None, default: dict[str, Any]) -> AnchorGenerator:
+    cfg = dict(default if cfg is None else cfg)
+    kind = cfg.pop("type", "AnchorGenerator")
+    if kind != "AnchorGenerator":
+        raise ConfigError(f"model.bbox_head.anchor_generator.type: unknown '{kind}'",
+                          path="model.bbox_head.anchor_generator.type")
+    check_kwargs(AnchorGenerator, cfg, "model.bbox_head.anchor_generator")
+    return AnchorGenerator(**cfg)
+
+
+def _build_delta_coder(cfg: dict[str, Any] | None, default_stds: tuple[float, ...]) -> DeltaXYWHBBoxCoder:
+    cfg = dict(cfg or {"target_means": (0.0, 0.0, 0.0, 0.0), "target_stds": default_stds})
+    kind = cfg.pop("type", "DeltaXYWHBBoxCoder")
+    if kind != "DeltaXYWHBBoxCoder":
+        raise ConfigError(f"model.bbox_head.bbox_coder.type: unknown '{kind}'", path="model.bbox_head.bbox_coder.type")
+    check_kwargs(DeltaXYWHBBoxCoder, cfg, "model.bbox_head.bbox_coder")
+    return DeltaXYWHBBoxCoder(**cfg)
+
+
+class AnchorDenseHead(DenseHead):
+    """Anchor bookkeeping shared by RetinaNet and ATSS."""
+
+    anchor_generator: AnchorGenerator
+    bbox_coder: DeltaXYWHBBoxCoder
+
+    def priors(self, featmap_sizes: list[tuple[int, int]], device: torch.device,
+               dtype: torch.dtype) -> tuple[Tensor, list[int]]:
+        """All anchors (N, 4) xyxy of all levels, and the count per level."""
+        per_level = self.anchor_generator.grid_priors(featmap_sizes, dtype=dtype, device=device)
+        return torch.cat(per_level, 0), [p.shape[0] for p in per_level]
+
+    def _decoder(self, priors: Tensor, num_per_level: list[int], bbox_flat: list[Tensor], img_shapes: Tensor):
+        starts = [0]
+        for n in num_per_level[:-1]:
+            starts.append(starts[-1] + n)
+
+        def decode(lvl: int, idx: Tensor) -> Tensor:
+            pri = priors[starts[lvl]:starts[lvl] + num_per_level[lvl]][idx]  # (B, k, 4)
+            deltas = bbox_flat[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
+            return self.bbox_coder.decode(pri, deltas, max_shape=img_shapes)
+
+        return decode
+
+
+@HEADS.register()
+class RetinaHead(AnchorDenseHead):
+    """RetinaNet head (Lin et al. 2017): 4-conv towers, ``retina_cls`` / ``retina_reg``."""
+
+    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 4,
+                 conv_cfg: dict | None = None, norm_cfg: dict | None = None,
+                 anchor_generator: dict | None = None, bbox_coder: dict | None = None,
+                 reg_decoded_bbox: bool = False, loss_cls: dict | None = None, loss_bbox: dict | None = None,
+                 train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
+        self.anchor_generator = _build_anchor_generator(anchor_generator, {
+            "octave_base_scale": 4, "scales_per_octave": 3, "ratios": (0.5, 1.0, 2.0),
+            "strides": (8, 16, 32, 64, 128)})
+        super().__init__(num_classes, in_channels, feat_channels, stacked_convs,
+                         strides=self.anchor_generator.strides, conv_cfg=conv_cfg, norm_cfg=norm_cfg,
+                         train_cfg=train_cfg, test_cfg=test_cfg)
+        self.bbox_coder = _build_delta_coder(bbox_coder, (1.0, 1.0, 1.0, 1.0))
+        self.reg_decoded_bbox = reg_decoded_bbox
+        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
+                                                "alpha": 0.25, "loss_weight": 1.0}, "model.bbox_head.loss_cls")
+        self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "loss_weight": 1.0}, "model.bbox_head.loss_bbox")
+        self.assigner_kwargs = split_assigner_cfg(self.train_cfg, "MaxIoUAssigner", max_iou_assign)
+        self.num_base_priors = self.anchor_generator.num_base_priors[0]
+        self.cls_convs = self._build_tower()
+        self.reg_convs = self._build_tower()
+        self.retina_cls = nn.Conv2d(feat_channels, self.num_base_priors * num_classes, 3, padding=1)
+        self.retina_reg = nn.Conv2d(feat_channels, self.num_base_priors * 4, 3, padding=1)
+
+    def classifier(self) -> nn.Conv2d:
+        return self.retina_cls
+
+    def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        c = r = x
+        for conv in self.cls_convs:
+            c = conv(c)
+        for conv in self.reg_convs:
+            r = conv(r)
+        return self.retina_cls(c), self.retina_reg(r)
+
+    def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
+             metas: list[dict[str, Any]]) -> dict[str, Tensor]:
+        cls_scores, bbox_preds = outs
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        priors, per_level = self.priors(sizes, device, torch.float32)
+        valid = self.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
+        gt = pad_targets(targets, device=device)
+        assign = max_iou_assign(priors, gt, prior_valid=valid, **self.assigner_kwargs)
+        labels, gt_boxes = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
+        label_weights = (valid & (assign.gt_inds != -2)).float()
+        pos = assign.pos_mask & valid
+        # anchor_head.get_targets: sum over images of max(#pos, 1)
+        num_total = pos.sum(1).clamp(min=1).sum().float().item()
+
+        cls_flat = flatten_levels(cls_scores, self.num_classes)
+        bbox_flat = flatten_levels(bbox_preds, 4)
+        loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
+                                 label_weights.reshape(-1), avg_factor=num_total)
+        pos_pred = bbox_flat[pos]
+        pos_priors = priors.expand(pos.shape[0], -1, -1)[pos]
+        if self.reg_decoded_bbox:
+            pred = self.bbox_coder.decode(pos_priors, pos_pred)
+            target = gt_boxes[pos]
+        else:
+            pred, target = pos_pred, self.bbox_coder.encode(pos_priors, gt_boxes[pos])
+        if pos_pred.numel():
+            loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total)
+        else:
+            loss_bbox = bbox_flat.sum() * 0
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach()}
+
+    @torch.no_grad()
+    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
+                rescale: bool = True) -> list[dict[str, Tensor]]:
+        cls_scores, bbox_preds = outs
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        priors, per_level = self.priors(sizes, device, cls_scores[0].dtype)
+        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
+        bbox_flat = [flatten_levels([b], 4) for b in bbox_preds]
+        decode = self._decoder(priors, per_level, bbox_flat, self.img_shapes(metas, device))
+        return self._postprocess(scores, None, decode, metas, rescale)
+
+
+@HEADS.register()
+class ATSSHead(AnchorDenseHead):
+    """ATSS head (Zhang et al. 2020): GN towers, ``atss_cls`` / ``atss_reg`` / ``atss_centerness``, ``scales``."""
+
+    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 4,
+                 conv_cfg: dict | None = None, norm_cfg: dict | None = None,
+                 anchor_generator: dict | None = None, bbox_coder: dict | None = None,
+                 reg_decoded_bbox: bool = True, loss_cls: dict | None = None, loss_bbox: dict | None = None,
+                 loss_centerness: dict | None = None, train_cfg: dict | None = None, test_cfg: dict | None = None,
+                 init_cfg: dict | None = None) -> None:
+        self.anchor_generator = _build_anchor_generator(anchor_generator, {
+            "octave_base_scale": 8, "scales_per_octave": 1, "ratios": (1.0,), "strides": (8, 16, 32, 64, 128)})
+        norm_cfg = {"type": "GN", "num_groups": 32, "requires_grad": True} if norm_cfg is None else norm_cfg
+        super().__init__(num_classes, in_channels, feat_channels, stacked_convs,
+                         strides=self.anchor_generator.strides, conv_cfg=conv_cfg, norm_cfg=norm_cfg,
+                         train_cfg=train_cfg, test_cfg=test_cfg)
+        if not reg_decoded_bbox:
+            raise ConfigError("model.bbox_head.reg_decoded_bbox: ATSSHead regresses decoded boxes (GIoU); "
+                              "False is not supported", path="model.bbox_head.reg_decoded_bbox")
+        self.bbox_coder = _build_delta_coder(bbox_coder, (0.1, 0.1, 0.2, 0.2))
+        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
+                                                "alpha": 0.25, "loss_weight": 1.0}, "model.bbox_head.loss_cls")
+        self.loss_bbox = build_loss(loss_bbox or {"type": "GIoULoss", "loss_weight": 2.0},
+                                    "model.bbox_head.loss_bbox")
+        self.loss_centerness = build_loss(loss_centerness or {"type": "CrossEntropyLoss", "use_sigmoid": True,
+                                                              "loss_weight": 1.0}, "model.bbox_head.loss_centerness")
+        self.assigner_kwargs = split_assigner_cfg(self.train_cfg, "ATSSAssigner", atss_assign)
+        self.num_base_priors = self.anchor_generator.num_base_priors[0]
+        self.cls_convs = self._build_tower()
+        self.reg_convs = self._build_tower()
+        a = self.num_base_priors
+        self.atss_cls = nn.Conv2d(feat_channels, a * num_classes, 3, padding=1)
+        self.atss_reg = nn.Conv2d(feat_channels, a * 4, 3, padding=1)
+        self.atss_centerness = nn.Conv2d(feat_channels, a, 3, padding=1)
+        self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
+
+    def classifier(self) -> nn.Conv2d:
+        return self.atss_cls
+
+    def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor, Tensor]:
+        c = r = x
+        for conv in self.cls_convs:
+            c = conv(c)
+        for conv in self.reg_convs:
+            r = conv(r)
+        bbox = self.scales[level](self.atss_reg(r)).float()
+        return self.atss_cls(c), bbox, self.atss_centerness(r)
+
+    @staticmethod
+    def centerness_target(anchors: Tensor, gts: Tensor) -> Tensor:
+        """Centerness of the anchor centre inside its gt box (atss_head.centerness_target). (P,4),(P,4) -> (P,)."""
+        cx = (anchors[:, 0] + anchors[:, 2]) / 2
+        cy = (anchors[:, 1] + anchors[:, 3]) / 2
+        lr = torch.stack([cx - gts[:, 0], gts[:, 2] - cx], 1)
+        tb = torch.stack([cy - gts[:, 1], gts[:, 3] - cy], 1)
+        return torch.sqrt((lr.min(1).values / lr.max(1).values) * (tb.min(1).values / tb.max(1).values))
+
+    def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
+             metas: list[dict[str, Any]]) -> dict[str, Tensor]:
+        cls_scores, bbox_preds, centernesses = outs
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        priors, per_level = self.priors(sizes, device, torch.float32)
+        valid = self.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
+        gt = pad_targets(targets, device=device)
+        assign = atss_assign(priors, per_level, gt, prior_valid=valid, **self.assigner_kwargs)
+        labels, gt_boxes = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
+        label_weights = (valid & (assign.gt_inds != -2)).float()
+        pos = assign.pos_mask & valid
+        num_total = max(reduce_mean(pos.sum().float()).item(), 1.0)
+
+        cls_flat = flatten_levels(cls_scores, self.num_classes)
+        bbox_flat = flatten_levels(bbox_preds, 4)
+        ctr_flat = flatten_levels(centernesses, 1)[..., 0]
+        loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
+                                 label_weights.reshape(-1), avg_factor=num_total)
+        pos_priors = priors.expand(pos.shape[0], -1, -1)[pos]
+        pos_gt = gt_boxes[pos]
+        ctr_targets = self.centerness_target(pos_priors, pos_gt)
+        if pos_gt.numel():
+            decoded = self.bbox_coder.decode(pos_priors, bbox_flat[pos])
+            loss_bbox = self.loss_bbox(decoded, pos_gt, weight=ctr_targets, avg_factor=1.0)
+            loss_ctr = self.loss_centerness(ctr_flat[pos], ctr_targets, avg_factor=num_total)
+        else:
+            loss_bbox = bbox_flat.sum() * 0
+            loss_ctr = ctr_flat.sum() * 0
+        bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
+                "num_pos": pos.sum().float().detach()}
+
+    @torch.no_grad()
+    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
+                rescale: bool = True) -> list[dict[str, Tensor]]:
+        cls_scores, bbox_preds, centernesses = outs
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        priors, per_level = self.priors(sizes, device, cls_scores[0].dtype)
+        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
+        factors = [flatten_levels([c], 1)[..., 0].sigmoid() for c in centernesses]
+        bbox_flat = [flatten_levels([b], 4) for b in bbox_preds]
+        decode = self._decoder(priors, per_level, bbox_flat, self.img_shapes(metas, device))
+        return self._postprocess(scores, factors, decode, metas, rescale)

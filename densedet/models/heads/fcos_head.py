@@ -1,0 +1,158 @@
+"""FCOS head (Tian et al. 2019), following mmdet/models/dense_heads/fcos_head.py (MMDetection 2.x).
+
+Points at ``(j + 0.5) * stride``; targets by regress ranges with optional center sampling; distances optionally
+normalised by the stride (``norm_on_bbox``, predictions ReLU-ed instead of exp-ed); focal loss over
+``max(reduce_mean(num_pos), 1)``; IoU/GIoU loss weighted by the centerness target and normalised by its
+cross-process mean sum; centerness BCE.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from densedet.assigners import expand_regress_ranges, fcos_assign
+from densedet.engine.dist import reduce_mean
+from densedet.losses import build_loss
+from densedet.models.heads.dense_head import DenseHead, flatten_levels
+from densedet.models.layers import Scale
+from densedet.registry import HEADS
+from densedet.structures import DistancePointBBoxCoder, PointGenerator, pad_targets
+
+INF = 1e8
+
+
+@HEADS.register()
+class FCOSHead(DenseHead):
+    """``conv_cls`` / ``conv_reg`` / ``conv_centerness`` over GN conv towers, one ``Scale`` per level."""
+
+    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 4,
+                 strides: tuple[int, ...] | list[int] = (8, 16, 32, 64, 128),
+                 regress_ranges: tuple | list = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF)),
+                 center_sampling: bool = False, center_sample_radius: float = 1.5, norm_on_bbox: bool = False,
+                 centerness_on_reg: bool = False, dcn_on_last_conv: bool = False, conv_bias: bool | str = "auto",
+                 conv_cfg: dict | None = None, norm_cfg: dict | None = None, loss_cls: dict | None = None,
+                 loss_bbox: dict | None = None, loss_centerness: dict | None = None,
+                 train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
+        norm_cfg = {"type": "GN", "num_groups": 32, "requires_grad": True} if norm_cfg is None else norm_cfg
+        super().__init__(num_classes, in_channels, feat_channels, stacked_convs, strides, conv_cfg, norm_cfg,
+                         conv_bias, train_cfg=None, test_cfg=test_cfg)
+        if dcn_on_last_conv:
+            from densedet.registry import ConfigError
+
+            raise ConfigError("model.bbox_head.dcn_on_last_conv: deformable head convs are not available yet",
+                              path="model.bbox_head.dcn_on_last_conv")
+        # FCOS configs carry an unused MaxIoUAssigner in train_cfg; accept and ignore it like the reference.
+        self.train_cfg_raw = train_cfg
+        self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
+        self.center_sampling = center_sampling
+        self.center_sample_radius = center_sample_radius
+        self.norm_on_bbox = norm_on_bbox
+        self.centerness_on_reg = centerness_on_reg
+        self.prior_generator = PointGenerator(self.strides, offset=0.5)
+        self.bbox_coder = DistancePointBBoxCoder()
+        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
+                                                "alpha": 0.25, "loss_weight": 1.0}, "model.bbox_head.loss_cls")
+        self.loss_bbox = build_loss(loss_bbox or {"type": "IoULoss", "loss_weight": 1.0}, "model.bbox_head.loss_bbox")
+        self.loss_centerness = build_loss(loss_centerness or {"type": "CrossEntropyLoss", "use_sigmoid": True,
+                                                              "loss_weight": 1.0}, "model.bbox_head.loss_centerness")
+        self.cls_convs = self._build_tower()
+        self.reg_convs = self._build_tower()
+        self.conv_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
+        self.conv_reg = nn.Conv2d(feat_channels, 4, 3, padding=1)
+        self.conv_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1)
+        self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
+
+    def classifier(self) -> nn.Conv2d:
+        return self.conv_cls
+
+    def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor, Tensor]:
+        c = r = x
+        for conv in self.cls_convs:
+            c = conv(c)
+        for conv in self.reg_convs:
+            r = conv(r)
+        centerness = self.conv_centerness(r if self.centerness_on_reg else c)
+        bbox = self.scales[level](self.conv_reg(r)).float()
+        if self.norm_on_bbox:
+            bbox = bbox.clamp(min=0)
+            if not self.training:
+                bbox = bbox * self.strides[level]
+        else:
+            bbox = bbox.exp()
+        return self.conv_cls(c), bbox, centerness
+
+    def points(self, featmap_sizes: list[tuple[int, int]], device: torch.device,
+               dtype: torch.dtype) -> tuple[Tensor, list[int]]:
+        per_level = self.prior_generator.grid_priors(featmap_sizes, dtype=dtype, device=device)
+        return torch.cat(per_level, 0), [p.shape[0] for p in per_level]
+
+    @staticmethod
+    def centerness_target(ltrb: Tensor) -> Tensor:
+        """sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)) (FCOS paper eq. 3). (P,4) -> (P,)."""
+        lr, tb = ltrb[:, [0, 2]], ltrb[:, [1, 3]]
+        if ltrb.numel() == 0:
+            return ltrb.new_zeros(0)
+        return torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
+
+    def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
+             metas: list[dict[str, Any]]) -> dict[str, Tensor]:
+        cls_scores, bbox_preds, centernesses = outs
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        points, per_level = self.points(sizes, device, torch.float32)
+        strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
+                                          torch.tensor(per_level, device=device))
+        ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
+        gt = pad_targets(targets, device=device)
+        assign, ltrb = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
+                                   center_sample_radius=self.center_sample_radius)
+        labels, _ = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
+        pos = assign.pos_mask
+        num_pos = max(reduce_mean(pos.sum().float()).item(), 1.0)
+
+        cls_flat = flatten_levels(cls_scores, self.num_classes)
+        bbox_flat = flatten_levels(bbox_preds, 4)
+        ctr_flat = flatten_levels(centernesses, 1)[..., 0]
+        loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1), avg_factor=num_pos)
+        b = pos.shape[0]
+        pos_points = points.expand(b, -1, -1)[pos]
+        pos_ltrb = ltrb[pos]
+        if self.norm_on_bbox:
+            pos_ltrb = pos_ltrb / strides.expand(b, -1)[pos][:, None]
+        ctr_targets = self.centerness_target(pos_ltrb)
+        ctr_denorm = max(reduce_mean(ctr_targets.sum().detach()).item(), 1e-6)
+        if pos_points.numel():
+            pred_boxes = self.bbox_coder.decode(pos_points, bbox_flat[pos])
+            target_boxes = self.bbox_coder.decode(pos_points, pos_ltrb)
+            loss_bbox = self.loss_bbox(pred_boxes, target_boxes, weight=ctr_targets, avg_factor=ctr_denorm)
+            loss_ctr = self.loss_centerness(ctr_flat[pos], ctr_targets, avg_factor=num_pos)
+        else:
+            loss_bbox = bbox_flat.sum() * 0
+            loss_ctr = ctr_flat.sum() * 0
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_ctr,
+                "num_pos": pos.sum().float().detach()}
+
+    @torch.no_grad()
+    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
+                rescale: bool = True) -> list[dict[str, Tensor]]:
+        cls_scores, bbox_preds, centernesses = outs
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        points, per_level = self.points(sizes, device, cls_scores[0].dtype)
+        starts = [0]
+        for n in per_level[:-1]:
+            starts.append(starts[-1] + n)
+        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
+        factors = [flatten_levels([c], 1)[..., 0].sigmoid() for c in centernesses]
+        dists = [flatten_levels([d], 4) for d in bbox_preds]
+        img_shapes = self.img_shapes(metas, device)
+
+        def decode(lvl: int, idx: Tensor) -> Tensor:
+            pts = points[starts[lvl]:starts[lvl] + per_level[lvl]][idx]
+            d = dists[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
+            return self.bbox_coder.decode(pts, d, max_shape=img_shapes)
+
+        return self._postprocess(scores, factors, decode, metas, rescale)
