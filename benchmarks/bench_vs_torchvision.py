@@ -371,9 +371,10 @@ def markdown_report(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             lines.append(f"| {model} | {desc[mode]} | {ms(d)} | {ms(t)} | **{ratio:.2f}x** | {ok} | {mib(d)} "
                          f"| {mib(t)} |")
     loads = [x for r in results for x in r["loadavg_1min"]]
-    lines += ["", "Peak MiB = peak RSS (getrusage ru_maxrss) of the variant running alone in a fresh subprocess for "
-              "two iterations, minus its RSS right after model construction (activations, gradients, optimizer "
-              f"state, allocator caching). 1-min load average during timing: {min(loads):.1f}-{max(loads):.1f} "
+    mem_note = ("Peak MiB = peak RSS (getrusage ru_maxrss) of the variant running alone in a fresh subprocess for "
+                "two iterations, minus its RSS right after model construction (activations, gradients, optimizer "
+                "state, allocator caching). " if any("peak_minus_build_mib" in r for r in results) else "")
+    lines += ["", f"{mem_note}1-min load average during timing: {min(loads):.1f}-{max(loads):.1f} "
               f"on {os.cpu_count()} CPUs.", ""]
 
     cl_rows = [(model, mode) for model in models for mode in modes if get("densedet", model, mode, True)]

@@ -5,13 +5,24 @@ Public API::
     import densedet
     model = densedet.build_model("atss_r50_fpn_1x_coco", num_classes=3)
     predictor = densedet.Predictor("atss_r18_fpn_synth", "work_dirs/demo")
-    dets = predictor("image.jpg")   # {"boxes", "scores", "labels", "class_names"}
+    dets = predictor("image.jpg")   # {"boxes" (K,4) xyxy, "scores", "labels", "class_names"}
 """
 
 from densedet.api import build_model
+from densedet.compat.mmdet import convert_mmdet_checkpoint
 from densedet.config import Config, ConfigError, list_configs, load_config
+from densedet.data import CocoDataset, DataError, build_dataloader, make_synthetic_coco
+from densedet.engine import Trainer, evaluate, load_checkpoint, load_model_weights, train
+from densedet.evaluation import EvalResult, evaluate_coco
 from densedet.inference.predictor import Predictor
+from densedet.inference.visualize import draw_detections
+from densedet.models.build import build_detector
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "Predictor", "__version__", "build_model", "list_configs", "load_config"]
+__all__ = [
+    "CocoDataset", "Config", "ConfigError", "DataError", "EvalResult", "Predictor", "Trainer", "__version__",
+    "build_dataloader", "build_detector", "build_model", "convert_mmdet_checkpoint", "draw_detections", "evaluate",
+    "evaluate_coco", "list_configs", "load_checkpoint", "load_config", "load_model_weights", "make_synthetic_coco",
+    "train",
+]

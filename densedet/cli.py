@@ -65,7 +65,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     model = build_detector(model_cfg, init=False)
     load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    model.to(device)
+    model.to(device).use_channels_last(cfg.runtime.channels_last)
     dataset = _build_eval_dataset(cfg, args.split)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)

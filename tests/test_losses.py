@@ -191,3 +191,27 @@ def test_build_loss_from_config():
         build_loss({"type": "FocalLoss", "gama": 2.0}, "model.head.loss_cls")
     with pytest.raises(ConfigError, match="unknown loss type"):
         build_loss({"type": "FocalLos"})
+
+
+@pytest.mark.parametrize("gamma,alpha,with_weight", [(2.0, 0.25, True), (1.5, 0.5, False), (0.0, 0.25, True)])
+def test_fused_label_focal_matches_generic_values_and_gradients(gamma, alpha, with_weight) -> None:
+    """Hard labels take the fused closed-form path; it must equal the one-hot formula and its autograd gradient."""
+    from densedet.losses.focal import labels_to_binary
+
+    g = torch.Generator().manual_seed(7)
+    pred = (torch.randn(50, 6, generator=g) * 3).requires_grad_()
+    labels = torch.randint(0, 7, (50,), generator=g)  # 6 = background
+    weight = torch.rand(50, generator=g) if with_weight else None
+    fused = sigmoid_focal_loss(pred, labels, weight, gamma=gamma, alpha=alpha, avg_factor=7.0)
+    (gf,) = torch.autograd.grad(fused, pred)
+    ref_pred = pred.detach().clone().requires_grad_()
+    onehot = labels_to_binary(labels, 6, torch.float32)
+    ref = sigmoid_focal_loss(ref_pred, onehot, None if weight is None else weight[:, None].expand(50, 6),
+                             gamma=gamma, alpha=alpha, avg_factor=7.0)
+    (gr,) = torch.autograd.grad(ref, ref_pred)
+    assert torch.allclose(fused, ref, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(gf, gr, rtol=1e-4, atol=1e-7)
+    mean_fused = sigmoid_focal_loss(pred, labels, weight, gamma=gamma, alpha=alpha)
+    mean_ref = sigmoid_focal_loss(ref_pred, onehot, None if weight is None else weight[:, None].expand(50, 6),
+                                  gamma=gamma, alpha=alpha)
+    assert torch.allclose(mean_fused, mean_ref, rtol=1e-5)

@@ -184,6 +184,8 @@ class Trainer:
         net = model if model is not None else self._build_model()
         self._check_classes(net)
         net.to(self.device)
+        if cfg.runtime.channels_last and hasattr(net, "use_channels_last"):
+            net.use_channels_last(True)
         if rt.sync_bn and self.distributed:
             if self.device.type == "cuda":
                 net = nn.SyncBatchNorm.convert_sync_batchnorm(net)

@@ -71,6 +71,7 @@ class Predictor:
             load_model_weights(self.model, ckpt, strict=True, source=str(checkpoint))
             meta = ckpt.get("meta", {}) or {}
         self.model.to(self.device).eval()
+        self.model.use_channels_last(self.cfg.runtime.channels_last)
         if score_thr is not None:
             self.model.bbox_head.test_cfg.score_thr = score_thr
         n = self.model.num_classes

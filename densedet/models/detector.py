@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS
@@ -25,6 +26,14 @@ class SingleStageDetector(nn.Module):
         self.backbone = BACKBONES.build(backbone, "model.backbone")
         self.neck = NECKS.build(neck, "model.neck") if neck is not None else None
         self.bbox_head = HEADS.build(bbox_head, "model.bbox_head", train_cfg=train_cfg, test_cfg=test_cfg)
+        self.channels_last = False
+
+    def use_channels_last(self, enable: bool = True) -> SingleStageDetector:
+        """Store weights and run convolutions in NHWC (``torch.channels_last``); inputs are converted in
+        :meth:`extract_feat`. Same results; on CPU about 1.3x faster inference and 1.05-1.15x faster training
+        (docs/benchmarks.md). Call before wrapping in DDP."""
+        self.channels_last = enable
+        return self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
 
     def init_weights(self) -> None:
         """Head/neck initialisation, then the backbone's (which loads ``pretrained`` weights when given)."""
@@ -38,6 +47,8 @@ class SingleStageDetector(nn.Module):
 
     def extract_feat(self, images: Tensor) -> tuple[Tensor, ...]:
         """(B, 3, H, W) normalised, padded images -> multi-level features."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         feats = self.backbone(images)
         return tuple(self.neck(feats)) if self.neck is not None else tuple(feats)
 
