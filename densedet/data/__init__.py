@@ -1,0 +1,43 @@
+"""COCO-format data: dataset, transforms, batching, samplers and a synthetic shapes dataset."""
+
+from densedet.data.coco import CocoDataset, DataError, DataWarning, load_coco_json
+from densedet.data.collate import collate
+from densedet.data.samplers import (
+    DistributedGroupSampler,
+    GroupSampler,
+    InferenceSampler,
+    SeededSampler,
+    build_dataloader,
+)
+from densedet.data.synth import SYNTH_CLASSES, make_synthetic_coco
+from densedet.data.transforms import (
+    Compose,
+    Normalize,
+    RandomFlip,
+    Resize,
+    build_pipeline,
+    seed_transforms,
+    transform_rng,
+)
+
+__all__ = [
+    "SYNTH_CLASSES",
+    "CocoDataset",
+    "Compose",
+    "DataError",
+    "DataWarning",
+    "DistributedGroupSampler",
+    "GroupSampler",
+    "InferenceSampler",
+    "Normalize",
+    "RandomFlip",
+    "Resize",
+    "SeededSampler",
+    "build_dataloader",
+    "build_pipeline",
+    "collate",
+    "load_coco_json",
+    "make_synthetic_coco",
+    "seed_transforms",
+    "transform_rng",
+]
