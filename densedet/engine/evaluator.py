@@ -22,14 +22,15 @@ __all__ = ["evaluate", "run_inference"]
 logger = logging.getLogger("densedet")
 
 
-def _to_device(batch_targets: Any, device: torch.device) -> Any:
-    if isinstance(batch_targets, torch.Tensor):
-        return batch_targets.to(device, non_blocking=True)
-    if isinstance(batch_targets, dict):
-        return {k: _to_device(v, device) for k, v in batch_targets.items()}
-    if isinstance(batch_targets, (list, tuple)):
-        return type(batch_targets)(_to_device(v, device) for v in batch_targets)
-    return batch_targets
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor inside nested dicts / lists / tuples to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 @torch.no_grad()

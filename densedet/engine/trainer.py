@@ -45,7 +45,7 @@ from densedet.engine.dist import (
     barrier,
     init_distributed,
 )
-from densedet.engine.evaluator import evaluate
+from densedet.engine.evaluator import evaluate, to_device
 from densedet.engine.logging import JsonlLogger, TrainProgress, format_seconds, setup_logger
 from densedet.engine.lr_schedule import LrScheduler
 from densedet.engine.optim import build_optimizer
@@ -121,16 +121,6 @@ def parse_losses(outputs: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch
     if total is None:
         raise ValueError(f"the detector's loss dict has no 'loss*' entry (keys: {sorted(outputs)})")
     return total, parts
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
 
 
 def _resolve(root: str, path: str) -> Path:
@@ -348,7 +338,7 @@ class Trainer:
     def train_step(self, batch: dict[str, Any], epoch: int) -> dict[str, float]:
         """One optimisation step on ``batch``; returns this iteration's floats (``loss``, ``loss_*``, stats)."""
         images = batch["images"].to(self.device, non_blocking=True)
-        targets = _to_device(batch["targets"], self.device)
+        targets = to_device(batch["targets"], self.device)
         with self._autocast():
             outputs = self.model(images, targets, batch.get("metas"), mode="loss")
         total, parts = parse_losses(outputs)

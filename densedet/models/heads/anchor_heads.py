@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from densedet.assigners import atss_assign, max_iou_assign
 from densedet.engine.dist import reduce_mean
 from densedet.losses import build_loss
-from densedet.models.heads.dense_head import DenseHead, flatten_levels, split_assigner_cfg
+from densedet.models.heads.dense_head import (
+    CENTERNESS_LOSS,
+    FOCAL_LOSS,
+    GN_32,
+    DenseHead,
+    flatten_levels,
+    split_assigner_cfg,
+)
 from densedet.models.layers import Scale
 from densedet.registry import HEADS, ConfigError, check_kwargs
 from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, pad_targets
@@ -84,8 +91,11 @@ class RetinaHead(AnchorDenseHead):
                          train_cfg=train_cfg, test_cfg=test_cfg)
         self.bbox_coder = _build_delta_coder(bbox_coder, (1.0, 1.0, 1.0, 1.0))
         self.reg_decoded_bbox = reg_decoded_bbox
-        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
-                                                "alpha": 0.25, "loss_weight": 1.0}, "model.bbox_head.loss_cls")
+        box_type = (loss_bbox or {}).get("type", "L1Loss")
+        if box_type in ("GIoULoss", "IoULoss") and not reg_decoded_bbox:
+            raise ConfigError(f"model.bbox_head.reg_decoded_bbox: {box_type} compares boxes, so it needs "
+                              f"reg_decoded_bbox: true (as in MMDetection)", path="model.bbox_head.reg_decoded_bbox")
+        self.loss_cls = build_loss(loss_cls or FOCAL_LOSS, "model.bbox_head.loss_cls")
         self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "loss_weight": 1.0}, "model.bbox_head.loss_bbox")
         self.assigner_kwargs = split_assigner_cfg(self.train_cfg, "MaxIoUAssigner", max_iou_assign)
         self.num_base_priors = self.anchor_generator.num_base_priors[0]
@@ -98,11 +108,7 @@ class RetinaHead(AnchorDenseHead):
         return self.retina_cls
 
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor]:
-        c = r = x
-        for conv in self.cls_convs:
-            c = conv(c)
-        for conv in self.reg_convs:
-            r = conv(r)
+        c, r = self.towers(x)
         return self.retina_cls(c), self.retina_reg(r)
 
     def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
@@ -162,7 +168,7 @@ class ATSSHead(AnchorDenseHead):
                  init_cfg: dict | None = None) -> None:
         self.anchor_generator = _build_anchor_generator(anchor_generator, {
             "octave_base_scale": 8, "scales_per_octave": 1, "ratios": (1.0,), "strides": (8, 16, 32, 64, 128)})
-        norm_cfg = {"type": "GN", "num_groups": 32, "requires_grad": True} if norm_cfg is None else norm_cfg
+        norm_cfg = GN_32 if norm_cfg is None else norm_cfg
         super().__init__(num_classes, in_channels, feat_channels, stacked_convs,
                          strides=self.anchor_generator.strides, conv_cfg=conv_cfg, norm_cfg=norm_cfg,
                          train_cfg=train_cfg, test_cfg=test_cfg)
@@ -170,12 +176,11 @@ class ATSSHead(AnchorDenseHead):
             raise ConfigError("model.bbox_head.reg_decoded_bbox: ATSSHead regresses decoded boxes (GIoU); "
                               "False is not supported", path="model.bbox_head.reg_decoded_bbox")
         self.bbox_coder = _build_delta_coder(bbox_coder, (0.1, 0.1, 0.2, 0.2))
-        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
-                                                "alpha": 0.25, "loss_weight": 1.0}, "model.bbox_head.loss_cls")
+        self.loss_cls = build_loss(loss_cls or FOCAL_LOSS, "model.bbox_head.loss_cls")
         self.loss_bbox = build_loss(loss_bbox or {"type": "GIoULoss", "loss_weight": 2.0},
                                     "model.bbox_head.loss_bbox")
-        self.loss_centerness = build_loss(loss_centerness or {"type": "CrossEntropyLoss", "use_sigmoid": True,
-                                                              "loss_weight": 1.0}, "model.bbox_head.loss_centerness")
+        self.loss_centerness = build_loss(loss_centerness or CENTERNESS_LOSS,
+                                          "model.bbox_head.loss_centerness")
         self.assigner_kwargs = split_assigner_cfg(self.train_cfg, "ATSSAssigner", atss_assign)
         self.num_base_priors = self.anchor_generator.num_base_priors[0]
         self.cls_convs = self._build_tower()
@@ -190,11 +195,7 @@ class ATSSHead(AnchorDenseHead):
         return self.atss_cls
 
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor, Tensor]:
-        c = r = x
-        for conv in self.cls_convs:
-            c = conv(c)
-        for conv in self.reg_convs:
-            r = conv(r)
+        c, r = self.towers(x)
         bbox = self.scales[level](self.atss_reg(r)).float()
         return self.atss_cls(c), bbox, self.atss_centerness(r)
 

@@ -19,6 +19,11 @@ from densedet.models.heads.postprocess import TestConfig, parse_test_cfg, postpr
 from densedet.models.layers import ConvModule
 from densedet.registry import ConfigError, check_kwargs
 
+# Default loss configs of the reference heads (mmdet 2.x RetinaHead / FCOSHead / ATSSHead).
+FOCAL_LOSS = {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}
+CENTERNESS_LOSS = {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}
+GN_32 = {"type": "GN", "num_groups": 32, "requires_grad": True}
+
 
 def bias_init_with_prob(prior_prob: float) -> float:
     """Bias that makes sigmoid output ``prior_prob`` (Focal Loss paper, Lin et al. 2017, sec. 4.1)."""
@@ -101,6 +106,15 @@ class DenseHead(nn.Module):
                                     stride=1, padding=1, conv_cfg=self.conv_cfg, norm_cfg=self.norm_cfg,
                                     bias=self.conv_bias))
         return convs
+
+    def towers(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Run ``cls_convs`` and ``reg_convs`` on one level: ``(cls_feat, reg_feat)``, each (B, feat_channels, H, W)."""
+        c = r = x
+        for conv in self.cls_convs:
+            c = conv(c)
+        for conv in self.reg_convs:
+            r = conv(r)
+        return c, r
 
     def init_weights(self) -> None:
         """Normal(0, 0.01) convs, zero bias, classifier bias at prior 0.01 (mmdet ``init_cfg`` of these heads)."""

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from densedet.assigners import expand_regress_ranges, fcos_assign
 from densedet.engine.dist import reduce_mean
 from densedet.losses import build_loss
-from densedet.models.heads.dense_head import DenseHead, flatten_levels
+from densedet.models.heads.dense_head import CENTERNESS_LOSS, FOCAL_LOSS, GN_32, DenseHead, flatten_levels
 from densedet.models.layers import Scale
 from densedet.registry import HEADS
 from densedet.structures import DistancePointBBoxCoder, PointGenerator, pad_targets
@@ -36,7 +36,7 @@ class FCOSHead(DenseHead):
                  conv_cfg: dict | None = None, norm_cfg: dict | None = None, loss_cls: dict | None = None,
                  loss_bbox: dict | None = None, loss_centerness: dict | None = None,
                  train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
-        norm_cfg = {"type": "GN", "num_groups": 32, "requires_grad": True} if norm_cfg is None else norm_cfg
+        norm_cfg = GN_32 if norm_cfg is None else norm_cfg
         super().__init__(num_classes, in_channels, feat_channels, stacked_convs, strides, conv_cfg, norm_cfg,
                          conv_bias, train_cfg=None, test_cfg=test_cfg)
         if dcn_on_last_conv:
@@ -53,11 +53,10 @@ class FCOSHead(DenseHead):
         self.centerness_on_reg = centerness_on_reg
         self.prior_generator = PointGenerator(self.strides, offset=0.5)
         self.bbox_coder = DistancePointBBoxCoder()
-        self.loss_cls = build_loss(loss_cls or {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0,
-                                                "alpha": 0.25, "loss_weight": 1.0}, "model.bbox_head.loss_cls")
+        self.loss_cls = build_loss(loss_cls or FOCAL_LOSS, "model.bbox_head.loss_cls")
         self.loss_bbox = build_loss(loss_bbox or {"type": "IoULoss", "loss_weight": 1.0}, "model.bbox_head.loss_bbox")
-        self.loss_centerness = build_loss(loss_centerness or {"type": "CrossEntropyLoss", "use_sigmoid": True,
-                                                              "loss_weight": 1.0}, "model.bbox_head.loss_centerness")
+        self.loss_centerness = build_loss(loss_centerness or CENTERNESS_LOSS,
+                                          "model.bbox_head.loss_centerness")
         self.cls_convs = self._build_tower()
         self.reg_convs = self._build_tower()
         self.conv_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
@@ -69,11 +68,7 @@ class FCOSHead(DenseHead):
         return self.conv_cls
 
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor, Tensor]:
-        c = r = x
-        for conv in self.cls_convs:
-            c = conv(c)
-        for conv in self.reg_convs:
-            r = conv(r)
+        c, r = self.towers(x)
         centerness = self.conv_centerness(r if self.centerness_on_reg else c)
         bbox = self.scales[level](self.conv_reg(r)).float()
         if self.norm_on_bbox:
