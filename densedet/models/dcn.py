@@ -1,0 +1,206 @@
+"""Deformable convolution v1 / v2 over ``torchvision.ops.deform_conv2d`` (no compiled code of ours).
+
+References: Dai et al., "Deformable Convolutional Networks" (ICCV 2017, v1); Zhu et al., "Deformable ConvNets v2:
+More Deformable, Better Results" (CVPR 2019, v2: modulation masks). Parameter names and semantics follow mmcv 1.x
+``mmcv/ops/deform_conv.py`` (``DeformConv2d``, ``DeformConv2dPack``) and ``mmcv/ops/modulated_deform_conv.py``
+(``ModulatedDeformConv2d``, ``ModulatedDeformConv2dPack``), read, not copied: ``weight`` / ``bias`` and, for the
+``Pack`` variants, a zero-initialised ``conv_offset`` predicting offsets (and mask logits) from the input, so a fresh
+``Pack`` layer starts as a plain conv (v2: scaled by ``sigmoid(0) = 0.5``).
+
+Offset layout (shared by mmcv and torchvision): ``(B, 2 * deform_groups * kh * kw, H_out, W_out)`` with the
+``(dy, dx)`` pair of kernel point ``k`` of group ``g`` at channels ``2 * (g * kh * kw + k) + (0, 1)``; the mask is
+``(B, deform_groups * kh * kw, H_out, W_out)``.
+
+Importing this module registers the ``Pack`` layers in :data:`densedet.models.layers.CONV_LAYERS` as ``'DCN'`` (v1)
+and ``'DCNv2'`` (v2), the names mmdet configs use in ``dcn=dict(type='DCNv2', deform_groups=1, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+from torchvision.ops import deform_conv2d
+
+from densedet.models.layers import CONV_LAYERS
+from densedet.registry import ConfigError
+
+__all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2d", "ModulatedDeformConv2dPack"]
+
+
+class _DeformConvBase(nn.Module):
+    """Holds ``weight (out, in / groups, kh, kw)`` and optional ``bias (out,)`` plus the conv geometry."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = False,
+        deformable_groups: int | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if deformable_groups is not None:  # mmcv's deprecated spelling, still found in older configs
+            deform_groups = deformable_groups
+        if not isinstance(bias, bool):
+            raise ConfigError(f"{name}: bias must be a bool, got {bias!r}")
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ConfigError(f"{name}: in_channels {in_channels} and out_channels {out_channels} must be divisible "
+                              f"by groups {groups}")
+        if deform_groups < 1 or in_channels % deform_groups:
+            raise ConfigError(f"{name}: in_channels {in_channels} must be divisible by deform_groups {deform_groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.deform_groups = deform_groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+
+    @property
+    def num_kernel_points(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+    def _deform(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return deform_conv2d(
+            x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            mask=mask,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
+                f"deform_groups={self.deform_groups}, bias={self.bias is not None}")
+
+
+class DeformConv2d(_DeformConvBase):
+    """Deformable conv v1 with externally given offsets (e.g. VFNet's star-shaped sampling points).
+
+    ``forward(x, offset)``: ``x (B, in, H, W)``, ``offset (B, 2 * deform_groups * kh * kw, H_out, W_out)`` ->
+    ``(B, out, H_out, W_out)``. mmcv's v1 layer has no bias; ``bias=True`` is accepted here (torchvision supports
+    it) but no mmdet checkpoint has one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Kaiming-uniform weight (relu gain), zero bias (mmcv 1.x ``DeformConv2d.reset_parameters``)."""
+        nn.init.kaiming_uniform_(self.weight, nonlinearity="relu")
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return self._deform(x, offset, None)
+
+
+class ModulatedDeformConv2d(_DeformConvBase):
+    """Deformable conv v2 with externally given offsets and masks.
+
+    ``forward(x, offset, mask)``: ``offset (B, 2 * dg * kh * kw, H_out, W_out)``, ``mask (B, dg * kh * kw, H_out,
+    W_out)`` (already in [0, 1]) -> ``(B, out, H_out, W_out)``.
+    """
+
+    def __init__(self, *args: Any, bias: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, bias=bias, **kwargs)  # mmcv's v2 default is bias=True
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Uniform(-1/sqrt(n), 1/sqrt(n)) weight with ``n = in * kh * kw``, zero bias (mmcv ``init_weights``)."""
+        stdv = 1.0 / math.sqrt(self.in_channels * self.num_kernel_points)
+        nn.init.uniform_(self.weight, -stdv, stdv)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._deform(x, offset, mask)
+
+
+def _offset_conv(layer: _DeformConvBase, per_point: int) -> nn.Conv2d:
+    """``conv_offset``: same geometry as the deformable conv, so its output has the output's spatial size."""
+    return nn.Conv2d(
+        layer.in_channels,
+        layer.deform_groups * per_point * layer.num_kernel_points,
+        layer.kernel_size,
+        stride=layer.stride,
+        padding=layer.padding,
+        dilation=layer.dilation,
+        bias=True,
+    )
+
+
+class DeformConv2dPack(DeformConv2d):
+    """DCN v1 that predicts its own offsets: ``conv_offset`` (``2 * deform_groups * kh * kw`` channels).
+
+    Drop-in for ``nn.Conv2d`` (``forward(x)``); registered as ``CONV_LAYERS['DCN']``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv_offset = _offset_conv(self, 2)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Weight as :class:`DeformConv2d`; ``conv_offset`` zero so the layer starts as a plain conv."""
+        super().init_weights()
+        if hasattr(self, "conv_offset"):
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self._deform(x, self.conv_offset(x), None)
+
+
+class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+    """DCN v2 that predicts offsets and masks: ``conv_offset`` (``3 * deform_groups * kh * kw`` channels).
+
+    The first two thirds of ``conv_offset``'s output are the offsets (mmcv splits them into two chunks and
+    concatenates them back, which is the identity), the last third goes through a sigmoid to give the mask.
+    Drop-in for ``nn.Conv2d`` (``forward(x)``); registered as ``CONV_LAYERS['DCNv2']``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conv_offset = _offset_conv(self, 3)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Weight as :class:`ModulatedDeformConv2d`; ``conv_offset`` zero: zero offsets, mask ``sigmoid(0) = 0.5``."""
+        super().init_weights()
+        if hasattr(self, "conv_offset"):
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = self.conv_offset(x)
+        split = 2 * self.deform_groups * self.num_kernel_points
+        return self._deform(x, out[:, :split], out[:, split:].sigmoid())
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # mmcv < 1.0 (state-dict version 1) called the offset/mask conv ``conv_offset_mask``; mmcv renames it too.
+        for suffix in ("weight", "bias"):
+            old, new = f"{prefix}conv_offset_mask.{suffix}", f"{prefix}conv_offset.{suffix}"
+            if old in state_dict and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+# Registration: the names mmcv registers in its CONV_LAYERS table.
+CONV_LAYERS["DCN"] = DeformConv2dPack
+CONV_LAYERS["DCNv2"] = ModulatedDeformConv2dPack
