@@ -290,7 +290,11 @@ def load_model_weights(
     target = unwrap_model(model)
     own = target.state_dict()
 
-    missing = [k for k in own if k not in state]
+    # State a module may do without (a module lists it in ``optional_state_keys``), e.g. GHM's running bin
+    # densities, which MMDetection 1.x checkpoints do not hold; the module's _load_from_state_dict keeps its own.
+    optional = {f"{name}.{key}" if name else key for name, mod in target.named_modules()
+                for key in getattr(mod, "optional_state_keys", ())}
+    missing = [k for k in own if k not in state and k not in optional]
     unexpected = [k for k in state if k not in own]
     mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
                   if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

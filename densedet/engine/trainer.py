@@ -185,7 +185,8 @@ class Trainer:
         if self.distributed:
             self.model = nn.parallel.DistributedDataParallel(
                 net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=rt.find_unused_parameters)
+                # as MMDetection: every rank keeps its own buffers (BN statistics, GHM bin densities)
+                broadcast_buffers=False, find_unused_parameters=rt.find_unused_parameters)
 
         total_batch = cfg.data.samples_per_gpu * self.world_size
         self.optimizer = build_optimizer(net, cfg.optimizer, total_batch)

@@ -16,6 +16,7 @@ from densedet.losses.box_losses import (
 )
 from densedet.losses.cross_entropy import CrossEntropyLoss, binary_cross_entropy, cross_entropy
 from densedet.losses.focal import FocalLoss, sigmoid_focal_loss
+from densedet.losses.ghm import GHMC, GHMR, asl1_loss, ghm_weights
 from densedet.losses.utils import reduce_loss, weight_reduce_loss
 from densedet.registry import LOSSES
 
@@ -28,13 +29,17 @@ def build_loss(cfg: dict[str, Any], where: str = "config") -> nn.Module:
 __all__ = [
     "CrossEntropyLoss",
     "FocalLoss",
+    "GHMC",
+    "GHMR",
     "GIoULoss",
     "IoULoss",
     "L1Loss",
     "SmoothL1Loss",
+    "asl1_loss",
     "binary_cross_entropy",
     "build_loss",
     "cross_entropy",
+    "ghm_weights",
     "giou_loss",
     "iou_loss",
     "l1_loss",

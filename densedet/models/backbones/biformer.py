@@ -184,7 +184,7 @@ class BiLevelRoutingAttention(nn.Module):
         qkv = self.qkv(x)  # (N, H, W, 2 qk + dim)
         v_map = qkv[..., 2 * qk :]
         # (N, H, W, C) -> (N, P, rh * rw, C), regions in row-major order.
-        regions = qkv.view(n, nw, rh, nw, rw, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, p, rh * rw, -1)
+        regions = qkv.reshape(n, nw, rh, nw, rw, -1).permute(0, 1, 3, 2, 4, 5).reshape(n, p, rh * rw, -1)
         q_pix = regions[..., :qk]
         r_weight, r_idx = self.route(q_pix.mean(2), regions[..., qk : 2 * qk].mean(2))
 
@@ -203,7 +203,7 @@ class BiLevelRoutingAttention(nn.Module):
         q = q_pix.reshape(n * p, rh * rw, m, qk // m).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k_sel, v_sel, scale=self.scale)  # (N P, m, rh rw, dim / m)
         # Back to the map, channels ordered head-major as the reference's '(m c)'.
-        out = out.view(n, nw, nw, m, rh, rw, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, H, W, self.dim)
+        out = out.reshape(n, nw, nw, m, rh, rw, -1).permute(0, 1, 4, 2, 5, 3, 6).reshape(n, H, W, self.dim)
 
         if self.lepe is not None:
             out = out + self.lepe(v_map.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -236,7 +236,7 @@ class GlobalAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, h, w, c = x.shape
-        q, k, v = self.qkv(x).view(n, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(n, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale).transpose(1, 2).reshape(n, h, w, c)
         if self.lepe is not None:
             out = out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -8,17 +8,44 @@ equal torchvision's ``resnext*`` models (``layer{1..4}.{j}.conv{1,2,3}``, ``bn{1
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import nn
 
-from densedet.models.backbones.resnet import _DEFAULT_NORM, ResNet
+from densedet.models.backbones.resnet import _DEFAULT_NORM, OPEN_MMLAB_URLS, ResNet
 from densedet.models.backbones.resnet import Bottleneck as _Bottleneck
 from densedet.models.layers import build_conv_layer, build_norm_layer
 from densedet.registry import BACKBONES, ConfigError
 
-__all__ = ["BlockFactory", "Bottleneck", "ResNeXt"]
+__all__ = ["BlockFactory", "Bottleneck", "ResNeXt", "signature_with_base"]
+
+# ``open-mmlab://NAME`` checkpoints of ResNeXt (mmcv/model_zoo/open_mmlab.json); the configs name them.
+for _name, _file in (
+    ("resnext50_32x4d", "resnext50-32x4d-0ab1a123.pth"),
+    ("resnext101_32x4d", "resnext101_32x4d-a5af3160.pth"),
+    ("resnext101_64x4d", "resnext101_64x4d-ee2c6f71.pth"),
+):
+    OPEN_MMLAB_URLS.setdefault(_name, f"https://download.openmmlab.com/pretrain/third_party/{_file}")
+
+
+def signature_with_base(own: Callable[..., Any], base: Callable[..., Any]) -> inspect.Signature:
+    """``own``'s parameters followed by ``base``'s (keyword-only), without ``self`` / ``**kwargs``.
+
+    Set as a subclass's ``__signature__`` so that the registry's key check (``inspect.signature``) validates the
+    ``**kwargs`` a subclass forwards to ``ResNet`` and names the closest valid key for a typo.
+    """
+    skip = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    params = [p for n, p in inspect.signature(own).parameters.items() if n != "self" and p.kind not in skip]
+    names = {p.name for p in params}
+    params += [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for n, p in inspect.signature(base).parameters.items()
+        if n != "self" and n not in names and p.kind not in skip
+    ]
+    return inspect.Signature(params)
 
 
 class BlockFactory:
@@ -139,3 +166,6 @@ class ResNeXt(ResNet):
         self.block = block
         self.groups = groups
         self.base_width = base_width
+
+
+ResNeXt.__signature__ = signature_with_base(ResNeXt.__init__, ResNet.__init__)  # type: ignore[attr-defined]

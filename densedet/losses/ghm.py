@@ -1,0 +1,250 @@
+"""GHM-C and GHM-R: gradient harmonizing losses (Li, Liu, Wang, "Gradient Harmonized Single-stage Detector",
+AAAI 2019, arXiv:1811.05181).
+
+Each valid element gets a gradient norm ``g`` in [0, 1]; the elements are histogrammed into ``bins`` unit regions
+and an element's weight is ``tot / (density of its bin * number of non-empty bins)`` (paper eq. 7-9, with the
+"unit region" approximation of sec. 3.3). With ``momentum > 0`` the density is an exponential moving average of
+the bin counts (sec. 3.3, ``acc_sum = m * acc_sum + (1 - m) * count``, updated only for bins that are non-empty in
+this batch), kept in a buffer so it lands in checkpoints and a resumed run continues with it.
+
+Semantics are those of MMDetection 2.x ``mmdet/models/losses/ghm_loss.py`` (``GHMC``, ``GHMR``), which follows the
+authors' ``libuyu/GHM_Detection`` ``mmdetection/mmdet/core/loss/ghm_loss.py``:
+
+- GHM-C: ``g = |sigmoid(x) - t|``; ``tot = max(#valid elements, 1)``; loss ``sum(w * BCE) / tot``.
+- GHM-R: ASL1 ``sqrt(d^2 + mu^2) - mu``, ``g = |d| / sqrt(d^2 + mu^2)``; ``tot = max(sum of label weights, 1)``;
+  loss ``sum(w * ASL1) / tot``. The last edge is 1e3 (GHM-C: 1 + 1e-6), as in both references.
+- The label weights only select the valid elements (and give GHM-R's ``tot``); they do not multiply the loss.
+- The first step with momentum sees ``acc_sum = (1 - m) * count``, i.e. weights ``1 / (1 - m)`` times those
+  without momentum, exactly as the references (the EMA starts from zeros).
+
+Differences from the references, all without effect on the value of the default ``reduction='mean'``:
+
+- The histogram is computed in one pass (``bucketize`` + ``scatter_add``) with no host synchronisation, instead of
+  a Python loop over bins with ``.item()`` per bin; the bins are the same half-open ``[e_i, e_{i+1})`` intervals.
+- ``avg_factor`` is accepted and ignored (the references ignore it too): GHM normalises by its own ``tot``.
+- ``reduction='sum'`` returns the weighted sum (MMDetection raises because it passes ``avg_factor=tot``);
+  ``'none'`` returns the weighted element-wise loss, as MMDetection.
+- Checkpoints written by MMDetection 1.x (the released GHM models) hold no ``edges`` / ``acc_sum`` entries (they
+  were plain attributes then); both buffers are therefore optional when loading: a missing ``edges`` keeps the
+  value derived from ``bins``, a missing ``acc_sum`` restarts the average from zeros (see ``optional_state_keys``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densedet.losses.focal import labels_to_binary
+from densedet.losses.utils import check_reduction, resolve_reduction
+from densedet.registry import LOSSES
+
+
+def asl1_loss(pred: Tensor, target: Tensor, mu: float = 0.02) -> Tensor:
+    """Authentic smooth L1 (GHM paper eq. 10): ``sqrt(d^2 + mu^2) - mu`` element-wise, ``d = pred - target``.
+
+    Its gradient w.r.t. ``pred`` is ``d / sqrt(d^2 + mu^2)``, whose magnitude is GHM-R's gradient norm.
+    """
+    diff = pred - target
+    return torch.sqrt(diff * diff + mu * mu) - mu
+
+
+def ghm_weights(g: Tensor, valid: Tensor, edges: Tensor, tot: Tensor, acc_sum: Tensor | None = None,
+                momentum: float = 0.0) -> Tensor:
+    """Gradient-harmonizing weights of the elements of ``g``.
+
+    Args:
+        g: gradient norms, any shape (detached).
+        valid: bool mask of the same shape; invalid elements are not counted and get weight 0.
+        edges: ``(bins + 1,)`` increasing bin edges; bin ``i`` is ``[edges[i], edges[i+1])``.
+        tot: scalar tensor, the numerator of the weights (the references' ``tot``).
+        acc_sum: ``(bins,)`` running bin densities, updated in place when ``momentum > 0``.
+        momentum: EMA momentum; 0 uses this batch's counts.
+
+    Returns:
+        weights of ``g``'s shape: ``tot / (density of the bin * number of non-empty bins)``, 0 where invalid.
+    """
+    bins = edges.numel() - 1
+    # bucketize(right=True) returns i with edges[i-1] <= g < edges[i]: the references' half-open bins.
+    idx = torch.bucketize(g, edges, right=True) - 1
+    inside = valid & (idx >= 0) & (idx < bins)
+    idx = torch.where(inside, idx, bins)  # park the others in an overflow slot dropped below
+    counts = torch.zeros(bins + 1, dtype=torch.long, device=g.device)
+    counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
+    counts = counts[:bins]
+    nonempty = counts > 0
+    num_nonempty = nonempty.sum().clamp(min=1).to(torch.float32)
+    if momentum > 0:
+        if acc_sum is None:
+            raise ValueError("ghm_weights: momentum > 0 needs the acc_sum buffer")
+        with torch.no_grad():
+            updated = momentum * acc_sum + (1 - momentum) * counts.to(acc_sum.dtype)
+            acc_sum.copy_(torch.where(nonempty, updated, acc_sum))
+        density = acc_sum.to(torch.float32)
+    else:
+        density = counts.to(torch.float32)
+    per_bin = torch.where(nonempty, tot.to(torch.float32) / density.clamp(min=1e-12), 0.0) / num_nonempty
+    per_bin = torch.cat([per_bin, per_bin.new_zeros(1)])  # the overflow slot weighs 0
+    return per_bin[idx]
+
+
+def _reduce(loss: Tensor, weights: Tensor, tot: Tensor, reduction: str) -> Tensor:
+    loss = loss * weights
+    if reduction == "mean":
+        return loss.sum() / (tot + torch.finfo(torch.float32).eps)  # mmdet weight_reduce_loss(avg_factor=tot)
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+class _GHMBase(nn.Module):
+    """Shared state: the ``edges`` buffer and, with ``momentum > 0``, the ``acc_sum`` running bin densities."""
+
+    #: buffers a checkpoint may lack (MMDetection 1.x kept them as plain attributes); see the module docstring.
+    optional_state_keys: tuple[str, ...] = ("edges", "acc_sum")
+
+    def __init__(self, bins: int, momentum: float, last_edge: float | None, last_edge_offset: float,
+                 loss_weight: float, reduction: str) -> None:
+        super().__init__()
+        if not isinstance(bins, int) or isinstance(bins, bool) or bins < 1:
+            raise ValueError(f"{type(self).__name__}: bins must be a positive int, got {bins!r}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1), got {momentum!r}")
+        self.bins = bins
+        self.momentum = float(momentum)
+        self.loss_weight = loss_weight
+        self.reduction = check_reduction(reduction)
+        edges = torch.arange(bins + 1, dtype=torch.float32) / bins
+        if last_edge is not None:
+            edges[-1] = last_edge
+        else:
+            edges[-1] += last_edge_offset  # so that g == 1 falls in the last bin
+        self.register_buffer("edges", edges)
+        if self.momentum > 0:
+            self.register_buffer("acc_sum", torch.zeros(bins))
+        else:
+            self.acc_sum = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in self.optional_state_keys:
+            key = prefix + name
+            if key in missing_keys:
+                missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        return (f"bins={self.bins}, momentum={self.momentum}, loss_weight={self.loss_weight}, "
+                f"reduction={self.reduction!r}")
+
+
+def _full_weight(weight: Tensor | None, like: Tensor) -> Tensor:
+    """``None`` -> ones; a per-row ``(N,)`` weight -> ``(N, K)`` like ``like`` (mmdet expands label weights)."""
+    if weight is None:
+        return torch.ones_like(like, dtype=torch.float32)
+    weight = weight.to(torch.float32)
+    if weight.shape == like.shape:
+        return weight
+    if weight.dim() == like.dim() - 1 and weight.shape == like.shape[:-1]:
+        return weight.unsqueeze(-1).expand_as(like)
+    raise ValueError(f"weight of shape {tuple(weight.shape)} fits neither {tuple(like.shape)} nor its rows")
+
+
+@LOSSES.register()
+class GHMC(_GHMBase):
+    """GHM-C: BCE with gradient-harmonizing weights, ``g = |sigmoid(pred) - target|``.
+
+    Args:
+        bins: number of unit regions of [0, 1] (the seed's RetinaNet config: 30).
+        momentum: EMA momentum of the bin densities (seed: 0.75); 0 uses each batch's counts.
+        use_sigmoid: only ``True`` exists (as in MMDetection).
+        loss_weight: scale of the loss.
+        reduction: ``'mean'`` (``sum / tot``), ``'sum'`` or ``'none'``.
+    """
+
+    def __init__(self, bins: int = 10, momentum: float = 0.0, use_sigmoid: bool = True, loss_weight: float = 1.0,
+                 reduction: str = "mean") -> None:
+        if not use_sigmoid:
+            raise ValueError("GHMC: only use_sigmoid=True is supported (as in MMDetection)")
+        super().__init__(bins, momentum, None, 1e-6, loss_weight, reduction)
+        self.use_sigmoid = use_sigmoid
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+                avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
+        """GHM-C loss.
+
+        Args:
+            pred: ``(N, C)`` logits.
+            target: ``(N,)`` int labels (``C`` or any value outside ``[0, C)`` = background) or ``(N, C)`` floats.
+            weight: ``(N,)`` or ``(N, C)`` label weights; elements with weight ``<= 0`` are ignored (the value is
+                otherwise unused, as in MMDetection). ``None``: all valid.
+            avg_factor: accepted for the heads' common call and ignored (the loss divides by its own ``tot``).
+            reduction_override: ``'none'`` / ``'mean'`` / ``'sum'`` for this call.
+
+        Returns:
+            A scalar, or ``(N, C)`` with ``reduction='none'``. Updates ``acc_sum`` when ``momentum > 0``.
+        """
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        if target.dim() == pred.dim() - 1:
+            target = labels_to_binary(target, pred.size(-1), torch.float32)
+        elif target.shape != pred.shape:
+            raise ValueError(f"GHMC: target {tuple(target.shape)} fits neither pred {tuple(pred.shape)} nor its labels")
+        target = target.to(torch.float32)
+        valid = _full_weight(weight, pred) > 0
+        x = pred.float()
+        g = (x.detach().sigmoid() - target).abs()
+        tot = valid.sum().clamp(min=1).to(torch.float32)
+        weights = ghm_weights(g, valid, self.edges.float(), tot, self.acc_sum, self.momentum)
+        loss = F.binary_cross_entropy_with_logits(x, target, reduction="none")
+        return self.loss_weight * _reduce(loss, weights, tot, reduction)
+
+
+@LOSSES.register()
+class GHMR(_GHMBase):
+    """GHM-R: authentic smooth L1 with gradient-harmonizing weights, ``g = |d| / sqrt(d^2 + mu^2)``.
+
+    Args:
+        mu: ASL1's smoothing width (seed: 0.02).
+        bins: number of unit regions (seed: 10).
+        momentum: EMA momentum of the bin densities (seed: 0.7).
+        loss_weight: scale of the loss (seed: 10.0, with ``target_stds`` 1.0).
+        reduction: ``'mean'`` (``sum / tot``), ``'sum'`` or ``'none'``.
+    """
+
+    def __init__(self, mu: float = 0.02, bins: int = 10, momentum: float = 0.0, loss_weight: float = 1.0,
+                 reduction: str = "mean") -> None:
+        if mu <= 0:
+            raise ValueError(f"GHMR: mu must be > 0, got {mu!r}")
+        super().__init__(bins, momentum, 1e3, 0.0, loss_weight, reduction)
+        self.mu = mu
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+                avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
+        """GHM-R loss.
+
+        Args:
+            pred, target: ``(P, 4)`` regression deltas (``(P, 4k)`` works too).
+            weight: ``(P, 4)`` or per-box ``(P,)`` weights; ``> 0`` marks valid elements and ``tot`` is their sum.
+                ``None``: all valid with weight 1 (the RetinaHead passes the positives only, which gives the same
+                valid set and ``tot = 4 P`` as MMDetection's call with all anchors and 0/1 ``bbox_weights``).
+            avg_factor: accepted and ignored, as in MMDetection.
+            reduction_override: ``'none'`` / ``'mean'`` / ``'sum'`` for this call.
+
+        Returns:
+            A scalar, or ``pred``'s shape with ``reduction='none'``. Updates ``acc_sum`` when ``momentum > 0``.
+        """
+        reduction = resolve_reduction(self.reduction, reduction_override)
+        if target.shape != pred.shape:
+            raise ValueError(f"GHMR: target {tuple(target.shape)} does not match pred {tuple(pred.shape)}")
+        label_weight = _full_weight(weight, pred)
+        x, t = pred.float(), target.float()
+        loss = asl1_loss(x, t, self.mu)
+        diff = (x - t).detach()
+        g = diff.abs() / torch.sqrt(diff * diff + self.mu * self.mu)
+        tot = label_weight.sum().clamp(min=1)
+        weights = ghm_weights(g, label_weight > 0, self.edges.float(), tot, self.acc_sum, self.momentum)
+        return self.loss_weight * _reduce(loss, weights, tot, reduction)
+
+    def extra_repr(self) -> str:
+        return f"mu={self.mu}, " + super().extra_repr()
