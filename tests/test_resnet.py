@@ -350,3 +350,20 @@ def test_torchvision_scheme_offline_error(tmp_path: Path, monkeypatch: pytest.Mo
         ResNet(50, pretrained="torchvision://resnet50").init_weights()
     with pytest.raises(ConfigError, match="not_a_model"):
         ResNet(50, pretrained="torchvision://not_a_model").init_weights()
+
+
+def test_timm_scheme_offline_error(monkeypatch) -> None:
+    """``timm:NAME`` asks timm for its weights; offline the error says how to provide a local file."""
+    import timm
+
+    from densedet.models.backbones.resnet import read_checkpoint
+    from densedet.registry import ConfigError
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(timm, "create_model", offline)  # what an offline hub download ends in
+    with pytest.raises(RuntimeError, match="resnet18.*local file"):
+        read_checkpoint("timm:resnet18")
+    with pytest.raises(ConfigError, match="no pretrained model"):
+        read_checkpoint("timm:not_a_model_xyz")

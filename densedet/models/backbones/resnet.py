@@ -497,8 +497,26 @@ def _download(url: str, what: str) -> Any:
         ) from err
 
 
+def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of timm model ``name`` (timm downloads them from its hub; offline: a clear error)."""
+    import timm
+
+    if not timm.list_models(name, pretrained=True):
+        raise ConfigError(f"pretrained 'timm:{name}': timm has no pretrained model of that name "
+                          f"(see timm.list_models(pretrained=True))")
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as err:  # hub / network errors come in many types
+        raise RuntimeError(
+            f"could not get timm's pretrained weights for '{name}' ({type(err).__name__}: {err}). Without internet "
+            f"access, save them elsewhere with torch.save(timm.create_model('{name}', pretrained=True).state_dict(), "
+            f"'{name}.pth') and set pretrained to that local file."
+        ) from err
+
+
 def read_checkpoint(source: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local path, ``torchvision://NAME``, ``open-mmlab://NAME`` or an http(s) URL.
+    """Read a state dict from a local path, ``torchvision://NAME``, ``open-mmlab://NAME``, ``timm:NAME`` or an
+    http(s) URL.
 
     Unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and strips a leading ``module.`` (DataParallel/DDP). Files are
     read with ``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
@@ -522,6 +540,8 @@ def read_checkpoint(source: str) -> dict[str, torch.Tensor]:
         ckpt = _download(OPEN_MMLAB_URLS[name], source)
     elif source.startswith(("http://", "https://")):
         ckpt = _download(source, source)
+    elif source.startswith("timm:"):
+        ckpt = _timm_state_dict(source.removeprefix("timm:"))
     else:
         path = Path(source).expanduser()
         if not path.is_file():
