@@ -1,4 +1,4 @@
-"""The ``densedet`` command: train, test, predict, data synth, convert, configs."""
+"""The ``densedet`` command: train, test, predict, data synth, convert, levels, configs."""
 
 from __future__ import annotations
 
@@ -145,6 +145,19 @@ def cmd_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_levels(args: argparse.Namespace) -> int:
+    from densedet.diagnostics import LevelLogError, levels_report
+
+    try:
+        table, png = levels_report(args.work_dir, args.out)
+    except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table)
+    print(f"\nwrote {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densedet", description="Dense one-stage object detection in pure PyTorch.",
                                 epilog=EPILOG)
@@ -194,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--key-map", nargs="*", help="old_prefix=new_prefix renames")
     c.add_argument("--config", help="also check that the result loads into this config with strict=True")
     c.set_defaults(fn=cmd_convert)
+
+    lv = sub.add_parser("levels", help="per-pyramid-level pos/neg counts and cls loss over training (table + PNG)")
+    lv.add_argument("work_dir", help="a training work dir (reads its log.jsonl)")
+    lv.add_argument("--out", help="PNG to write (default WORK_DIR/levels.png)")
+    lv.set_defaults(fn=cmd_levels)
 
     lc = sub.add_parser("configs", help="list built-in configs")
     lc.set_defaults(fn=cmd_configs)

@@ -128,6 +128,7 @@ class TrainProgress:
         self.start_iter = int(start_iter)
         self.t0 = time.perf_counter()
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # per key: statistics such as lvl* appear only on some iterations
         self.count = 0
         self.last: dict[str, float] = {}
         self.bar: tqdm | None = None
@@ -152,20 +153,21 @@ class TrainProgress:
         """
         for k, v in stats.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
         self.count += 1
         iter_in_epoch = global_iter - epoch * self.iters_per_epoch + 1
         if self.bar is not None:
             self.bar.update(1)
-            avg = {k: s / self.count for k, s in self.sums.items() if k.startswith("loss")}
+            avg = {k: s / self.counts[k] for k, s in self.sums.items() if k.startswith("loss")}
             self.bar.set_postfix({"ep": f"{epoch + 1}/{self.epochs}", **{k: _fmt(v) for k, v in avg.items()},
                                   "lr": f"{lr:.3g}"}, refresh=False)
         boundary = iter_in_epoch == self.iters_per_epoch or global_iter + 1 == self.total_iters
         if (global_iter + 1) % self.log_interval != 0 and not boundary:
             return None
-        avg = {k: s / self.count for k, s in self.sums.items()}
+        avg = {k: s / self.counts[k] for k, s in self.sums.items()}
         if reduce is not None:
             avg = reduce(avg)
-        self.sums, self.count = {}, 0
+        self.sums, self.counts, self.count = {}, {}, 0
         self.last = avg
         if not self.enabled:
             return avg
@@ -176,7 +178,9 @@ class TrainProgress:
         if self.bar is None:
             eta = (self.total_iters - global_iter - 1) / rate if rate == rate and rate > 0 else float("nan")
             parts = [f"epoch {epoch + 1}/{self.epochs}", f"iter {iter_in_epoch}/{self.iters_per_epoch}"]
-            parts += [f"{k} {_fmt(v)}" for k, v in sorted(avg.items(), key=lambda kv: (kv[0] != "loss", kv[0]))]
+            # per-level statistics go to log.jsonl only (`densedet levels` shows them); the line stays readable
+            shown = {k: v for k, v in avg.items() if not k.startswith("lvl")}
+            parts += [f"{k} {_fmt(v)}" for k, v in sorted(shown.items(), key=lambda kv: (kv[0] != "loss", kv[0]))]
             parts += [f"lr {lr:.4g}", f"{rate:.2f} it/s", f"eta {format_seconds(eta)}"]
             print(" ".join(parts), file=self.stream, flush=True)
         return avg

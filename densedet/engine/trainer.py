@@ -38,6 +38,7 @@ from densedet.engine.checkpoint import (
     restore_rng,
     save_checkpoint,
     to_plain,
+    unwrap_model,
 )
 from densedet.engine.dist import (
     all_gather_object,
@@ -413,6 +414,7 @@ class Trainer:
                 self._resume_rng = None
                 for batch in batches:
                     self.scheduler.step(self.iter)
+                    self._collect_level_stats(self._logs_at(epoch, self.iter, total))
                     record = self.train_step(batch, epoch)
                     logged = progress.update(epoch, self.iter, self.scheduler.current_lr(), record, reduce)
                     self.iter += 1
@@ -429,11 +431,25 @@ class Trainer:
                     break
         finally:
             progress.close()
+            self._collect_level_stats(False)
         logger.info("training done: %d iterations in %s", self.iter, format_seconds(time.perf_counter() - t0))
         out = {**self.last_metrics, "epoch": self.iter / ipe, "iter": self.iter}
         if "loss" in self.last_train:
             out["train_loss"] = self.last_train["loss"]
         return out
+
+    def _logs_at(self, epoch: int, global_iter: int, total: int) -> bool:
+        """Whether iteration ``global_iter`` (0-based) writes a log line: TrainProgress.update's rule."""
+        interval = max(1, int(self.cfg.runtime.log_interval))
+        return ((global_iter + 1) % interval == 0 or global_iter + 1 == total
+                or global_iter + 1 - epoch * self.iters_per_epoch == self.iters_per_epoch)
+
+    def _collect_level_stats(self, on: bool) -> None:
+        """Ask the dense head for per-level statistics on logged iterations only (they cost a second, no-grad
+        classification loss); models without a ``bbox_head.collect_level_stats`` are left alone."""
+        head = getattr(unwrap_model(self.model), "bbox_head", None)
+        if head is not None and hasattr(head, "collect_level_stats"):
+            head.collect_level_stats = on
 
     # ------------------------------------------------------------------------------------------------ per epoch
     def _after_epoch(self, epochs_done: int | None, final: bool) -> None:

@@ -17,6 +17,7 @@ from densedet.losses.box_losses import (
 from densedet.losses.cross_entropy import CrossEntropyLoss, binary_cross_entropy, cross_entropy
 from densedet.losses.focal import FocalLoss, sigmoid_focal_loss
 from densedet.losses.ghm import GHMC, GHMR, asl1_loss, ghm_weights
+from densedet.losses.pfocal import ProgressiveFocalLoss, positive_ce_condition, progressive_gamma_alpha
 from densedet.losses.utils import reduce_loss, weight_reduce_loss
 from densedet.registry import LOSSES
 
@@ -34,6 +35,7 @@ __all__ = [
     "GIoULoss",
     "IoULoss",
     "L1Loss",
+    "ProgressiveFocalLoss",
     "SmoothL1Loss",
     "asl1_loss",
     "binary_cross_entropy",
@@ -43,6 +45,8 @@ __all__ = [
     "giou_loss",
     "iou_loss",
     "l1_loss",
+    "positive_ce_condition",
+    "progressive_gamma_alpha",
     "reduce_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",

@@ -141,7 +141,9 @@ class RetinaHead(AnchorDenseHead):
             loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total)
         else:
             loss_bbox = bbox_flat.sum() * 0
-        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach()}
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach(),
+                **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
+                                        label_weights)}
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
@@ -239,7 +241,9 @@ class ATSSHead(AnchorDenseHead):
             loss_ctr = ctr_flat.sum() * 0
         bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
-                "num_pos": pos.sum().float().detach()}
+                "num_pos": pos.sum().float().detach(),
+                **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
+                                        label_weights)}
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],

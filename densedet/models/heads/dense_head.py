@@ -8,13 +8,17 @@ losses from flattened predictions, and how to decode boxes.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from densedet.losses.focal import FocalLoss, labels_to_binary, sigmoid_focal_loss
+from densedet.losses.ghm import GHMC
 from densedet.models.heads.postprocess import TestConfig, parse_test_cfg, postprocess_levels
 from densedet.models.layers import ConvModule
 from densedet.registry import ConfigError, check_kwargs
@@ -72,11 +76,36 @@ def split_assigner_cfg(cfg: TrainConfig, expected: str, fn: Any) -> dict[str, An
     return a
 
 
+@contextlib.contextmanager
+def _stateless_call(loss_fn: nn.Module) -> Iterator[None]:
+    """Call a loss a second time for statistics without changing its state (e.g. GHM-C's running bin densities).
+
+    GHM-C with momentum reads its densities through a momentum of 1 (the EMA keeps what the training call just
+    wrote), so the statistics see exactly the weights of this step; any other buffer is restored afterwards.
+    """
+    saved = [(buf, buf.detach().clone()) for buf in loss_fn.buffers()]
+    momentum = getattr(loss_fn, "momentum", None)
+    if isinstance(loss_fn, GHMC) and momentum:
+        loss_fn.momentum = 1.0
+    try:
+        yield
+    finally:
+        if isinstance(loss_fn, GHMC) and momentum:
+            loss_fn.momentum = momentum
+        for buf, value in saved:
+            buf.copy_(value)
+
+
 class DenseHead(nn.Module):
     """Shared machinery: conv towers, flattening, level bookkeeping and batched post-processing.
 
     Subclasses implement ``_init_predictors``, ``forward_level``, ``loss`` and ``predict``.
+
+    ``collect_level_stats``: when True (the trainer sets it on the iterations it logs), ``loss`` also returns the
+    per-level imbalance statistics of :meth:`level_stats` (docs/diagnostics.md).
     """
+
+    collect_level_stats: bool = False
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 4,
                  strides: tuple[int, ...] | list[int] = (8, 16, 32, 64, 128), conv_cfg: dict | None = None,
@@ -98,6 +127,7 @@ class DenseHead(nn.Module):
         self.conv_bias = conv_bias
         self.train_cfg = parse_train_cfg(train_cfg)
         self.test_cfg: TestConfig = parse_test_cfg(test_cfg)
+        self.collect_level_stats = False
 
     def _build_tower(self) -> nn.ModuleList:
         convs = nn.ModuleList()
@@ -147,6 +177,79 @@ class DenseHead(nn.Module):
         """(N,) pyramid level of every flattened prior."""
         return torch.repeat_interleave(torch.arange(len(num_per_level), device=device),
                                        torch.tensor(num_per_level, device=device))
+
+    @torch.no_grad()
+    def level_stats(self, level_ids: Tensor, pos: Tensor, neg: Tensor,
+                    cls_loss: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-pyramid-level positive/negative counts (and classification loss) of this batch on this process.
+
+        Args:
+            level_ids: (N,) long, the level of every flattened prior (:meth:`level_ids`).
+            pos, neg: (B, N) bool, the assigner's positives and negatives (ignored / padded priors in neither).
+            cls_loss: (B, N) float, optional per-prior classification loss (summed over classes).
+
+        Returns:
+            ``{}`` unless ``self.collect_level_stats``; else for every level ``i`` detached 0-d float tensors
+            ``lvl{i}_pos``, ``lvl{i}_neg`` (exact counts over the batch), ``lvl{i}_pos_neg_ratio``
+            (``pos / max(neg, 1)``) and, with ``cls_loss``, ``lvl{i}_pos_cls_loss`` / ``lvl{i}_neg_cls_loss``
+            (mean over that level's positives / negatives; 0 when there are none).
+        """
+        if not self.collect_level_stats:
+            return {}
+        num_levels = len(self.strides)
+        level_ids = level_ids.to(pos.device)
+
+        def per_level(values: Tensor) -> Tensor:  # (N,) summed over the batch already -> (L,)
+            return values.new_zeros(num_levels).index_add_(0, level_ids, values)
+
+        # integer sums: the counts stay exact however many priors there are
+        num_pos = per_level(pos.sum(0)).float()
+        num_neg = per_level(neg.sum(0)).float()
+        table = {"pos": num_pos, "neg": num_neg, "pos_neg_ratio": num_pos / num_neg.clamp(min=1)}
+        if cls_loss is not None:
+            loss = cls_loss.detach().float()
+            zero = loss.new_zeros(())
+            # torch.where, not a product: a non-finite loss on an unused prior must not leak in as nan
+            table["pos_cls_loss"] = per_level(torch.where(pos, loss, zero).sum(0)) / num_pos.clamp(min=1)
+            table["neg_cls_loss"] = per_level(torch.where(neg, loss, zero).sum(0)) / num_neg.clamp(min=1)
+        return {f"lvl{i}_{name}": values[i] for i in range(num_levels) for name, values in table.items()}
+
+    @torch.no_grad()
+    def per_prior_cls_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor | None = None) -> Tensor:
+        """The element-wise loss of ``self.loss_cls`` (loss_weight and label weights applied, before the
+        ``avg_factor`` normalisation), summed over classes.
+
+        Args:
+            cls_flat: (B, N, C) logits; labels: (B, N) long, ``num_classes`` = background;
+            label_weights: (B, N) or None.
+
+        Returns:
+            (B, N) float32.
+        """
+        b, n, c = cls_flat.shape
+        pred = cls_flat.detach().reshape(-1, c).float()
+        lab = labels.reshape(-1)
+        weight = None if label_weights is None else label_weights.reshape(-1).float()
+        loss_fn = self.loss_cls
+        if isinstance(loss_fn, FocalLoss):
+            # the fused focal loss only returns a sum; the generic form on one-hot targets gives each element
+            elem = sigmoid_focal_loss(pred, labels_to_binary(lab, c, pred.dtype), weight, gamma=loss_fn.gamma,
+                                      alpha=loss_fn.alpha, reduction="none") * loss_fn.loss_weight
+        else:
+            with _stateless_call(loss_fn):
+                elem = loss_fn(pred, lab, weight, reduction_override="none")
+        if elem.dim() == 2:
+            elem = elem.sum(-1)
+        return elem.float().reshape(b, n)
+
+    def loss_level_stats(self, num_per_level: list[int], pos: Tensor, neg: Tensor, cls_flat: Tensor,
+                         labels: Tensor, label_weights: Tensor | None = None) -> dict[str, Tensor]:
+        """:meth:`level_stats` with the per-prior loss of :meth:`per_prior_cls_loss`; ``{}`` (no work at all)
+        unless ``collect_level_stats``. The one call a head's ``loss`` makes; shapes as those two methods."""
+        if not self.collect_level_stats:
+            return {}
+        return self.level_stats(self.level_ids(num_per_level, pos.device), pos, neg,
+                                self.per_prior_cls_loss(cls_flat, labels, label_weights))
 
     @staticmethod
     def valid_prior_mask(featmap_sizes: list[tuple[int, int]], strides: list[int], num_base: int,

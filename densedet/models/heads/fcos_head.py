@@ -128,7 +128,8 @@ class FCOSHead(DenseHead):
             loss_bbox = bbox_flat.sum() * 0
             loss_ctr = ctr_flat.sum() * 0
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_ctr,
-                "num_pos": pos.sum().float().detach()}
+                "num_pos": pos.sum().float().detach(),
+                **self.loss_level_stats(per_level, pos, ~pos, cls_flat, labels)}
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
