@@ -160,7 +160,8 @@ class DenseHead(nn.Module):
         nn.init.constant_(cls.bias, bias_init_with_prob(0.01))
 
     def classifier(self) -> nn.Conv2d:
-        raise NotImplementedError
+        """The classification conv whose bias starts at the 0.01 prior (each head names its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define classifier() (abstract in DenseHead)")
 
     def forward(self, feats: tuple[Tensor, ...] | list[Tensor]) -> tuple[list[Tensor], ...]:
         """Run every level; returns a tuple of per-level lists (e.g. ``(cls_scores, bbox_preds, centernesses)``)."""
@@ -170,7 +171,8 @@ class DenseHead(nn.Module):
         return tuple(list(o) for o in zip(*outs))
 
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, ...]:
-        raise NotImplementedError
+        """Per-level outputs for one FPN level ``x`` (B, C, H, W)."""
+        raise NotImplementedError(f"{type(self).__name__} must define forward_level() (abstract in DenseHead)")
 
     @staticmethod
     def level_ids(num_per_level: list[int], device: torch.device) -> Tensor:
