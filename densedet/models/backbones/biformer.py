@@ -32,7 +32,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from densedet.models.backbones.resnet import _pretrained_source, load_checkpoint_to
+from densedet.models.backbones.resnet import load_checkpoint_to, pretrained_source
 from densedet.registry import BACKBONES, ConfigError
 
 __all__ = ["BiFormer", "BiFormerBlock", "BiLevelRoutingAttention", "GlobalAttention", "pad_to_multiple"]
@@ -436,7 +436,7 @@ class BiFormer(nn.Module):
             raise ConfigError(f"BiFormer: use_checkpoint_stages {list(use_checkpoint_stages)} must be within 0..3")
         if embed_dim[0] % 2:
             raise ConfigError(f"BiFormer: embed_dim[0] must be even (the stem's first conv has half), got {embed_dim}")
-        self.pretrained = _pretrained_source(pretrained, init_cfg)
+        self.pretrained = pretrained_source(pretrained, init_cfg, "BiFormer")
         self.embed_dim = embed_dim
         self.n_win = n_win
         self.frozen_stages = frozen_stages

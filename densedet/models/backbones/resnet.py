@@ -310,7 +310,7 @@ class ResNet(nn.Module):
             raise ConfigError(f"ResNet: frozen_stages must be in -1..{num_stages}, got {frozen_stages}")
         if dcn is not None and len(stage_with_dcn) != num_stages:
             raise ConfigError(f"ResNet: stage_with_dcn {tuple(stage_with_dcn)} needs {num_stages} entries")
-        self.pretrained = _pretrained_source(pretrained, init_cfg)
+        self.pretrained = pretrained_source(pretrained, init_cfg)
 
         self.depth = depth
         self.stem_channels = base_channels if stem_channels is None else stem_channels
@@ -463,24 +463,28 @@ class ResNetV1d(ResNet):
 # Pretrained checkpoints
 
 
-def _pretrained_source(pretrained: str | None, init_cfg: dict[str, Any] | None) -> tuple[str, str | None] | None:
-    """Normalise ``pretrained`` / ``init_cfg`` (mmdet 2.x accepts either, not both) to ``(source, prefix)``."""
+def pretrained_source(pretrained: str | None, init_cfg: dict[str, Any] | None,
+                      owner: str = "ResNet") -> tuple[str, str | None] | None:
+    """Normalise ``pretrained`` / ``init_cfg`` (mmdet 2.x accepts either, not both) to ``(source, prefix)``.
+
+    Shared by every backbone; ``owner`` names the backbone in error messages.
+    """
     if pretrained is not None and init_cfg is not None:
-        raise ConfigError("ResNet: give 'pretrained' or 'init_cfg', not both (mmdet 2.x raises the same)")
+        raise ConfigError(f"{owner}: give 'pretrained' or 'init_cfg', not both (mmdet 2.x raises the same)")
     if pretrained is not None:
         if not isinstance(pretrained, str):
-            raise ConfigError(f"ResNet: pretrained must be a path or URL string, got {pretrained!r}")
+            raise ConfigError(f"{owner}: pretrained must be a path or URL string, got {pretrained!r}")
         return pretrained, None
     if init_cfg is None:
         return None
     if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg:
         raise ConfigError(
-            f"ResNet: init_cfg must be {{'type': 'Pretrained', 'checkpoint': PATH_OR_URL[, 'prefix': ...]}}, "
+            f"{owner}: init_cfg must be {{'type': 'Pretrained', 'checkpoint': PATH_OR_URL[, 'prefix': ...]}}, "
             f"got {init_cfg!r} (the default initialisation needs no init_cfg)"
         )
     extra = set(init_cfg) - {"type", "checkpoint", "prefix", "map_location"}
     if extra:
-        raise ConfigError(f"ResNet: unknown init_cfg keys {sorted(extra)}")
+        raise ConfigError(f"{owner}: unknown init_cfg keys {sorted(extra)}")
     return str(init_cfg["checkpoint"]), init_cfg.get("prefix")
 
 

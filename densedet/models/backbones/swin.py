@@ -36,7 +36,7 @@ import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from densedet.models.backbones.resnet import read_checkpoint
+from densedet.models.backbones.resnet import pretrained_source, read_checkpoint
 from densedet.registry import BACKBONES, ConfigError
 
 __all__ = [
@@ -327,7 +327,7 @@ class SwinTransformer(nn.Module):
             raise ConfigError(f"SwinTransformer: frozen_stages must be in -1..{num_layers + 1}, got {frozen_stages}")
         if window_size < 2:
             raise ConfigError(f"SwinTransformer: window_size must be >= 2, got {window_size}")
-        self.pretrained = _pretrained_source(pretrained, init_cfg)
+        self.pretrained = pretrained_source(pretrained, init_cfg, "SwinTransformer")
         self.embed_dim, self.depths, self.num_heads = embed_dim, depths, num_heads
         self.window_size = window_size
         self.num_layers = num_layers
@@ -430,25 +430,6 @@ class SwinTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pretrained checkpoints
-
-
-def _pretrained_source(pretrained: str | None, init_cfg: dict[str, Any] | None) -> tuple[str, str | None] | None:
-    """``pretrained`` or mmdet 2.x ``init_cfg`` (not both) -> ``(source, prefix)`` or None."""
-    if pretrained is not None and init_cfg is not None:
-        raise ConfigError("SwinTransformer: give 'pretrained' or 'init_cfg', not both")
-    if pretrained is not None:
-        if not isinstance(pretrained, str):
-            raise ConfigError(f"SwinTransformer: pretrained must be a path or URL string, got {pretrained!r}")
-        return pretrained, None
-    if init_cfg is None:
-        return None
-    if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg:
-        raise ConfigError(f"SwinTransformer: init_cfg must be {{'type': 'Pretrained', 'checkpoint': PATH_OR_URL"
-                          f"[, 'prefix': ...]}}, got {init_cfg!r}")
-    extra = set(init_cfg) - {"type", "checkpoint", "prefix", "map_location"}
-    if extra:
-        raise ConfigError(f"SwinTransformer: unknown init_cfg keys {sorted(extra)}")
-    return str(init_cfg["checkpoint"]), init_cfg.get("prefix")
 
 
 _TIMM_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
