@@ -135,7 +135,7 @@ class Bottle2neck(_Bottleneck):
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             # 'normal' blocks feed each conv the previous conv's output plus the next split (the hierarchy).
             sp = spx[i] if i == 0 or self.stage_type == "stage" else sp + spx[i]
-            sp = self.relu(bn(conv(sp.contiguous())))
+            sp = self.relu(bn(conv(sp)))  # no .contiguous(): under channels_last it would copy to NCHW
             pieces.append(sp)
         last = spx[-1]
         if self.stage_type == "stage" and self.conv2_stride != 1:
@@ -143,7 +143,8 @@ class Bottle2neck(_Bottleneck):
         pieces.append(last)
         out = self.norm3(self.conv3(torch.cat(pieces, dim=1)))
         identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        out += identity  # in place: the norm's backward does not need its output (saves a pass + memory)
+        return out
 
 
 @BACKBONES.register()

@@ -92,7 +92,8 @@ class BasicBlock(nn.Module):
         out = self.relu(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        out += identity  # in place: the norm's backward does not need its output (saves a pass + memory)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.with_cp and self.training and torch.is_grad_enabled():
@@ -176,7 +177,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return out + identity
+        out += identity  # in place: the norm's backward does not need its output (saves a pass + memory)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Checkpointing trades compute for memory; BN layers in train mode would update running stats twice, which
