@@ -581,7 +581,13 @@ def load_checkpoint_to(
 
     Returns ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}`` (the reported lists).
     """
-    state = read_checkpoint(source)
+    state = select_prefix(read_checkpoint(source), source, prefix)
+    return load_matching(module, state, source, ignore_unexpected=ignore_unexpected,
+                         ignore_missing=("num_batches_tracked",))
+
+
+def select_prefix(state: dict[str, torch.Tensor], source: str, prefix: str | None) -> dict[str, torch.Tensor]:
+    """Keep the keys under ``prefix`` (stripped); without one, a whole detector's ``backbone.*`` keys."""
     if prefix is None and any(k.startswith("backbone.") for k in state):
         prefix = "backbone."
     if prefix:
@@ -589,7 +595,16 @@ def load_checkpoint_to(
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
             raise RuntimeError(f"checkpoint '{source}' has no keys under prefix '{prefix}'")
+    return state
 
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                  ignore_unexpected: Sequence[str] = (), ignore_missing: Sequence[str] = ()) -> dict[str, list[str]]:
+    """Load the tensors of ``state`` whose names and shapes match; warn once about the rest.
+
+    Unexpected keys starting with an entry of ``ignore_unexpected`` and missing keys containing an entry of
+    ``ignore_missing`` are not reported. Returns ``{'missing', 'unexpected', 'mismatched'}`` (the reported lists).
+    """
     own = module.state_dict()
     loadable: dict[str, torch.Tensor] = {}
     unexpected, mismatched = [], []
@@ -601,7 +616,7 @@ def load_checkpoint_to(
             mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
         else:
             loadable[k] = v
-    missing = [k for k in own if k not in loadable and "num_batches_tracked" not in k]
+    missing = [k for k in own if k not in loadable and not any(m in k for m in ignore_missing)]
     module.load_state_dict(loadable, strict=False)
 
     problems = []
@@ -612,5 +627,5 @@ def load_checkpoint_to(
     if mismatched:
         problems.append(f"size mismatch (skipped): {mismatched}")
     if problems:
-        warnings.warn(f"{type(module).__name__}: loading '{source}': " + "; ".join(problems), UserWarning, stacklevel=2)
+        warnings.warn(f"{type(module).__name__}: loading '{source}': " + "; ".join(problems), UserWarning, stacklevel=3)
     return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -36,7 +35,7 @@ import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from densedet.models.backbones.resnet import pretrained_source, read_checkpoint
+from densedet.models.backbones.resnet import load_matching, pretrained_source, read_checkpoint, select_prefix
 from densedet.registry import BACKBONES, ConfigError
 
 __all__ = [
@@ -515,34 +514,6 @@ def load_swin_checkpoint(module: SwinTransformer, source: str, prefix: str | Non
 
     Returns ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}``.
     """
-    state = read_checkpoint(source)
-    if prefix is None and any(k.startswith("backbone.") for k in state):
-        prefix = "backbone."
-    if prefix:
-        prefix = prefix if prefix.endswith(".") else prefix + "."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if not state:
-            raise RuntimeError(f"checkpoint '{source}' has no keys under prefix '{prefix}'")
-    state = convert_swin_state_dict(state, module)
-    own = module.state_dict()
-    loadable: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for k, v in state.items():
-        if k not in own or not isinstance(v, torch.Tensor):
-            unexpected.append(k)
-        elif v.shape != own[k].shape:
-            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-        else:
-            loadable[k] = v
-    missing = [k for k in own if k not in loadable and not k.endswith("relative_position_index")]
-    module.load_state_dict(loadable, strict=False)
-    problems = []
-    if missing:
-        problems.append(f"missing keys in checkpoint: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys in checkpoint: {unexpected}")
-    if mismatched:
-        problems.append(f"size mismatch (skipped): {mismatched}")
-    if problems:
-        warnings.warn(f"SwinTransformer: loading '{source}': " + "; ".join(problems), UserWarning, stacklevel=2)
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    state = convert_swin_state_dict(select_prefix(read_checkpoint(source), source, prefix), module)
+    # relative_position_index is rebuilt from the window size, never needed from a file
+    return load_matching(module, state, source, ignore_missing=("relative_position_index",))
