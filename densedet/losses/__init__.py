@@ -19,6 +19,7 @@ from densedet.losses.focal import FocalLoss, sigmoid_focal_loss
 from densedet.losses.ghm import GHMC, GHMR, asl1_loss, ghm_weights
 from densedet.losses.pfocal import ProgressiveFocalLoss, positive_ce_condition, progressive_gamma_alpha
 from densedet.losses.utils import reduce_loss, weight_reduce_loss
+from densedet.losses.varifocal import VarifocalLoss, varifocal_loss
 from densedet.registry import LOSSES
 
 
@@ -37,6 +38,7 @@ __all__ = [
     "L1Loss",
     "ProgressiveFocalLoss",
     "SmoothL1Loss",
+    "VarifocalLoss",
     "asl1_loss",
     "binary_cross_entropy",
     "build_loss",
@@ -50,5 +52,6 @@ __all__ = [
     "reduce_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
+    "varifocal_loss",
     "weight_reduce_loss",
 ]
