@@ -75,5 +75,5 @@ class SingleStageDetector(nn.Module):
 
 
 # MMDetection config names of the detectors (all are single-stage detectors differing only by head).
-for _name in ("RetinaNet", "FCOS", "ATSS"):
+for _name in ("RetinaNet", "FCOS", "ATSS", "VFNet", "FOVEA", "RepPointsDetector"):
     DETECTORS[_name] = type(_name, (SingleStageDetector,), {"__doc__": f"{_name}: a single-stage detector."})

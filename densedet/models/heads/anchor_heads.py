@@ -21,13 +21,14 @@ from densedet.models.heads.dense_head import (
     CENTERNESS_LOSS,
     FOCAL_LOSS,
     GN_32,
+    VFL_LOSS,
     DenseHead,
     flatten_levels,
     split_assigner_cfg,
 )
 from densedet.models.layers import Scale
 from densedet.registry import HEADS, ConfigError, check_kwargs
-from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, pad_targets
+from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, bbox_overlaps, pad_targets
 
 
 def _build_anchor_generator(cfg: dict[str, Any] | None, default: dict[str, Any]) -> AnchorGenerator:
@@ -47,6 +48,27 @@ def _build_delta_coder(cfg: dict[str, Any] | None, default_stds: tuple[float, ..
         raise ConfigError(f"model.bbox_head.bbox_coder.type: unknown '{kind}'", path="model.bbox_head.bbox_coder.type")
     check_kwargs(DeltaXYWHBBoxCoder, cfg, "model.bbox_head.bbox_coder")
     return DeltaXYWHBBoxCoder(**cfg)
+
+
+def _build_cls_loss(loss_cls: dict | None, use_vfl: bool, loss_cls_vfl: dict | None, vfl_key: str) -> nn.Module:
+    """``loss_cls`` (focal by default), or the Varifocal Loss of ``vfl_key`` when ``use_vfl`` (VarifocalNet's
+    plug-in switch: the focal config stays in the file for the ablation)."""
+    if not use_vfl:
+        return build_loss(loss_cls or FOCAL_LOSS, "model.bbox_head.loss_cls")
+    cfg = loss_cls_vfl or VFL_LOSS
+    if cfg.get("type") != "VarifocalLoss":
+        raise ConfigError(f"model.bbox_head.{vfl_key}.type: use_vfl needs VarifocalLoss, got '{cfg.get('type')}'",
+                          path=f"model.bbox_head.{vfl_key}.type")
+    return build_loss(cfg, f"model.bbox_head.{vfl_key}")
+
+
+def iou_class_targets(cls_flat: Tensor, pos: Tensor, labels: Tensor, ious: Tensor) -> Tensor:
+    """Varifocal Loss targets: (B, N, C) zeros, with ``ious`` (P,) (IoU of each positive's predicted box with its
+    gt, in ``pos.nonzero()`` order) written at each positive's gt class ``labels`` (B, N)."""
+    soft = torch.zeros_like(cls_flat, dtype=torch.float32)
+    b_idx, n_idx = pos.nonzero(as_tuple=True)
+    soft[b_idx, n_idx, labels[b_idx, n_idx]] = ious.detach().float()
+    return soft
 
 
 class AnchorDenseHead(DenseHead):
@@ -82,6 +104,7 @@ class RetinaHead(AnchorDenseHead):
                  conv_cfg: dict | None = None, norm_cfg: dict | None = None,
                  anchor_generator: dict | None = None, bbox_coder: dict | None = None,
                  reg_decoded_bbox: bool = False, loss_cls: dict | None = None, loss_bbox: dict | None = None,
+                 use_vfl: bool = False, loss_cls_vfl: dict | None = None,
                  train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
         self.anchor_generator = _build_anchor_generator(anchor_generator, {
             "octave_base_scale": 4, "scales_per_octave": 3, "ratios": (0.5, 1.0, 2.0),
@@ -95,7 +118,11 @@ class RetinaHead(AnchorDenseHead):
         if box_type in ("GIoULoss", "IoULoss") and not reg_decoded_bbox:
             raise ConfigError(f"model.bbox_head.reg_decoded_bbox: {box_type} compares boxes, so it needs "
                               f"reg_decoded_bbox: true (as in MMDetection)", path="model.bbox_head.reg_decoded_bbox")
-        self.loss_cls = build_loss(loss_cls or FOCAL_LOSS, "model.bbox_head.loss_cls")
+        self.use_vfl = use_vfl
+        if use_vfl and reg_decoded_bbox:
+            raise ConfigError("model.bbox_head.use_vfl: the VarifocalNet RetinaHead computes the IoU target from "
+                              "encoded deltas, so it needs reg_decoded_bbox: false", path="model.bbox_head.use_vfl")
+        self.loss_cls = _build_cls_loss(loss_cls, use_vfl, loss_cls_vfl, "loss_cls_vfl")
         self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "loss_weight": 1.0}, "model.bbox_head.loss_bbox")
         self.assigner_kwargs = split_assigner_cfg(self.train_cfg, "MaxIoUAssigner", max_iou_assign)
         self.num_base_priors = self.anchor_generator.num_base_priors[0]
@@ -128,8 +155,6 @@ class RetinaHead(AnchorDenseHead):
 
         cls_flat = flatten_levels(cls_scores, self.num_classes)
         bbox_flat = flatten_levels(bbox_preds, 4)
-        loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
-                                 label_weights.reshape(-1), avg_factor=num_total)
         pos_pred = bbox_flat[pos]
         pos_priors = priors.expand(pos.shape[0], -1, -1)[pos]
         if self.reg_decoded_bbox:
@@ -137,13 +162,25 @@ class RetinaHead(AnchorDenseHead):
             target = gt_boxes[pos]
         else:
             pred, target = pos_pred, self.bbox_coder.encode(pos_priors, gt_boxes[pos])
+        soft = None
+        if self.use_vfl:
+            # VarifocalNet anchor_head.loss_single: q = IoU(decode(pred), decode(target deltas)), both detached,
+            # at the gt class of each positive; ignored anchors keep their zero label weight
+            ious = bbox_overlaps(self.bbox_coder.decode(pos_priors, pos_pred.detach()),
+                                 self.bbox_coder.decode(pos_priors, target), is_aligned=True)
+            soft = iou_class_targets(cls_flat, pos, labels, ious)
+            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), soft.reshape(-1, self.num_classes),
+                                     label_weights.reshape(-1), avg_factor=num_total)
+        else:
+            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
+                                     label_weights.reshape(-1), avg_factor=num_total)
         if pos_pred.numel():
             loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total)
         else:
             loss_bbox = bbox_flat.sum() * 0
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach(),
                 **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
-                                        label_weights)}
+                                        label_weights, soft)}
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
@@ -166,8 +203,12 @@ class ATSSHead(AnchorDenseHead):
                  conv_cfg: dict | None = None, norm_cfg: dict | None = None,
                  anchor_generator: dict | None = None, bbox_coder: dict | None = None,
                  reg_decoded_bbox: bool = True, loss_cls: dict | None = None, loss_bbox: dict | None = None,
-                 loss_centerness: dict | None = None, train_cfg: dict | None = None, test_cfg: dict | None = None,
-                 init_cfg: dict | None = None) -> None:
+                 loss_centerness: dict | None = None, dcn_on_last_conv: bool = False, use_vfl: bool = False,
+                 use_gfl: bool = False, loss_cls_vgfl: dict | None = None, train_cfg: dict | None = None,
+                 test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
+        if use_gfl:
+            raise ConfigError("model.bbox_head.use_gfl: Generalized Focal Loss is not implemented in DenseDet "
+                              "(use_vfl selects the Varifocal Loss)", path="model.bbox_head.use_gfl")
         self.anchor_generator = _build_anchor_generator(anchor_generator, {
             "octave_base_scale": 8, "scales_per_octave": 1, "ratios": (1.0,), "strides": (8, 16, 32, 64, 128)})
         norm_cfg = GN_32 if norm_cfg is None else norm_cfg
@@ -178,15 +219,16 @@ class ATSSHead(AnchorDenseHead):
             raise ConfigError("model.bbox_head.reg_decoded_bbox: ATSSHead regresses decoded boxes (GIoU); "
                               "False is not supported", path="model.bbox_head.reg_decoded_bbox")
         self.bbox_coder = _build_delta_coder(bbox_coder, (0.1, 0.1, 0.2, 0.2))
-        self.loss_cls = build_loss(loss_cls or FOCAL_LOSS, "model.bbox_head.loss_cls")
+        self.use_vfl = use_vfl
+        self.loss_cls = _build_cls_loss(loss_cls, use_vfl, loss_cls_vgfl, "loss_cls_vgfl")
         self.loss_bbox = build_loss(loss_bbox or {"type": "GIoULoss", "loss_weight": 2.0},
                                     "model.bbox_head.loss_bbox")
         self.loss_centerness = build_loss(loss_centerness or CENTERNESS_LOSS,
                                           "model.bbox_head.loss_centerness")
         self.assigner_kwargs = split_assigner_cfg(self.train_cfg, "ATSSAssigner", atss_assign)
         self.num_base_priors = self.anchor_generator.num_base_priors[0]
-        self.cls_convs = self._build_tower()
-        self.reg_convs = self._build_tower()
+        self.cls_convs = self._build_tower(dcn_on_last_conv)
+        self.reg_convs = self._build_tower(dcn_on_last_conv)
         a = self.num_base_priors
         self.atss_cls = nn.Conv2d(feat_channels, a * num_classes, 3, padding=1)
         self.atss_reg = nn.Conv2d(feat_channels, a * 4, 3, padding=1)
@@ -227,23 +269,32 @@ class ATSSHead(AnchorDenseHead):
         cls_flat = flatten_levels(cls_scores, self.num_classes)
         bbox_flat = flatten_levels(bbox_preds, 4)
         ctr_flat = flatten_levels(centernesses, 1)[..., 0]
-        loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
-                                 label_weights.reshape(-1), avg_factor=num_total)
         pos_priors = priors.expand(pos.shape[0], -1, -1)[pos]
         pos_gt = gt_boxes[pos]
         ctr_targets = self.centerness_target(pos_priors, pos_gt)
+        decoded = self.bbox_coder.decode(pos_priors, bbox_flat[pos])
         if pos_gt.numel():
-            decoded = self.bbox_coder.decode(pos_priors, bbox_flat[pos])
             loss_bbox = self.loss_bbox(decoded, pos_gt, weight=ctr_targets, avg_factor=1.0)
             loss_ctr = self.loss_centerness(ctr_flat[pos], ctr_targets, avg_factor=num_total)
         else:
             loss_bbox = bbox_flat.sum() * 0
             loss_ctr = ctr_flat.sum() * 0
+        soft = None
+        if self.use_vfl:
+            # VarifocalNet atss_vgfl_head.loss_single: q = IoU(decoded pred, gt).clamp(min=1e-6), detached, at the
+            # gt class; the reference passes no label weights to VFL, so every prior (padding too) is a sample
+            ious = bbox_overlaps(decoded.detach(), pos_gt, is_aligned=True).clamp(min=1e-6)
+            soft = iou_class_targets(cls_flat, pos, labels, ious)
+            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), soft.reshape(-1, self.num_classes),
+                                     avg_factor=num_total)
+        else:
+            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
+                                     label_weights.reshape(-1), avg_factor=num_total)
         bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
                 "num_pos": pos.sum().float().detach(),
                 **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
-                                        label_weights)}
+                                        None if self.use_vfl else label_weights, soft)}
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
@@ -257,3 +308,7 @@ class ATSSHead(AnchorDenseHead):
         bbox_flat = [flatten_levels([b], 4) for b in bbox_preds]
         decode = self._decoder(priors, per_level, bbox_flat, self.img_shapes(metas, device))
         return self._postprocess(scores, factors, decode, metas, rescale)
+
+
+# VarifocalNet's name for the ATSS head with the ``use_vfl`` switch (atss_vgfl_head.py); same layers and keys.
+HEADS["ATSSVGFLHead"] = ATSSHead

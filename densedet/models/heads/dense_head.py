@@ -26,6 +26,9 @@ from densedet.registry import ConfigError, check_kwargs
 # Default loss configs of the reference heads (mmdet 2.x RetinaHead / FCOSHead / ATSSHead).
 FOCAL_LOSS = {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}
 CENTERNESS_LOSS = {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}
+# VarifocalNet's default ``loss_cls_vfl`` (hyz-xmaster/VarifocalNet anchor_head.py / atss_vgfl_head.py)
+VFL_LOSS = {"type": "VarifocalLoss", "use_sigmoid": True, "alpha": 0.75, "gamma": 2.0, "iou_weighted": True,
+            "loss_weight": 1.0}
 GN_32 = {"type": "GN", "num_groups": 32, "requires_grad": True}
 
 
@@ -129,12 +132,16 @@ class DenseHead(nn.Module):
         self.test_cfg: TestConfig = parse_test_cfg(test_cfg)
         self.collect_level_stats = False
 
-    def _build_tower(self) -> nn.ModuleList:
+    def _build_tower(self, dcn_on_last_conv: bool = False) -> nn.ModuleList:
+        """``stacked_convs`` 3x3 ConvModules; with ``dcn_on_last_conv`` the last is a DCNv2 (mmdet's switch)."""
+        if dcn_on_last_conv:
+            import densedet.models.dcn  # noqa: F401  (registers DCNv2 in CONV_LAYERS)
         convs = nn.ModuleList()
         for i in range(self.stacked_convs):
+            last_dcn = dcn_on_last_conv and i == self.stacked_convs - 1
             convs.append(ConvModule(self.in_channels if i == 0 else self.feat_channels, self.feat_channels, 3,
-                                    stride=1, padding=1, conv_cfg=self.conv_cfg, norm_cfg=self.norm_cfg,
-                                    bias=self.conv_bias))
+                                    stride=1, padding=1, conv_cfg={"type": "DCNv2"} if last_dcn else self.conv_cfg,
+                                    norm_cfg=self.norm_cfg, bias=self.conv_bias))
         return convs
 
     def towers(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -217,23 +224,25 @@ class DenseHead(nn.Module):
         return {f"lvl{i}_{name}": values[i] for i in range(num_levels) for name, values in table.items()}
 
     @torch.no_grad()
-    def per_prior_cls_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor | None = None) -> Tensor:
+    def per_prior_cls_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor | None = None,
+                           soft_targets: Tensor | None = None) -> Tensor:
         """The element-wise loss of ``self.loss_cls`` (loss_weight and label weights applied, before the
         ``avg_factor`` normalisation), summed over classes.
 
         Args:
             cls_flat: (B, N, C) logits; labels: (B, N) long, ``num_classes`` = background;
-            label_weights: (B, N) or None.
+            label_weights: (B, N) or None; soft_targets: (B, N, C) float targets the loss is given instead of
+            ``labels`` (Varifocal Loss's IoU-aware scores), or None.
 
         Returns:
             (B, N) float32.
         """
         b, n, c = cls_flat.shape
         pred = cls_flat.detach().reshape(-1, c).float()
-        lab = labels.reshape(-1)
+        lab = labels.reshape(-1) if soft_targets is None else soft_targets.detach().reshape(-1, c).float()
         weight = None if label_weights is None else label_weights.reshape(-1).float()
         loss_fn = self.loss_cls
-        if isinstance(loss_fn, FocalLoss):
+        if isinstance(loss_fn, FocalLoss) and soft_targets is None:
             # the fused focal loss only returns a sum; the generic form on one-hot targets gives each element
             elem = sigmoid_focal_loss(pred, labels_to_binary(lab, c, pred.dtype), weight, gamma=loss_fn.gamma,
                                       alpha=loss_fn.alpha, reduction="none") * loss_fn.loss_weight
@@ -245,13 +254,15 @@ class DenseHead(nn.Module):
         return elem.float().reshape(b, n)
 
     def loss_level_stats(self, num_per_level: list[int], pos: Tensor, neg: Tensor, cls_flat: Tensor,
-                         labels: Tensor, label_weights: Tensor | None = None) -> dict[str, Tensor]:
+                         labels: Tensor, label_weights: Tensor | None = None,
+                         soft_targets: Tensor | None = None) -> dict[str, Tensor]:
         """:meth:`level_stats` with the per-prior loss of :meth:`per_prior_cls_loss`; ``{}`` (no work at all)
-        unless ``collect_level_stats``. The one call a head's ``loss`` makes; shapes as those two methods."""
+        unless ``collect_level_stats``. The one call a head's ``loss`` makes; shapes as those two methods
+        (heads trained with Varifocal Loss pass its ``soft_targets``)."""
         if not self.collect_level_stats:
             return {}
         return self.level_stats(self.level_ids(num_per_level, pos.device), pos, neg,
-                                self.per_prior_cls_loss(cls_flat, labels, label_weights))
+                                self.per_prior_cls_loss(cls_flat, labels, label_weights, soft_targets))
 
     @staticmethod
     def valid_prior_mask(featmap_sizes: list[tuple[int, int]], strides: list[int], num_base: int,
