@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--out", default="work_dirs/bench_ghm_umop")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", nargs="*", help="subset of variant names")
+    p.add_argument("--load-from", help="initial weights for every variant (runtime.load_from, non-strict), e.g. a "
+                                       "backbone-only state dict: the seeds train from ImageNet-initialised backbones")
+    p.add_argument("--set", nargs="*", default=[], help="extra key=value overrides for every variant")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,7 +65,9 @@ def main() -> None:
             continue
         work = Path(args.out) / name.lower().replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
         overrides = [*extra, f"schedule.epochs={args.epochs}", f"runtime.val_interval={args.epochs}",
-                     "runtime.log_interval=10"]
+                     "runtime.log_interval=10", *args.set]
+        if args.load_from:
+            overrides.append(f"runtime.load_from={args.load_from}")
         metrics = train(load_config(cfg_name, overrides), work)
         rows[name] = {"AP": metrics.get("bbox_mAP"), "AP50": metrics.get("bbox_mAP_50"),
                       "step_s": step_seconds(work / "log.jsonl"), "work": str(work)}

@@ -41,12 +41,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_eval_dataset(cfg: Any, split: str):
-    from densedet.data import CocoDataset
+def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None):
+    from densedet.data import CocoDataset, tta_pipeline
 
     spec = getattr(cfg.data, split) or cfg.data.val
     root = Path(cfg.data.root)
-    return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=spec.pipeline, test_mode=True)
+    pipeline = tta_pipeline(spec.pipeline, tta, where=f"data.{split}.pipeline")
+    return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -66,7 +67,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     model.to(device).use_channels_last(cfg.runtime.channels_last)
-    dataset = _build_eval_dataset(cfg, args.split)
+    dataset = _build_eval_dataset(cfg, args.split, args.tta)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
     out = Path(args.out) if args.out else ckpt_path.parent / "test"
@@ -85,7 +86,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densedet.inference.visualize import draw_detections, save_detection_grid
 
     predictor = Predictor(args.config, _resolve_checkpoint(args.checkpoint), device=args.device,
-                          overrides=args.overrides)
+                          overrides=args.overrides, tta=args.tta)
     files = list_images(args.input)[: args.limit or None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for results json, metrics and PR curves")
     e.add_argument("--split", default="val", choices=["val", "test"])
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
+                        "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
     e.set_defaults(fn=cmd_test)
 
     r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
@@ -189,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--score-thr", type=float, default=0.3)
     r.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
+                        "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
     r.set_defaults(fn=cmd_predict)
 
     d = sub.add_parser("data", help="dataset tools")

@@ -235,13 +235,24 @@ def test_umop_configs() -> None:
     assert swin.model["neck"]["in_channels"] == [192, 384, 768, 1536]
 
 
-def test_mstest_config_refuses_to_test_at_one_scale() -> None:
+def test_mstest_config_tests_every_scale_and_flip() -> None:
+    """The "MS test" row: UMOP's umop_swin-L_fpn_2x_coco_mstrain_mstest.py tests at 4 scales, each also flipped."""
     from densedet.data.transforms import build_pipeline
 
     cfg = load_config("umop_swin-L_fpn_2x_coco_mstrain_mstest")
     for split in (cfg.data.val, cfg.data.test):
-        with pytest.raises(ConfigError, match="MultiScaleFlipAug"):
-            build_pipeline(split.pipeline, "data.test.pipeline")
+        aug = build_pipeline(split.pipeline, "data.test.pipeline").transforms[-1]
+        assert aug.num_views == 8
+        assert sorted({scale for scale, _, _ in aug.views}) == sorted(aug.img_scale) and len(aug.img_scale) == 4
+        assert [flip for _, flip, _ in aug.views].count(True) == 4
+
+
+def test_multiscaleflipaug_must_be_the_last_step() -> None:
+    from densedet.data.transforms import build_pipeline
+
+    aug = {"type": "MultiScaleFlipAug", "img_scale": [64, 64], "transforms": [{"type": "Resize", "keep_ratio": True}]}
+    with pytest.raises(ConfigError, match=r"pipeline\[0\]: MultiScaleFlipAug must be the last step.*Normalize"):
+        build_pipeline([aug, {"type": "Normalize", "mean": [0, 0, 0], "std": [1, 1, 1]}], "data.val.pipeline")
 
 
 def test_umop_r50_checkpoint_layout_is_atss_r50() -> None:

@@ -64,7 +64,7 @@ def test_retina_vfl_targets_are_iou_of_decoded_prediction() -> None:
     torch.testing.assert_close(losses["loss_cls"], expected, rtol=1e-4, atol=1e-6)
 
 
-def test_atss_vfl_targets_and_unweighted_negatives() -> None:
+def test_atss_vfl_targets_and_loss() -> None:
     head = HEADS["ATSSVGFLHead"](2, in_channels=8, feat_channels=8, stacked_convs=1, norm_cfg=GN, use_vfl=True,
                                  anchor_generator={"ratios": [1.0], "octave_base_scale": 8, "scales_per_octave": 1,
                                                    "strides": [8, 16]})
@@ -87,7 +87,7 @@ def test_atss_vfl_targets_and_unweighted_negatives() -> None:
     q = torch.zeros(len(anchors), 2)
     q[pos, gt["labels"][gt_idx]] = box_iou(pred, gt["boxes"][gt_idx]).diagonal().clamp(min=1e-6)
     num_pos = max(int(pos.sum()), 1)
-    expected = varifocal_loss(flat(cls, 2), q, reduction="sum") / num_pos  # no label weights, as the reference
+    expected = varifocal_loss(flat(cls, 2), q, reduction="sum") / num_pos  # one unpadded image: every prior counts
     torch.testing.assert_close(losses["loss_cls"], expected, rtol=1e-4, atol=1e-6)
 
     # the box / centerness terms are those of plain ATSS
@@ -120,3 +120,26 @@ def test_vfl_switch_errors() -> None:
         ATSSHead(2, 8, 8, 1, norm_cfg=GN, use_gfl=True)
     with pytest.raises(ConfigError, match="VarifocalLoss"):
         RetinaHead(2, 8, 8, 1, use_vfl=True, loss_cls_vfl={"type": "FocalLoss"})
+
+
+@pytest.mark.parametrize("kind", ["retina", "atss"])
+def test_vfl_loss_ignores_batch_padding(kind) -> None:
+    """The same image in a bigger padded batch gives the same VFL loss: padded priors are not negatives."""
+    if kind == "retina":
+        head = RetinaHead(2, 8, 8, 1, use_vfl=True, anchor_generator={
+            "octave_base_scale": 4, "scales_per_octave": 3, "ratios": [0.5, 1.0, 2.0], "strides": [8, 16]})
+        channels = [9 * 2, 9 * 4]
+    else:
+        head = ATSSHead(2, 8, 8, 1, norm_cfg=GN, use_vfl=True, anchor_generator={
+            "ratios": [1.0], "octave_base_scale": 8, "scales_per_octave": 1, "strides": [8, 16]})
+        channels = [2, 4, 1]
+    gt = [_targets([[3.0, 4.0, 50.0, 41.0], [30.0, 2.0, 62.0, 20.0]], [0, 1])]
+    meta = [{"img_shape": (64, 64), "pad_shape": (64, 64)}]
+    small = [[torch.randn(1, ch, 64 // s, 64 // s, generator=G) for s in head.strides] for ch in channels]
+    big = [[torch.randn(1, ch, 128 // s, 128 // s, generator=G) for s in head.strides] for ch in channels]
+    for i, maps in enumerate(small):
+        for lvl, m in enumerate(maps):
+            big[i][lvl][..., : m.shape[-2], : m.shape[-1]] = m
+    a, b = head.loss(tuple(small), gt, meta), head.loss(tuple(big), gt, meta)
+    for k in ("loss_cls", "loss_bbox"):
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)

@@ -123,7 +123,8 @@ def max_iou_assign(
     ground truth are all negative (mmdet returns before applying ignore regions).
 
     Args:
-        priors: ``(N, 4)`` xyxy anchors, shared by the batch.
+        priors: ``(N, 4)`` xyxy anchors shared by the batch, or ``(B, N, 4)`` per-image boxes (e.g. RepPoints'
+            refine stage assigns each image's own pseudo boxes).
         gt: padded ground truth of ``B`` images.
         prior_valid: optional ``(N,)`` or ``(B, N)`` bool; invalid priors (outside the image's padded area, see
             ``AnchorGenerator.valid_flags``) are left out of the matching and come back ignored, as mmdet drops
@@ -134,7 +135,7 @@ def max_iou_assign(
         crowd-ignored priors; 0 for invalid priors and images without gt).
     """
     bsz, m = gt.gt_valid.shape
-    n = priors.size(0)
+    n = priors.size(-2)
     valid = broadcast_valid(prior_valid, bsz, n)
     if n == 0:
         empty = gt.gt_boxes.new_zeros((bsz, 0))

@@ -144,6 +144,85 @@ class RuntimeConfig:
 
 
 @dataclass
+class SWALrConfig:
+    """Learning rate of the SWA phase: mmcv's ``CyclicLrUpdaterHook`` (``swa_lr_config`` of VarifocalNet's
+    ``configs/_base_/swa.py``; see :mod:`densedet.engine.swa`). Defaults are that file's values."""
+
+    policy: str = "cyclic"
+    target_ratio: list[float] = field(default_factory=lambda: [1.0, 0.01])
+    cyclic_times: int = 12
+    step_ratio_up: float = 0.0
+
+    def check(self, where: str, origins: dict[str, str]) -> None:
+        src = origins.get(where, "config")
+        if self.policy != "cyclic":
+            raise ConfigError(f"{src}: {where}.policy must be 'cyclic' (the only SWA lr policy), got "
+                              f"'{self.policy}'", f"{where}.policy")
+        ratio = self.target_ratio
+        if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+            ratio = [float(ratio), float(ratio) / 1e5]  # mmcv: a single number r means (r, r / 1e5)
+        if not (isinstance(ratio, (list, tuple)) and len(ratio) in (1, 2)
+                and all(isinstance(v, (int, float)) and v >= 0 for v in ratio)):
+            raise ConfigError(f"{src}: {where}.target_ratio must be one or two non-negative numbers, got "
+                              f"{self.target_ratio!r}", f"{where}.target_ratio")
+        self.target_ratio = [float(ratio[0]), float(ratio[1]) if len(ratio) == 2 else float(ratio[0]) / 1e5]
+        if not isinstance(self.cyclic_times, int) or self.cyclic_times < 1:
+            raise ConfigError(f"{src}: {where}.cyclic_times must be an int >= 1, got {self.cyclic_times!r}",
+                              f"{where}.cyclic_times")
+        if not 0.0 <= float(self.step_ratio_up) < 1.0:
+            raise ConfigError(f"{src}: {where}.step_ratio_up must be in [0, 1), got {self.step_ratio_up!r}",
+                              f"{where}.step_ratio_up")
+
+
+@dataclass
+class SWACheckpointConfig:
+    """Training-state checkpoints of the SWA phase (resumable; the averaged model goes to ``swa_model_N.pth``)."""
+
+    interval: int = 1
+    filename_tmpl: str = "swa_epoch_{}.pth"
+
+    def check(self, where: str, origins: dict[str, str]) -> None:
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise ConfigError(f"{origins.get(where, 'config')}: {where}.interval must be an int >= 1, got "
+                              f"{self.interval!r}", f"{where}.interval")
+        if "{}" not in self.filename_tmpl or not self.filename_tmpl.endswith(".pth") or "/" in self.filename_tmpl:
+            raise ConfigError(f"{origins.get(where, 'config')}: {where}.filename_tmpl must be a file name with "
+                              f"'{{}}' for the epoch, ending in .pth, got '{self.filename_tmpl}'",
+                              f"{where}.filename_tmpl")
+
+
+@dataclass
+class SWAConfig:
+    """Stochastic Weights Averaging after the regular schedule (Zhang et al., "SWA Object Detection",
+    arXiv:2012.12645; keys as VarifocalNet's ``configs/_base_/swa.py``, run by :mod:`densedet.engine.swa`).
+
+    ``swa_optimizer`` is an optimizer section (its ``grad_clip`` is mmdet's ``swa_optimizer_config``);
+    ``swa_load_from``: weights to start SWA from (``null``: the weights at the end of regular training);
+    ``swa_resume_from``: a SWA-phase checkpoint to resume from; ``swa_interval``: epochs between averagings.
+    """
+
+    swa_training: bool = False
+    only_swa_training: bool = False
+    swa_load_from: str | None = None
+    swa_resume_from: str | None = None
+    swa_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    swa_lr_config: SWALrConfig = field(default_factory=SWALrConfig)
+    swa_total_epochs: int = 12
+    swa_interval: int = 1
+    swa_checkpoint_config: SWACheckpointConfig = field(default_factory=SWACheckpointConfig)
+
+    def check(self, where: str, origins: dict[str, str]) -> None:
+        for key in ("swa_total_epochs", "swa_interval"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{origins.get(f'{where}.{key}', 'config')}: {where}.{key} must be an int >= 1, "
+                                  f"got {value!r}", f"{where}.{key}")
+        if self.only_swa_training and not self.swa_training:
+            raise ConfigError(f"{origins.get(f'{where}.only_swa_training', 'config')}: {where}.only_swa_training "
+                              f"needs {where}.swa_training: true", f"{where}.only_swa_training")
+
+
+@dataclass
 class Config:
     """A validated config: ``model`` is a nested dict checked against the registries."""
 
@@ -152,6 +231,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    swa: SWAConfig = field(default_factory=SWAConfig)
     name: str = ""
     source: str = ""
 
@@ -164,6 +244,9 @@ _NESTED: dict[tuple[str, str], type] = {
     ("DataConfig", "val"): DatasetSplit,
     ("DataConfig", "test"): DatasetSplit,
     ("OptimizerConfig", "paramwise"): ParamwiseConfig,
+    ("SWAConfig", "swa_optimizer"): OptimizerConfig,
+    ("SWAConfig", "swa_lr_config"): SWALrConfig,
+    ("SWAConfig", "swa_checkpoint_config"): SWACheckpointConfig,
 }
 
 SECTIONS: dict[str, type] = {
@@ -171,6 +254,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
     "runtime": RuntimeConfig,
+    "swa": SWAConfig,
 }
 
 

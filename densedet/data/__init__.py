@@ -19,6 +19,7 @@ from densedet.data.transforms import (
     seed_transforms,
     transform_rng,
 )
+from densedet.data.tta import MultiScaleFlipAug, tta_pipeline
 
 __all__ = [
     "SYNTH_CLASSES",
@@ -29,6 +30,7 @@ __all__ = [
     "DistributedGroupSampler",
     "GroupSampler",
     "InferenceSampler",
+    "MultiScaleFlipAug",
     "Normalize",
     "RandomFlip",
     "Resize",
@@ -40,4 +42,5 @@ __all__ = [
     "make_synthetic_coco",
     "seed_transforms",
     "transform_rng",
+    "tta_pipeline",
 ]

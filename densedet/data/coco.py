@@ -344,6 +344,8 @@ class CocoDataset(torch.utils.data.Dataset):
             },
         }
         sample = self.pipeline(sample, rng=rng)
+        if "views" in sample:  # MultiScaleFlipAug (test-time augmentation): one tensor sample per view
+            return {"views": [_to_tensors(v) for v in sample["views"]]}
         return _to_tensors(sample)
 
     def __repr__(self) -> str:

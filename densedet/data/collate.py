@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["collate"]
+__all__ = ["collate", "collate_views"]
 
 
 def _round_up(v: int, divisor: int) -> int:
@@ -32,6 +32,8 @@ def collate(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, 
     """
     if not samples:
         raise ValueError("collate: empty list of samples")
+    if "views" in samples[0]:
+        return collate_views(samples, size_divisor)
     imgs = [s["img"] for s in samples]
     if not all(isinstance(im, torch.Tensor) and im.dim() == 3 for im in imgs):
         raise TypeError("collate: every sample's 'img' must be a (C, H, W) tensor")
@@ -52,3 +54,16 @@ def collate(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, 
         metas.append(meta)
     return {"images": images, "targets": targets, "metas": metas}
 
+
+def collate_views(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, Any]:
+    """Collate test-time augmentation items ``{"views": [sample, ...]}`` (``MultiScaleFlipAug``) view by view.
+
+    Returns:
+        ``views``: per view, a :func:`collate` batch of that view of every image; ``metas``: the first view's
+        metas (``image_id`` etc.).
+    """
+    n = len(samples[0]["views"])
+    if any("views" not in s or len(s["views"]) != n for s in samples):
+        raise ValueError(f"collate: every item of a test-time augmentation batch needs the same {n} views")
+    views = [collate([s["views"][v] for s in samples], size_divisor) for v in range(n)]
+    return {"views": views, "metas": views[0]["metas"]}

@@ -34,7 +34,9 @@ from densedet.registry import TRANSFORMS, ConfigError
 
 __all__ = [
     "Compose",
+    "CutOut",
     "Normalize",
+    "RandomCrop",
     "RandomFlip",
     "Resize",
     "build_pipeline",
@@ -277,6 +279,210 @@ class Normalize:
         return f"Normalize(mean={self.mean.tolist()}, std={(1.0 / self.inv_std).tolist()}, to_rgb={self.to_rgb})"
 
 
+_CROP_TYPES = ("absolute", "absolute_range", "relative", "relative_range")
+
+
+def _check_prob(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ConfigError(f"{where} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+@TRANSFORMS.register()
+class RandomCrop:
+    """Crop a random window of the image; boxes are shifted, clipped and dropped when empty.
+
+    MMDetection 2.x ``RandomCrop`` with the ``crop_p`` of VarifocalNet's fork (``mmdet/datasets/pipelines/
+    transforms.py`` of hyz-xmaster/VarifocalNet; the VFNet-X config uses ``crop_type='relative_range',
+    crop_size=(0.75, 0.75), crop_p=0.5``).
+
+    Args:
+        crop_size: ``(h, w)``. Absolute pixels (ints) for ``'absolute'`` / ``'absolute_range'``, fractions in
+            ``(0, 1]`` for ``'relative'`` / ``'relative_range'``.
+        crop_type: ``'absolute'``: ``(min(h, crop_h), min(w, crop_w))``; ``'absolute_range'``: each side uniform
+            (integers, inclusive) in ``[min(side, crop_size[0]), min(side, crop_size[1])]``; ``'relative'``:
+            ``int(h * crop_h + 0.5), int(w * crop_w + 0.5)``; ``'relative_range'``: fractions uniform in
+            ``[crop_size[i], 1]`` per side, then as ``'relative'``.
+        crop_p: probability of cropping at all (the fork's addition; 1.0 is mmdet's RandomCrop).
+        allow_negative_crop: keep a crop that contains no ground-truth box.
+        bbox_clip_border: clip boxes to the window before the emptiness test (else only shifted, as mmdet).
+
+    The window's top-left corner is uniform over the integer offsets that keep it inside the image. Boxes
+    (``xyxy`` absolute pixels) are shifted by the offset, clipped to ``[0, crop_w] x [0, crop_h]``, and boxes with
+    ``x2 <= x1`` or ``y2 <= y1`` are dropped with their labels; ``ignore_boxes`` likewise.
+
+    Deviation: mmdet returns ``None`` for a crop without any ground-truth box (``allow_negative_crop=False``)
+    and its dataset then trains on another, random image. Here the transform draws a new window (from the same
+    ``rng``) up to ``max_retries`` times and leaves the sample uncropped if all of them are empty, so the sample
+    keeps its index and augmentation stays a pure function of ``(seed, epoch, index)``. An image that has no box
+    to begin with is cropped as drawn.
+    """
+
+    max_retries = 10
+
+    def __init__(
+        self,
+        crop_size: Sequence[float],
+        crop_type: str = "absolute",
+        crop_p: float = 1.0,
+        allow_negative_crop: bool = False,
+        bbox_clip_border: bool = True,
+    ) -> None:
+        where = "RandomCrop"
+        if crop_type not in _CROP_TYPES:
+            raise ConfigError(f"{where}: crop_type must be one of {_CROP_TYPES}, got {crop_type!r}")
+        if not (isinstance(crop_size, (list, tuple)) and len(crop_size) == 2):
+            raise ConfigError(f"{where}: crop_size must be a pair (h, w), got {crop_size!r}")
+        if crop_type.startswith("absolute"):
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in crop_size):
+                raise ConfigError(f"{where}: crop_size must be positive ints with crop_type={crop_type!r}, "
+                                  f"got {crop_size!r}")
+            if crop_type == "absolute_range" and crop_size[0] > crop_size[1]:
+                raise ConfigError(f"{where}: crop_type='absolute_range' needs crop_size[0] <= crop_size[1], "
+                                  f"got {crop_size!r}")
+        elif not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1 for v in crop_size):
+            raise ConfigError(f"{where}: crop_size must be fractions in (0, 1] with crop_type={crop_type!r}, "
+                              f"got {crop_size!r}")
+        self.crop_size = tuple(crop_size)
+        self.crop_type = crop_type
+        self.crop_p = _check_prob(crop_p, f"{where}: crop_p")
+        self.allow_negative_crop = bool(allow_negative_crop)
+        self.bbox_clip_border = bool(bbox_clip_border)
+
+    def crop_hw(self, h: int, w: int, rng: np.random.Generator) -> tuple[int, int]:
+        """The window size ``(crop_h, crop_w)`` for an ``h x w`` image (mmdet ``_get_crop_size``)."""
+        ch, cw = self.crop_size
+        if self.crop_type == "absolute":
+            return min(int(ch), h), min(int(cw), w)
+        if self.crop_type == "absolute_range":
+            lo, hi = int(ch), int(cw)
+            crop_h = int(rng.integers(min(h, lo), min(h, hi) + 1))
+            crop_w = int(rng.integers(min(w, lo), min(w, hi) + 1))
+            return crop_h, crop_w
+        if self.crop_type == "relative_range":
+            base = np.asarray(self.crop_size, dtype=np.float32)
+            ch, cw = base + rng.random(2) * (1 - base)
+        return int(h * ch + 0.5), int(w * cw + 0.5)
+
+    @staticmethod
+    def crop_boxes(boxes: np.ndarray, x1: int, y1: int, crop_w: int, crop_h: int,
+                   clip: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Shift ``(n, 4)`` xyxy boxes into the window at ``(x1, y1)``; returns ``(boxes, keep)``, ``keep`` the
+        ``(n,)`` mask of boxes with positive width and height after clipping."""
+        out = boxes - np.array([x1, y1, x1, y1], dtype=np.float32)
+        if clip:
+            out[:, 0::2] = out[:, 0::2].clip(0, crop_w)
+            out[:, 1::2] = out[:, 1::2].clip(0, crop_h)
+        keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+        return out.astype(np.float32), keep
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        img = _check_numpy_img(sample, "RandomCrop")
+        rng = rng if rng is not None else transform_rng()
+        if not rng.random() < self.crop_p:
+            return sample
+        h, w = img.shape[:2]
+        has_boxes = len(sample["boxes"]) > 0
+        for _ in range(self.max_retries):
+            crop_h, crop_w = self.crop_hw(h, w, rng)
+            y1 = int(rng.integers(0, max(h - crop_h, 0) + 1))
+            x1 = int(rng.integers(0, max(w - crop_w, 0) + 1))
+            boxes, keep = self.crop_boxes(sample["boxes"], x1, y1, crop_w, crop_h, self.bbox_clip_border)
+            if keep.any() or self.allow_negative_crop or not has_boxes:
+                break
+        else:
+            return sample  # every window missed all boxes: keep the image whole (see the class docstring)
+        sample["img"] = np.ascontiguousarray(img[y1:y1 + crop_h, x1:x1 + crop_w])
+        sample["boxes"] = boxes[keep]
+        sample["labels"] = sample["labels"][keep]
+        ignore, keep_ignore = self.crop_boxes(sample["ignore_boxes"], x1, y1, crop_w, crop_h, self.bbox_clip_border)
+        sample["ignore_boxes"] = ignore[keep_ignore]
+        sample["meta"]["img_shape"] = tuple(sample["img"].shape[:2])
+        return sample
+
+    def __repr__(self) -> str:
+        return (f"RandomCrop(crop_size={self.crop_size}, crop_type={self.crop_type!r}, crop_p={self.crop_p}, "
+                f"allow_negative_crop={self.allow_negative_crop}, bbox_clip_border={self.bbox_clip_border})")
+
+
+@TRANSFORMS.register()
+class CutOut:
+    """Fill random rectangles of the image with a constant (Cutout, DeVries & Taylor 2017, arXiv:1708.04552).
+
+    MMDetection 2.x ``CutOut`` with the ``cutout_p`` of VarifocalNet's fork. Boxes are left as they are.
+
+    Args:
+        n_holes: number of holes, or ``(min, max)`` drawn uniformly (inclusive) per image.
+        cutout_shape: one ``(w, h)`` in pixels or a list to pick from uniformly per hole.
+        cutout_ratio: one ``(w_ratio, h_ratio)`` of the image size or a list (exactly one of shape/ratio).
+        fill_in: value(s) written into the holes, in the image's channel order (RGB here; mmcv images are BGR,
+            so a non-grey mmdet ``fill_in`` is reversed).
+        cutout_p: probability of applying CutOut at all (the fork's addition; 1.0 is mmdet's CutOut).
+
+    Each hole's top-left corner ``(x1, y1)`` is uniform over the pixels; it covers ``[y1, min(y1 + h, H))`` x
+    ``[x1, min(x1 + w, W))`` (clipped at the border, as mmdet).
+    """
+
+    def __init__(
+        self,
+        n_holes: int | Sequence[int],
+        cutout_shape: Sequence[Any] | None = None,
+        cutout_ratio: Sequence[Any] | None = None,
+        fill_in: float | Sequence[float] = (0, 0, 0),
+        cutout_p: float = 1.0,
+    ) -> None:
+        where = "CutOut"
+        if (cutout_shape is None) == (cutout_ratio is None):
+            raise ConfigError(f"{where}: give exactly one of cutout_shape and cutout_ratio")
+        if isinstance(n_holes, int) and not isinstance(n_holes, bool):
+            n_holes = (n_holes, n_holes)
+        if not (isinstance(n_holes, (list, tuple)) and len(n_holes) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in n_holes)
+                and 0 <= n_holes[0] <= n_holes[1]):
+            raise ConfigError(f"{where}: n_holes must be an int or (min, max) with 0 <= min <= max, got {n_holes!r}")
+        self.with_ratio = cutout_ratio is not None
+        raw = cutout_ratio if self.with_ratio else cutout_shape
+        key = "cutout_ratio" if self.with_ratio else "cutout_shape"
+        if isinstance(raw, (list, tuple)) and len(raw) == 2 and all(isinstance(v, (int, float)) for v in raw):
+            raw = [raw]  # a single (w, h)
+        if not (isinstance(raw, (list, tuple)) and raw and all(
+                isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(v, (int, float)) and v >= 0 for v in c)
+                for c in raw)):
+            raise ConfigError(f"{where}: {key} must be a (w, h) pair or a non-empty list of them, got {raw!r}")
+        if not self.with_ratio and not all(isinstance(v, int) for c in raw for v in c):
+            raise ConfigError(f"{where}: cutout_shape sizes must be ints (pixels), got {raw!r}")
+        self.n_holes = (int(n_holes[0]), int(n_holes[1]))
+        self.candidates = [tuple(c) for c in raw]
+        self.fill_in = np.asarray(fill_in, dtype=np.float64)
+        if self.fill_in.ndim > 1 or self.fill_in.size not in (1, 3):
+            raise ConfigError(f"{where}: fill_in must be a number or 3 numbers, got {fill_in!r}")
+        self.cutout_p = _check_prob(cutout_p, f"{where}: cutout_p")
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        img = _check_numpy_img(sample, "CutOut")
+        rng = rng if rng is not None else transform_rng()
+        if not rng.random() < self.cutout_p:
+            return sample
+        h, w = img.shape[:2]
+        img = np.array(img)  # decoded / resized images can be read-only views
+        fill = self.fill_in.astype(img.dtype) if img.dtype.kind == "f" else np.clip(self.fill_in, 0, 255).astype(
+            img.dtype)
+        for _ in range(int(rng.integers(self.n_holes[0], self.n_holes[1] + 1))):
+            x1 = int(rng.integers(0, w))
+            y1 = int(rng.integers(0, h))
+            cw, ch = self.candidates[int(rng.integers(0, len(self.candidates)))]
+            if self.with_ratio:
+                cw, ch = int(cw * w), int(ch * h)
+            img[y1:min(y1 + int(ch), h), x1:min(x1 + int(cw), w)] = fill
+        sample["img"] = img
+        return sample
+
+    def __repr__(self) -> str:
+        key = "cutout_ratio" if self.with_ratio else "cutout_shape"
+        return (f"CutOut(n_holes={self.n_holes}, {key}={self.candidates}, fill_in={self.fill_in.tolist()}, "
+                f"cutout_p={self.cutout_p})")
+
+
 class Compose:
     """Apply transforms in order, passing one generator to all of them."""
 
@@ -308,5 +514,10 @@ def build_pipeline(cfgs: Sequence[dict] | None, where: str = "pipeline") -> Comp
         name = cfg.get("type") if isinstance(cfg, dict) else None
         if name in _IMPLICIT_STEPS and name not in TRANSFORMS:
             raise ConfigError(f"{item}: '{name}' is not needed in DenseDet ({_IMPLICIT_STEPS[name]}); remove it")
+        if name == "MultiScaleFlipAug" and i != len(cfgs) - 1:
+            # its output is a list of views, which no later transform understands (mmdet: the last step too)
+            raise ConfigError(f"{item}: MultiScaleFlipAug must be the last step of a pipeline; move "
+                              f"{[c.get('type') for c in cfgs[i + 1:] if isinstance(c, dict)]} into its transforms",
+                              path=item)
         transforms.append(TRANSFORMS.build(cfg, where=item))
     return Compose(transforms)

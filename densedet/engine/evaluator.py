@@ -40,7 +40,9 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
     Args:
         model: detector (DDP wrappers are unwrapped: ranks may run different numbers of batches, and DDP's
             forward would wait for the others).
-        loader: yields ``{"images": (B, 3, H, W), "metas": [{"image_id", ...}, ...]}``.
+        loader: yields ``{"images": (B, 3, H, W), "metas": [{"image_id", ...}, ...]}``, or with test-time
+            augmentation (``MultiScaleFlipAug``) ``{"views": [such a batch per view], "metas": ...}``, whose
+            views the model merges (``mode="predict_aug"``).
         device: where to run.
 
     Returns:
@@ -54,9 +56,13 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
     local: list[dict[str, Any]] = []
     try:
         for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
             metas = batch["metas"]
-            dets = net(images, None, metas, mode="predict")
+            if "views" in batch:  # test-time augmentation: the model merges the views' detections
+                dets = net([v["images"].to(device, non_blocking=True) for v in batch["views"]], None,
+                           [v["metas"] for v in batch["views"]], mode="predict_aug")
+            else:
+                images = batch["images"].to(device, non_blocking=True)
+                dets = net(images, None, metas, mode="predict")
             if len(dets) != len(metas):
                 raise RuntimeError(f"run_inference: the model returned {len(dets)} results for {len(metas)} images")
             for det, meta in zip(dets, metas):

@@ -201,7 +201,16 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self._resume_rng: Any = None
+        self.swa: Any = None  # the running densedet.engine.swa.SWARunner during the SWA phase
+        self._swa_resume: dict[str, Any] | None = None  # a SWA-phase checkpoint to continue from
+        from_swa_key = bool(not resume and cfg.swa.swa_training and cfg.swa.swa_resume_from)
+        if from_swa_key:
+            from densedet.engine.swa import resolve_work_path
+
+            resume = resolve_work_path(cfg.swa.swa_resume_from, self.work_dir)
         resumed = self.resume(resume) if resume else False
+        if from_swa_key and self._swa_resume is None:
+            raise CheckpointError(f"swa.swa_resume_from: {resume} is not a checkpoint of the SWA phase")
         if rt.load_from and not resumed:  # as mmdet: resume wins; load_from only initialises the weights
             load_model_weights(self.model, rt.load_from, strict=False)
             logger.info("loaded initial weights from %s", rt.load_from)
@@ -211,6 +220,8 @@ class Trainer:
         data = to_plain(self.cfg.to_dict())
         header = f"# DenseDet config {self.cfg.name} (from {self.cfg.source or 'an in-memory config'})\n"
         body = {k: data[k] for k in ("model", "data", "optimizer", "schedule", "runtime")}
+        if self.cfg.swa.swa_training:
+            body["swa"] = data["swa"]
         (self.work_dir / "config.yaml").write_text(header + yaml.safe_dump(body, sort_keys=False))
 
     def _build_model(self) -> nn.Module:
@@ -294,6 +305,8 @@ class Trainer:
             path = Path(resume)
         ckpt = load_checkpoint(path, map_location="cpu")
         load_model_weights(self.model, ckpt, strict=True, source=str(path))
+        if (ckpt.get("meta") or {}).get("swa") is not None:  # SWA phase: its optimizer/lr state is the SWA one
+            return self._resume_swa(ckpt, path)
         try:
             if ckpt.get("optimizer") is not None:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -312,6 +325,20 @@ class Trainer:
             self._resume_rng = meta["rng"]
         logger.info("resumed from %s at epoch %d, iteration %d", path, self.iter // self.iters_per_epoch,
                     self.iter)
+        return True
+
+    def _resume_swa(self, ckpt: dict[str, Any], path: Path) -> bool:
+        """Resume inside the SWA phase: counters and RNG now, optimizer / lr / average when it starts."""
+        from densedet.engine.swa import read_swa_resume
+
+        if not self.cfg.swa.swa_training:
+            raise ConfigError(f"{path} is a checkpoint of the SWA phase, but swa.swa_training is false",
+                              path="swa.swa_training")
+        self._swa_resume = read_swa_resume(ckpt, path)
+        self.iter = int(ckpt["meta"]["iter"])
+        if ckpt["meta"].get("rng") is not None:
+            restore_rng(ckpt["meta"], self.rank)
+        logger.info("resumed the SWA phase from %s at SWA iteration %d", path, int(ckpt["meta"]["swa"]["iter"]))
         return True
 
     # ------------------------------------------------------------------------------------------------ training
@@ -385,7 +412,24 @@ class Trainer:
                                      f"optimizer.grad_clip or check the annotations of this batch.")
 
     def train(self) -> dict[str, float]:
-        """Train to ``schedule.epochs`` (or ``schedule.max_iters``); returns the final metrics."""
+        """Train to ``schedule.epochs`` (or ``schedule.max_iters``), then the SWA phase when ``swa.swa_training``
+        (:mod:`densedet.engine.swa`); returns the final metrics."""
+        swa = self.cfg.swa
+        out: dict[str, float] = {}
+        if not (swa.swa_training and (swa.only_swa_training or self._swa_resume is not None)):
+            out = self._train_regular()
+            if swa.swa_training and self.iter < self.cfg.schedule.epochs * self.iters_per_epoch:
+                logger.info("SWA not started: schedule.max_iters stopped regular training at iteration %d", self.iter)
+                return out
+        if swa.swa_training:
+            from densedet.engine.swa import train_swa
+
+            out = train_swa(self)
+            self._swa_resume = None
+        return out
+
+    def _train_regular(self) -> dict[str, float]:
+        """The regular schedule: ``schedule.epochs`` (or ``schedule.max_iters``) with the main optimizer."""
         cfg, ipe = self.cfg, self.iters_per_epoch
         epochs, max_iters = cfg.schedule.epochs, cfg.schedule.max_iters
         total = epochs * ipe if max_iters is None else min(epochs * ipe, max_iters)
@@ -478,6 +522,8 @@ class Trainer:
             meta = {"epoch": self.iter // self.iters_per_epoch, "iter": self.iter, "config": self.cfg.to_dict(),
                     "rng": rng, "classes": list(getattr(self.train_dataset, "classes", []) or []),
                     "iters_per_epoch": self.iters_per_epoch, "world_size": self.world_size}
+            if self.swa is not None:  # SWA phase: averaged weights + count, so a resume continues the average
+                meta["swa"] = self.swa.state_dict()
             save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, meta=meta)
             mark_last_checkpoint(self.work_dir, path)
             removed = prune_checkpoints(self.work_dir, self.cfg.runtime.max_keep_ckpts, keep=path)

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from densedet.config import Config, load_config
 from densedet.data.collate import collate
 from densedet.data.transforms import build_pipeline
+from densedet.data.tta import tta_pipeline
 from densedet.models.build import build_detector
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -52,11 +53,15 @@ class Predictor:
 
     ``Predictor("atss_r18_fpn_synth", "work_dirs/demo/latest.pth")(images)`` returns, per image, a dict with
     ``boxes`` (K, 4) xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names).
+
+    Test-time augmentation follows the config's ``data.val.pipeline`` (a ``MultiScaleFlipAug`` there merges its
+    views' detections); ``tta=False`` tests at its first scale only, ``tta=True`` adds horizontal-flip TTA to a
+    plain pipeline (:func:`densedet.data.tta.tta_pipeline`).
     """
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
                  score_thr: float | None = None, classes: Sequence[str] | None = None,
-                 overrides: list[str] | None = None) -> None:
+                 overrides: list[str] | None = None, tta: bool | None = None) -> None:
         from densedet.engine.checkpoint import load_checkpoint, load_model_weights
 
         self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -79,7 +84,7 @@ class Predictor:
         if len(names) != n:
             raise ValueError(f"{len(names)} class names for a model with {n} classes")
         self.classes = names
-        self.pipeline = build_pipeline(self.cfg.data.val.pipeline, "data.val.pipeline")
+        self.pipeline = build_pipeline(tta_pipeline(self.cfg.data.val.pipeline, tta), "data.val.pipeline")
         self.size_divisor = self.cfg.data.size_divisor
 
     def preprocess(self, images: Sequence[Any]) -> dict[str, Any]:
@@ -92,12 +97,17 @@ class Predictor:
                       "meta": {"image_id": -1, "ori_shape": (h, w), "img_shape": (h, w), "scale_factor": (1.0, 1.0),
                                "flip": False}}
             sample = self.pipeline(sample)
-            img_t = sample["img"]
-            if isinstance(img_t, np.ndarray):
-                img_t = torch.from_numpy(np.ascontiguousarray(img_t.transpose(2, 0, 1))).float()
-            samples.append({"img": img_t, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-                            "ignore_boxes": torch.zeros(0, 4), "meta": sample["meta"]})
+            views = [self._to_tensors(v) for v in sample["views"]] if "views" in sample else None
+            samples.append({"views": views} if views is not None else self._to_tensors(sample))
         return collate(samples, self.size_divisor)
+
+    @staticmethod
+    def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
+        img_t = sample["img"]
+        if isinstance(img_t, np.ndarray):
+            img_t = torch.from_numpy(np.ascontiguousarray(img_t.transpose(2, 0, 1))).float()
+        return {"img": img_t, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+                "ignore_boxes": torch.zeros(0, 4), "meta": sample["meta"]}
 
     @torch.no_grad()
     def __call__(self, images: Any, batch_size: int = 4) -> list[dict[str, Any]]:
@@ -106,7 +116,11 @@ class Predictor:
         out: list[dict[str, Any]] = []
         for i in range(0, len(items), batch_size):
             batch = self.preprocess(items[i:i + batch_size])
-            dets = self.model(batch["images"].to(self.device), metas=batch["metas"], mode="predict")
+            if "views" in batch:  # test-time augmentation
+                dets = self.model([v["images"].to(self.device) for v in batch["views"]],
+                                  metas=[v["metas"] for v in batch["views"]], mode="predict_aug")
+            else:
+                dets = self.model(batch["images"].to(self.device), metas=batch["metas"], mode="predict")
             for d in dets:
                 d = {k: v.cpu() for k, v in d.items()}
                 d["class_names"] = [self.classes[int(c)] for c in d["labels"]]

@@ -52,13 +52,19 @@ class SingleStageDetector(nn.Module):
         feats = self.backbone(images)
         return tuple(self.neck(feats)) if self.neck is not None else tuple(feats)
 
-    def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None,
-                metas: list[dict[str, Any]] | None = None, mode: str = "loss") -> Any:
+    def forward(self, images: Tensor | list[Tensor], targets: list[dict[str, Tensor]] | None = None,
+                metas: list[dict[str, Any]] | list[list[dict[str, Any]]] | None = None, mode: str = "loss") -> Any:
         """``mode="loss"``: dict of named losses (keys ``loss*``) and statistics.
 
         ``mode="predict"``: per image ``{"boxes": (K,4) xyxy original-image pixels, "scores": (K,),
         "labels": (K,) contiguous class index}``. ``mode="tensor"``: the raw per-level head outputs.
+        ``mode="predict_aug"``: test-time augmentation, ``images`` and ``metas`` are lists over views
+        (:func:`densedet.models.tta.aug_predict`); same output as ``"predict"``.
         """
+        if mode == "predict_aug":
+            from densedet.models.tta import aug_predict
+
+            return aug_predict(self, images, metas)
         outs = self.bbox_head(self.extract_feat(images))
         if mode == "tensor":
             return outs
@@ -71,7 +77,7 @@ class SingleStageDetector(nn.Module):
             return self.bbox_head.loss(outs, targets, metas)
         if mode == "predict":
             return self.bbox_head.predict(outs, metas, rescale=True)
-        raise ValueError(f"unknown mode '{mode}' (loss | predict | tensor)")
+        raise ValueError(f"unknown mode '{mode}' (loss | predict | predict_aug | tensor)")
 
 
 # MMDetection config names of the detectors (all are single-stage detectors differing only by head).

@@ -282,11 +282,13 @@ class ATSSHead(AnchorDenseHead):
         soft = None
         if self.use_vfl:
             # VarifocalNet atss_vgfl_head.loss_single: q = IoU(decoded pred, gt).clamp(min=1e-6), detached, at the
-            # gt class; the reference passes no label weights to VFL, so every prior (padding too) is a sample
+            # gt class. The reference passes no label weights to VFL, so priors on batch padding count as
+            # negatives there; DenseDet keeps them out (as its focal path and VFNetHead do): a padded batch then
+            # gives each image the loss it has alone. Unpadded images get the reference's value.
             ious = bbox_overlaps(decoded.detach(), pos_gt, is_aligned=True).clamp(min=1e-6)
             soft = iou_class_targets(cls_flat, pos, labels, ious)
             loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), soft.reshape(-1, self.num_classes),
-                                     avg_factor=num_total)
+                                     label_weights.reshape(-1), avg_factor=num_total)
         else:
             loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
                                      label_weights.reshape(-1), avg_factor=num_total)
@@ -294,7 +296,7 @@ class ATSSHead(AnchorDenseHead):
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
                 "num_pos": pos.sum().float().detach(),
                 **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
-                                        None if self.use_vfl else label_weights, soft)}
+                                        label_weights, soft)}
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from densedet.losses.focal import FocalLoss, labels_to_binary, sigmoid_focal_loss
 from densedet.losses.ghm import GHMC
-from densedet.models.heads.postprocess import TestConfig, parse_test_cfg, postprocess_levels
+from densedet.models.heads.postprocess import (
+    Candidates,
+    TestConfig,
+    parse_test_cfg,
+    postprocess_levels,
+    select_candidates,
+)
 from densedet.models.layers import ConvModule
 from densedet.registry import ConfigError, check_kwargs
 
@@ -286,8 +292,25 @@ class DenseHead(nn.Module):
         return torch.cat(masks, 1)
 
     def _postprocess(self, cls_scores: list[Tensor], score_factors: list[Tensor] | None, decode: Any,
-                     metas: list[dict[str, Any]], rescale: bool) -> list[dict[str, Tensor]]:
+                     metas: list[dict[str, Any]], rescale: bool) -> list[dict[str, Tensor]] | Candidates:
+        if self._want_candidates:  # predict_candidates(): test-time augmentation runs NMS after merging views
+            return select_candidates(cls_scores, score_factors, decode, self.test_cfg)
         return postprocess_levels(cls_scores, score_factors, decode, self.num_classes, self.test_cfg, metas, rescale)
+
+    _want_candidates: bool = False
+
+    def predict_candidates(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> Candidates:
+        """What :meth:`predict` computes before NMS: (B, K) candidates, boxes xyxy in the input (resized,
+        possibly flipped) frame. Used by :mod:`densedet.models.tta`."""
+        self._want_candidates = True
+        try:
+            out = self.predict(outs, metas, rescale=False)
+        finally:
+            self._want_candidates = False
+        if not isinstance(out, Candidates):
+            raise NotImplementedError(f"{type(self).__name__} does not support test-time augmentation: its predict() "
+                                      f"does not go through DenseHead._postprocess")
+        return out
 
     @staticmethod
     def img_shapes(metas: list[dict[str, Any]], device: torch.device, size_divisor: int = 32) -> Tensor:

@@ -6,19 +6,32 @@ Semantics follow MMDetection 2.x ``BaseDenseHead._get_bboxes_single`` / ``_bbox_
 threshold; decode only the kept boxes; class-wise NMS over all levels; keep ``max_per_img``. Here all of that
 runs on the whole batch at once: top-k on ``(B, N*C)`` scores and one ``batched_nms`` call whose groups are
 ``image * num_classes + class``.
+
+``test_cfg.nms`` is ``{type: nms, iou_threshold}`` or ``{type: soft_nms, iou_threshold, sigma, min_score, method}``
+(mmcv ``soft_nms`` keys and defaults; see :mod:`densedet.models.heads.soft_nms`). Test-time augmentation
+(:mod:`densedet.models.tta`) takes each view's pre-NMS :class:`Candidates` from :func:`select_candidates`, maps
+them to the original image and runs :func:`multiclass_nms_batched` once over all views.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from densedet.models.heads.soft_nms import SOFT_NMS_METHODS, batched_soft_nms
 from densedet.registry import ConfigError, check_kwargs
+
+# Keyword arguments (and defaults) of each ``test_cfg.nms.type``: torchvision/mmcv ``nms`` and mmcv ``soft_nms``.
+NMS_KWARGS: dict[str, Callable[..., None]] = {
+    "nms": lambda type="nms", iou_threshold=0.5: None,
+    "soft_nms": lambda type="soft_nms", iou_threshold=0.3, sigma=0.5, min_score=1e-3, method="linear": None,
+}
 
 
 @dataclass
@@ -34,10 +47,28 @@ class TestConfig:
     def __post_init__(self) -> None:
         if self.nms is None:
             self.nms = {"type": "nms", "iou_threshold": 0.5}
-        if self.nms.get("type", "nms") != "nms":
-            raise ConfigError(f"model.test_cfg.nms.type: '{self.nms.get('type')}' is not available yet "
-                              f"(only 'nms')", path="model.test_cfg.nms.type")
-        check_kwargs(lambda type="nms", iou_threshold=0.5: None, self.nms, "model.test_cfg.nms")
+        kind = self.nms.get("type", "nms")
+        if kind not in NMS_KWARGS:
+            raise ConfigError(f"model.test_cfg.nms.type: '{kind}' is not available (one of {sorted(NMS_KWARGS)})",
+                              path="model.test_cfg.nms.type")
+        check_kwargs(NMS_KWARGS[kind], self.nms, "model.test_cfg.nms")
+        if kind == "soft_nms":
+            method = self.nms.get("method", "linear")
+            if method not in SOFT_NMS_METHODS:
+                raise ConfigError(f"model.test_cfg.nms.method: soft-NMS method must be one of {SOFT_NMS_METHODS}, "
+                                  f"got {method!r}", path="model.test_cfg.nms.method")
+            if float(self.nms.get("sigma", 0.5)) <= 0:
+                raise ConfigError(f"model.test_cfg.nms.sigma must be > 0, got {self.nms['sigma']!r}",
+                                  path="model.test_cfg.nms.sigma")
+
+    def nms_kwargs(self) -> dict[str, Any]:
+        """``test_cfg.nms`` with its defaults filled in, without ``type``."""
+        assert self.nms is not None
+        params = inspect.signature(NMS_KWARGS[self.nms.get("type", "nms")]).parameters
+        out = {name: p.default for name, p in params.items()}
+        out.update(self.nms)
+        out.pop("type")
+        return out
 
 
 def parse_test_cfg(cfg: dict[str, Any] | None) -> TestConfig:
@@ -65,15 +96,33 @@ def select_topk_candidates(scores: Tensor, score_thr: float, nms_pre: int) -> tu
     return top, idx // c, idx % c, valid
 
 
+class Candidates(NamedTuple):
+    """Pre-NMS detections of a batch, padded to K per image.
+
+    ``boxes`` (B, K, 4) xyxy; ``scores`` (B, K) (score factors already applied); ``labels`` (B, K) long;
+    ``valid`` (B, K) bool, False on padding (pairs that did not pass ``score_thr``).
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    valid: Tensor
+
+    @staticmethod
+    def cat(parts: list[Candidates]) -> Candidates:
+        """Concatenate along K (e.g. the views of test-time augmentation)."""
+        return Candidates(*(torch.cat([getattr(p, f) for p in parts], 1) for f in Candidates._fields))
+
+
 def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, num_classes: int,
                            cfg: TestConfig) -> list[dict[str, Tensor]]:
-    """Class-wise NMS for every image of a batch in one call.
+    """Class-wise NMS (or soft-NMS, per ``cfg.nms.type``) for every image of a batch in one call.
 
     Args:
         boxes: (B, K, 4) xyxy; scores, labels, valid: (B, K).
     Returns:
-        one dict per image: ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,), D <= ``max_per_img``,
-        sorted by decreasing score.
+        one dict per image: ``boxes`` (D, 4), ``scores`` (D,) (decayed scores with soft-NMS), ``labels`` (D,),
+        D <= ``max_per_img``, sorted by decreasing score.
     """
     b = boxes.shape[0]
     if cfg.min_bbox_size > 0:
@@ -82,13 +131,49 @@ def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid:
     img_idx = torch.arange(b, device=boxes.device)[:, None].expand_as(labels)
     sel = valid.nonzero(as_tuple=True)
     fb, fs, fl, fi = boxes[sel], scores[sel], labels[sel], img_idx[sel]
-    keep = batched_nms(fb.float(), fs.float(), fi * num_classes + fl, float(cfg.nms["iou_threshold"]))
+    groups = fi * num_classes + fl
+    kwargs = cfg.nms_kwargs()
+    if cfg.nms["type"] == "soft_nms":
+        keep, kept_scores = batched_soft_nms(fb, fs, groups, max_per_group=cfg.max_per_img, **kwargs)
+    else:
+        keep = batched_nms(fb.float(), fs.float(), groups, float(kwargs["iou_threshold"]))
+        kept_scores = fs[keep]
     out = []
     kept_img = fi[keep]
     for i in range(b):  # only splits the (already sorted) survivors per image
-        k = keep[kept_img == i][: cfg.max_per_img]
-        out.append({"boxes": fb[k], "scores": fs[k], "labels": fl[k]})
+        mine = (kept_img == i).nonzero(as_tuple=True)[0][: cfg.max_per_img]
+        k = keep[mine]
+        out.append({"boxes": fb[k], "scores": kept_scores[mine], "labels": fl[k]})
     return out
+
+
+def select_candidates(cls_scores: list[Tensor], score_factors: list[Tensor] | None,
+                      decode: Callable[[int, Tensor], Tensor], cfg: TestConfig) -> Candidates:
+    """Per-level top-k above ``score_thr``, score factors, decoding: everything before NMS, for a batch.
+
+    Args: as :func:`postprocess_levels`.
+    Returns:
+        :class:`Candidates` with K = sum over levels of ``min(nms_pre, N_l * C)``; boxes in the padded input frame.
+    """
+    all_boxes, all_scores, all_labels, all_valid = [], [], [], []
+    for lvl, scores in enumerate(cls_scores):
+        top, prior_idx, labels, valid = select_topk_candidates(scores, cfg.score_thr, cfg.nms_pre)
+        if score_factors is not None:
+            top = top * score_factors[lvl].gather(1, prior_idx)
+        all_boxes.append(decode(lvl, prior_idx))
+        all_scores.append(top)
+        all_labels.append(labels)
+        all_valid.append(valid)
+    return Candidates(torch.cat(all_boxes, 1), torch.cat(all_scores, 1), torch.cat(all_labels, 1),
+                      torch.cat(all_valid, 1))
+
+
+def rescale_results(results: list[dict[str, Tensor]], metas: list[dict[str, Any]]) -> list[dict[str, Tensor]]:
+    """Divide each image's boxes by its ``scale_factor`` (w_scale, h_scale), in place; returns ``results``."""
+    for res, meta in zip(results, metas):
+        sw, sh = meta["scale_factor"][:2]
+        res["boxes"] = res["boxes"] / res["boxes"].new_tensor([sw, sh, sw, sh])
+    return results
 
 
 def postprocess_levels(cls_scores: list[Tensor], score_factors: list[Tensor] | None,
@@ -106,20 +191,6 @@ def postprocess_levels(cls_scores: list[Tensor], score_factors: list[Tensor] | N
         per image ``{"boxes": (D,4) xyxy, "scores": (D,), "labels": (D,)}``; boxes in original-image pixels
         when ``rescale``.
     """
-    all_boxes, all_scores, all_labels, all_valid = [], [], [], []
-    for lvl, scores in enumerate(cls_scores):
-        top, prior_idx, labels, valid = select_topk_candidates(scores, cfg.score_thr, cfg.nms_pre)
-        if score_factors is not None:
-            top = top * score_factors[lvl].gather(1, prior_idx)
-        all_boxes.append(decode(lvl, prior_idx))
-        all_scores.append(top)
-        all_labels.append(labels)
-        all_valid.append(valid)
-    boxes = torch.cat(all_boxes, 1)
-    results = multiclass_nms_batched(boxes, torch.cat(all_scores, 1), torch.cat(all_labels, 1),
-                                     torch.cat(all_valid, 1), num_classes, cfg)
-    if rescale:
-        for res, meta in zip(results, metas):
-            sw, sh = meta["scale_factor"][:2]
-            res["boxes"] = res["boxes"] / res["boxes"].new_tensor([sw, sh, sw, sh])
-    return results
+    cand = select_candidates(cls_scores, score_factors, decode, cfg)
+    results = multiclass_nms_batched(*cand, num_classes, cfg)
+    return rescale_results(results, metas) if rescale else results

@@ -2,5 +2,6 @@
 
 from densedet.models.necks.fpn import FPN
 from densedet.models.necks.pafpn import PAFPN
+from densedet.models.necks.pafpnx import PAFPNX
 
-__all__ = ["FPN", "PAFPN"]
+__all__ = ["FPN", "PAFPN", "PAFPNX"]
