@@ -16,6 +16,10 @@ def _resolve_checkpoint(path: str) -> Path:
 
     p = Path(path)
     if p.is_dir():
+        swa = p / "swa_final.pth"
+        if swa.is_file():  # a finished SWA run: the averaged weights are the model (last_checkpoint is for resume)
+            print(f"using the SWA-averaged weights {swa} (pass another .pth to test something else)", file=sys.stderr)
+            return swa
         found = latest_checkpoint(p)
         if found is None:
             raise SystemExit(f"error: {p}: no checkpoint in this work dir")

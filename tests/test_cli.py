@@ -118,3 +118,14 @@ def test_errors_exit_2_with_the_reason(tmp_path, capsys) -> None:
     missing = tmp_path / "nope.pth"
     assert main(["test", "atss_r18_fpn_synth", str(missing)]) == 2
     assert "nope.pth" in capsys.readouterr().err
+
+
+def test_work_dir_resolves_to_swa_average_when_present(tmp_path) -> None:
+    from densedet.cli import _resolve_checkpoint
+    from densedet.engine.checkpoint import mark_last_checkpoint
+
+    (tmp_path / "epoch_2.pth").write_bytes(b"x")
+    mark_last_checkpoint(tmp_path, tmp_path / "epoch_2.pth")
+    assert _resolve_checkpoint(str(tmp_path)) == tmp_path / "epoch_2.pth"
+    (tmp_path / "swa_final.pth").write_bytes(b"x")
+    assert _resolve_checkpoint(str(tmp_path)) == tmp_path / "swa_final.pth"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
+from test_checkpoint_layout import _fpn
 
 import densedet
 
@@ -30,17 +31,6 @@ def _backbone_r50(mdconv: bool) -> dict[str, tuple]:
             for i in range(blocks):
                 keys[f"backbone.{layer}.{i}.conv2.conv_offset.weight"] = (27, planes, 3, 3)
                 keys[f"backbone.{layer}.{i}.conv2.conv_offset.bias"] = (27,)
-    return keys
-
-
-def _fpn() -> dict[str, tuple]:
-    keys: dict[str, tuple] = {}
-    for i, cin in enumerate([512, 1024, 2048]):
-        keys[f"neck.lateral_convs.{i}.conv.weight"] = (256, cin, 1, 1)
-        keys[f"neck.lateral_convs.{i}.conv.bias"] = (256,)
-    for i in range(5):
-        keys[f"neck.fpn_convs.{i}.conv.weight"] = (256, 256, 3, 3)
-        keys[f"neck.fpn_convs.{i}.conv.bias"] = (256,)
     return keys
 
 
@@ -69,7 +59,7 @@ def _vfnet_head(mdconv: bool) -> dict[str, tuple]:
 
 
 def vfnet_r50_keys(mdconv: bool = False) -> dict[str, tuple]:
-    return {**_backbone_r50(mdconv), **_fpn(), **_vfnet_head(mdconv)}
+    return {**_backbone_r50(mdconv), **_fpn(False), **_vfnet_head(mdconv)}
 
 
 def _fake_release(keys: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -56,32 +56,30 @@ def lr_factor(it: int, cfg: ScheduleConfig, iters_per_epoch: int) -> float:
     raise ConfigError(f"schedule.warmup must be linear, constant or null, got '{cfg.warmup}'", path="schedule.warmup")
 
 
-class LrScheduler:
-    """Sets ``group["lr"] = group["initial_lr"] * lr_factor(it)`` for every param group of ``optimizer``.
+class FactorLrScheduler:
+    """Sets ``group["lr"] = group["initial_lr"] * self.lr_factor(it)`` for every param group of ``optimizer``.
 
-    Call :meth:`step` with the global iteration *before* each optimizer step (mmcv's ``before_train_iter``).
-    Groups without ``initial_lr`` get their current lr as initial lr.
+    Call :meth:`step` with the iteration *before* each optimizer step (mmcv's ``before_train_iter``). Groups
+    without ``initial_lr`` get their current lr as initial lr. Subclasses define :meth:`lr_factor` and name in
+    ``period_key`` the attribute that must be unchanged when a run resumes (else the schedule would silently
+    shift).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, iters_per_epoch: int) -> None:
-        if iters_per_epoch < 1:
-            raise ValueError(f"LrScheduler: iters_per_epoch must be >= 1, got {iters_per_epoch}")
-        if cfg.warmup is not None and cfg.warmup_iters < 1:
-            raise ConfigError(f"schedule.warmup_iters must be >= 1 with warm-up '{cfg.warmup}', "
-                              f"got {cfg.warmup_iters}", path="schedule.warmup_iters")
+    period_key = ""
+    period_help = ""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
-        self.cfg = cfg
-        self.iters_per_epoch = int(iters_per_epoch)
         self.last_iter = -1
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
         self.base_lr = float(optimizer.defaults.get("lr", optimizer.param_groups[0]["initial_lr"]))
 
     def lr_factor(self, it: int) -> float:
-        return lr_factor(it, self.cfg, self.iters_per_epoch)
+        raise NotImplementedError(f"{type(self).__name__} must define lr_factor()")
 
     def step(self, it: int) -> float:
-        """Set the lrs for global iteration ``it``; returns the factor."""
+        """Set the lrs for iteration ``it``; returns the factor."""
         factor = self.lr_factor(it)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -93,20 +91,21 @@ class LrScheduler:
         return self.base_lr * self.lr_factor(max(self.last_iter, 0))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_iter": self.last_iter, "iters_per_epoch": self.iters_per_epoch, "base_lr": self.base_lr,
-                "initial_lrs": [float(g["initial_lr"]) for g in self.optimizer.param_groups]}
+        return {"last_iter": self.last_iter, self.period_key: getattr(self, self.period_key),
+                "base_lr": self.base_lr, "initial_lrs": [float(g["initial_lr"]) for g in self.optimizer.param_groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the iteration counter and initial lrs; a changed ``iters_per_epoch`` is an error (the schedule
-        would silently shift)."""
-        if int(state["iters_per_epoch"]) != self.iters_per_epoch:
-            raise ValueError(f"LrScheduler.load_state_dict: checkpoint was trained with {state['iters_per_epoch']} "
-                             f"iterations per epoch, this run has {self.iters_per_epoch} (did the dataset, batch "
-                             f"size or number of processes change?)")
+        """Restore the iteration counter and initial lrs; a changed ``period_key`` value is an error."""
+        name = type(self).__name__
+        ours = getattr(self, self.period_key)
+        if int(state[self.period_key]) != ours:
+            raise ValueError(f"{name}.load_state_dict: the checkpoint was trained with {state[self.period_key]} "
+                             f"{self.period_help}, this run has {ours} (did the dataset, batch size or number of "
+                             f"processes change?)")
         initial = state.get("initial_lrs")
         if initial is not None:
             if len(initial) != len(self.optimizer.param_groups):
-                raise ValueError(f"LrScheduler.load_state_dict: {len(initial)} param groups in the checkpoint, "
+                raise ValueError(f"{name}.load_state_dict: {len(initial)} param groups in the checkpoint, "
                                  f"{len(self.optimizer.param_groups)} in the optimizer")
             for group, lr in zip(self.optimizer.param_groups, initial):
                 group["initial_lr"] = float(lr)
@@ -114,3 +113,23 @@ class LrScheduler:
         self.last_iter = int(state["last_iter"])
         if self.last_iter >= 0:
             self.step(self.last_iter)
+
+
+class LrScheduler(FactorLrScheduler):
+    """The regular schedule: :func:`lr_factor` of ``cfg`` (warm-up, step / cosine) at global iteration ``it``."""
+
+    period_key = "iters_per_epoch"
+    period_help = "iterations per epoch"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, iters_per_epoch: int) -> None:
+        if iters_per_epoch < 1:
+            raise ValueError(f"LrScheduler: iters_per_epoch must be >= 1, got {iters_per_epoch}")
+        if cfg.warmup is not None and cfg.warmup_iters < 1:
+            raise ConfigError(f"schedule.warmup_iters must be >= 1 with warm-up '{cfg.warmup}', "
+                              f"got {cfg.warmup_iters}", path="schedule.warmup_iters")
+        self.cfg = cfg
+        self.iters_per_epoch = int(iters_per_epoch)
+        super().__init__(optimizer)
+
+    def lr_factor(self, it: int) -> float:
+        return lr_factor(it, self.cfg, self.iters_per_epoch)

@@ -44,6 +44,7 @@ from densedet.config.schema import SWAConfig, SWALrConfig
 from densedet.engine.checkpoint import CheckpointError, load_model_weights, save_checkpoint, unwrap_model
 from densedet.engine.dist import all_reduce_dict, barrier
 from densedet.engine.logging import TrainProgress, format_seconds
+from densedet.engine.lr_schedule import FactorLrScheduler
 from densedet.engine.optim import build_optimizer
 from densedet.registry import ConfigError
 
@@ -90,53 +91,21 @@ def cyclic_lr_factor(it: int, total_iters: int, cfg: SWALrConfig) -> float:
     return end + 0.5 * (start - end) * (math.cos(math.pi * progress) + 1.0)
 
 
-class CyclicLrScheduler:
-    """``group["lr"] = group["initial_lr"] * cyclic_lr_factor(it)``; the interface of
-    :class:`densedet.engine.lr_schedule.LrScheduler` (``step(it)`` before each optimizer step, ``it`` counted from
-    the first SWA iteration)."""
+class CyclicLrScheduler(FactorLrScheduler):
+    """``group["lr"] = group["initial_lr"] * cyclic_lr_factor(it)``, ``it`` counted from the first SWA iteration;
+    ``step(it)`` before each optimizer step, as :class:`densedet.engine.lr_schedule.LrScheduler`."""
+
+    period_key = "total_iters"
+    period_help = "SWA iterations (swa_total_epochs x iterations per epoch)"
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: SWALrConfig, total_iters: int) -> None:
-        self.optimizer = optimizer
         self.cfg = cfg
         self.total_iters = int(total_iters)
         cyclic_lr_factor(0, self.total_iters, cfg)  # validates the period
-        self.last_iter = -1
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.base_lr = float(optimizer.defaults.get("lr", optimizer.param_groups[0]["initial_lr"]))
+        super().__init__(optimizer)
 
     def lr_factor(self, it: int) -> float:
         return cyclic_lr_factor(it, self.total_iters, self.cfg)
-
-    def step(self, it: int) -> float:
-        factor = self.lr_factor(it)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-        self.last_iter = int(it)
-        return factor
-
-    def current_lr(self) -> float:
-        return self.base_lr * self.lr_factor(max(self.last_iter, 0))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_iter": self.last_iter, "total_iters": self.total_iters, "base_lr": self.base_lr,
-                "initial_lrs": [float(g["initial_lr"]) for g in self.optimizer.param_groups]}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state["total_iters"]) != self.total_iters:
-            raise ValueError(f"CyclicLrScheduler.load_state_dict: the checkpoint's SWA phase has "
-                             f"{state['total_iters']} iterations, this run {self.total_iters} (did swa_total_epochs, "
-                             f"the dataset, the batch size or the number of processes change?)")
-        initial = state["initial_lrs"]
-        if len(initial) != len(self.optimizer.param_groups):
-            raise ValueError(f"CyclicLrScheduler.load_state_dict: {len(initial)} param groups in the checkpoint, "
-                             f"{len(self.optimizer.param_groups)} in the optimizer")
-        for group, lr in zip(self.optimizer.param_groups, initial):
-            group["initial_lr"] = float(lr)
-        self.base_lr = float(state["base_lr"])
-        self.last_iter = int(state["last_iter"])
-        if self.last_iter >= 0:
-            self.step(self.last_iter)
 
 
 # -------------------------------------------------------------------------------------------------------- averager
