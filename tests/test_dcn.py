@@ -217,3 +217,49 @@ def test_resnet_dcn_v1_fallback_on_stride() -> None:
     assert type(model.layer2[0].conv2) is nn.Conv2d  # strided block falls back
     assert isinstance(model.layer2[1].conv2, DeformConv2dPack)
     assert model.layer2[1].conv2.conv_offset.out_channels == 18
+
+
+@pytest.mark.parametrize("geo", [
+    {"c": 8, "cout": 6, "stride": 1, "pad": 1, "dil": 1, "groups": 1, "dg": 1, "k": 3, "mask": True},
+    {"c": 8, "cout": 4, "stride": 2, "pad": 1, "dil": 1, "groups": 2, "dg": 4, "k": 3, "mask": True},
+    {"c": 6, "cout": 6, "stride": 1, "pad": 2, "dil": 2, "groups": 3, "dg": 1, "k": 3, "mask": False},
+    {"c": 4, "cout": 5, "stride": 1, "pad": 0, "dil": 1, "groups": 1, "dg": 2, "k": 1, "mask": False},
+])
+def test_sampled_implementation_equals_torchvision(geo: dict) -> None:
+    """The CPU path (grid_sample + matmul) is the same operator as torchvision's kernel, values and gradients,
+    with offsets large enough to sample outside the image (zero padding of out-of-image corners)."""
+    from torchvision.ops import deform_conv2d
+
+    from densedet.models.dcn import deform_conv2d_sampled
+
+    g = torch.Generator().manual_seed(7)
+    k, h, w = geo["k"], 9, 7
+    x = torch.randn(2, geo["c"], h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    ho = (h + 2 * geo["pad"] - geo["dil"] * (k - 1) - 1) // geo["stride"] + 1
+    wo = (w + 2 * geo["pad"] - geo["dil"] * (k - 1) - 1) // geo["stride"] + 1
+    off = (3 * torch.randn(2, 2 * geo["dg"] * k * k, ho, wo, generator=g, dtype=torch.float64)).requires_grad_()
+    mask = torch.rand(2, geo["dg"] * k * k, ho, wo, generator=g, dtype=torch.float64).requires_grad_() \
+        if geo["mask"] else None
+    weight = torch.randn(geo["cout"], geo["c"] // geo["groups"], k, k, generator=g, dtype=torch.float64,
+                         requires_grad=True)
+    bias = torch.randn(geo["cout"], generator=g, dtype=torch.float64, requires_grad=True)
+    kw = {"stride": (geo["stride"],) * 2, "padding": (geo["pad"],) * 2, "dilation": (geo["dil"],) * 2, "mask": mask}
+    ref = deform_conv2d(x, off, weight, bias, **kw)
+    got = deform_conv2d_sampled(x, off, weight, bias, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    inputs = [x, off, weight, bias] + ([mask] if mask is not None else [])
+    cot = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(ref, inputs, cot), torch.autograd.grad(got, inputs, cot)):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-7)
+
+
+def test_layers_use_the_selected_implementation(monkeypatch) -> None:
+    from densedet.models import dcn
+
+    layer = dcn.ModulatedDeformConv2dPack(4, 4, 3, padding=1)
+    nn.init.normal_(layer.conv_offset.weight, std=0.3)
+    x = torch.randn(1, 4, 6, 6)
+    monkeypatch.setattr(dcn, "DCN_IMPL", "torchvision")
+    a = layer(x)
+    monkeypatch.setattr(dcn, "DCN_IMPL", "sampled")
+    torch.testing.assert_close(layer(x), a, rtol=1e-5, atol=1e-5)

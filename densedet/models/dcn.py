@@ -11,6 +11,12 @@ Offset layout (shared by mmcv and torchvision): ``(B, 2 * deform_groups * kh * k
 ``(dy, dx)`` pair of kernel point ``k`` of group ``g`` at channels ``2 * (g * kh * kw + k) + (0, 1)``; the mask is
 ``(B, deform_groups * kh * kw, H_out, W_out)``.
 
+Two implementations of the same operator: on CUDA, ``torchvision.ops.deform_conv2d``'s kernel; on CPU,
+:func:`deform_conv2d_sampled` (bilinear sampling of the ``kh * kw`` points with ``grid_sample``, then one matmul),
+which equals torchvision's result to float rounding and is several times faster there, forward and backward
+(torchvision's CPU kernel is a serial im2col loop). ``DCN_IMPL`` picks: ``'auto'`` (the default), ``'torchvision'``
+or ``'sampled'``.
+
 Importing this module registers the ``Pack`` layers in :data:`densedet.models.layers.CONV_LAYERS` as ``'DCN'`` (v1)
 and ``'DCNv2'`` (v2), the names mmdet configs use in ``dcn=dict(type='DCNv2', deform_groups=1, ...)``.
 """
@@ -21,6 +27,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
@@ -28,7 +35,55 @@ from torchvision.ops import deform_conv2d
 from densedet.models.layers import CONV_LAYERS
 from densedet.registry import ConfigError
 
-__all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2d", "ModulatedDeformConv2dPack"]
+__all__ = ["DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2d", "ModulatedDeformConv2dPack",
+           "deform_conv2d_sampled"]
+
+#: which implementation runs the deformable convolutions: 'auto' (torchvision on CUDA, sampled elsewhere),
+#: 'torchvision' or 'sampled'.
+DCN_IMPL = "auto"
+
+
+def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                          bias: torch.Tensor | None = None, stride: tuple[int, int] = (1, 1),
+                          padding: tuple[int, int] = (0, 0), dilation: tuple[int, int] = (1, 1),
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Deformable convolution (v1, or v2 with ``mask``) with ``torchvision.ops.deform_conv2d``'s semantics.
+
+    Kernel point ``k = ky * kw + kx`` of output location ``(i, j)`` reads the input at
+    ``(i * stride_h - pad_h + ky * dil_h + dy, j * stride_w - pad_w + kx * dil_w + dx)`` by bilinear interpolation,
+    corners outside the image counting as zero; with ``mask`` the sample is multiplied by its mask value; the
+    samples of all points are then contracted with ``weight`` (grouped by ``groups``).
+
+    Args:
+        x: ``(B, C, H, W)``; offset: ``(B, 2 * dg * kh * kw, Ho, Wo)``, ``(dy, dx)`` of point ``k`` of deform group
+            ``g`` at channels ``2 * (g * kh * kw + k) + (0, 1)``; weight: ``(Cout, C / groups, kh, kw)``;
+            bias: ``(Cout,)``; mask: ``(B, dg * kh * kw, Ho, Wo)``.
+
+    Returns:
+        ``(B, Cout, Ho, Wo)``.
+    """
+    b, c, h, w = x.shape
+    cout, cin_g, kh, kw = weight.shape
+    groups, k = c // cin_g, kh * kw
+    dg = offset.shape[1] // (2 * k)
+    ho, wo = offset.shape[-2:]
+    dev, dt = x.device, offset.dtype
+    ky = (torch.arange(kh, device=dev, dtype=dt) * dilation[0]).repeat_interleave(kw)
+    kx = (torch.arange(kw, device=dev, dtype=dt) * dilation[1]).repeat(kh)
+    ys = torch.arange(ho, device=dev, dtype=dt) * stride[0] - padding[0]
+    xs = torch.arange(wo, device=dev, dtype=dt) * stride[1] - padding[1]
+    off = offset.reshape(b, dg, k, 2, ho, wo)
+    py = ky.view(1, 1, k, 1, 1) + ys.view(1, 1, 1, ho, 1) + off[:, :, :, 0]
+    px = kx.view(1, 1, k, 1, 1) + xs.view(1, 1, 1, 1, wo) + off[:, :, :, 1]
+    # pixel p <-> normalised (2p + 1) / size - 1 with align_corners=False; zeros padding = zero outside corners
+    grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], -1).reshape(b * dg, k, ho * wo, 2)
+    cols = F.grid_sample(x.reshape(b * dg, c // dg, h, w), grid.to(x.dtype), mode="bilinear",
+                         padding_mode="zeros", align_corners=False).reshape(b, dg, c // dg, k, ho * wo)
+    if mask is not None:
+        cols = cols * mask.reshape(b, dg, 1, k, ho * wo).to(cols.dtype)
+    cols = cols.reshape(b, groups, cin_g * k, ho * wo)  # channel order (group, channel, point): weight's order
+    out = torch.matmul(weight.reshape(groups, cout // groups, cin_g * k), cols).reshape(b, cout, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 class _DeformConvBase(nn.Module):
@@ -77,6 +132,9 @@ class _DeformConvBase(nn.Module):
         return self.kernel_size[0] * self.kernel_size[1]
 
     def _deform(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if DCN_IMPL == "sampled" or (DCN_IMPL == "auto" and x.device.type != "cuda"):
+            return deform_conv2d_sampled(x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding,
+                                         dilation=self.dilation, mask=mask)
         return deform_conv2d(
             x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
             mask=mask,
