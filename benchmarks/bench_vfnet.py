@@ -11,7 +11,7 @@ post-processing has the same amount of work), one process, alternating timed ite
 start) so that all see the same background load; medians and ratios.
 
     .venv/bin/python benchmarks/bench_vfnet.py train --epochs 12 --out work_dirs/bench_vfnet
-    .venv/bin/python benchmarks/bench_vfnet.py latency --iters 10 --warmup 2 --threads 2
+    .venv/bin/python benchmarks/bench_vfnet.py latency --iters 10 --warmup 2 --threads 2 [--dcn torchvision]
 """
 
 from __future__ import annotations
@@ -99,6 +99,9 @@ def _torchvision_fcos() -> Any:
 
 
 def run_latency(args: argparse.Namespace) -> None:
+    from densedet.models import dcn
+
+    dcn.DCN_IMPL = args.dcn
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     images = torch.rand(1, 3, *INFER_SIZE, generator=torch.Generator().manual_seed(0)) * 255.0
@@ -122,7 +125,7 @@ def run_latency(args: argparse.Namespace) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     layout = "channels_last" if cl else "NCHW"
     print(f"\nInference, 1 x 3 x {INFER_SIZE[0]} x {INFER_SIZE[1]}, {args.threads} threads, {args.iters} iterations, "
-          f"DenseDet {layout}\n")
+          f"DenseDet {layout}, deformable conv {args.dcn}\n")
     print("| model | median s | vs VFNet-R50 (time / VFNet time) |\n|---|---:|---:|")
     for k, v in med.items():
         print(f"| {k} | {v:.3f} | {v / med['DenseDet VFNet-R50']:.2f} |")
@@ -143,6 +146,8 @@ def main() -> None:
     lat.add_argument("--warmup", type=int, default=2)
     lat.add_argument("--threads", type=int, default=2)
     lat.add_argument("--nchw", action="store_true", help="DenseDet without channels_last")
+    lat.add_argument("--dcn", default="auto", choices=["auto", "torchvision", "sampled"],
+                     help="deformable-conv implementation (densedet.models.dcn.DCN_IMPL)")
     args = p.parse_args()
     run_training(args) if args.cmd == "train" else run_latency(args)
 
