@@ -23,6 +23,23 @@ def _inputs(batch: int, h: int, w: int) -> list[torch.Tensor]:
             for c, s in zip(IN_CHANNELS, (4, 8, 16, 32), strict=True)]
 
 
+def vfnetx_neck_keys(prefix: str = "") -> dict[str, tuple]:
+    """The VFNet-X neck's key/shape list, written from the reference module definitions (see the test below)."""
+    expected: dict[str, tuple] = {}
+    for i, c in enumerate([512, 1024, 2048]):
+        expected[f"{prefix}lateral_convs.{i}.conv.weight"] = (384, c, 1, 1)
+        expected[f"{prefix}lateral_convs.{i}.conv.bias"] = (384,)
+    gn = {"gn.weight": (384,), "gn.bias": (384,)}
+    for name, n in (("fpn_convs", 5), ("downsample_convs", 2), ("pafpn_convs", 3)):
+        for i in range(n):
+            expected[f"{prefix}{name}.{i}.conv.weight"] = (384, 384, 3, 3)
+            expected.update({f"{prefix}{name}.{i}.{k}": v for k, v in gn.items()})
+    for i in range(3):
+        expected[f"{prefix}pafpn_convs.{i}.conv.conv_offset.weight"] = (27, 384, 3, 3)
+        expected[f"{prefix}pafpn_convs.{i}.conv.conv_offset.bias"] = (27,)
+    return expected
+
+
 def test_vfnetx_key_layout() -> None:
     """The VFNet-X neck (configs/vfnet/vfnetx_r2_101_fpn_mdconv_c3-c5_mstrain_2x_coco.py) as mmdet names it:
     laterals without norm (conv bias), GN elsewhere (no conv bias), 3 DCNv2 pafpn convs whose conv_offset predicts
@@ -33,19 +50,7 @@ def test_vfnetx_key_layout() -> None:
             "add_extra_convs": True, "extra_convs_on_inputs": False, "num_outs": 5, "relu_before_extra_convs": True,
             "pafpn_conv_cfg": {"type": "DCNv2"}, "no_norm_on_lateral": True,
             "norm_cfg": {"type": "GN", "num_groups": 32, "requires_grad": True}})
-    expected: dict[str, tuple] = {}
-    for i, c in enumerate([512, 1024, 2048]):
-        expected[f"lateral_convs.{i}.conv.weight"] = (384, c, 1, 1)
-        expected[f"lateral_convs.{i}.conv.bias"] = (384,)
-    gn = {"gn.weight": (384,), "gn.bias": (384,)}
-    for name, n in (("fpn_convs", 5), ("downsample_convs", 2), ("pafpn_convs", 3)):
-        for i in range(n):
-            expected[f"{name}.{i}.conv.weight"] = (384, 384, 3, 3)
-            expected.update({f"{name}.{i}.{k}": v for k, v in gn.items()})
-    for i in range(3):
-        expected[f"pafpn_convs.{i}.conv.conv_offset.weight"] = (27, 384, 3, 3)
-        expected[f"pafpn_convs.{i}.conv.conv_offset.bias"] = (27,)
-    assert {k: tuple(v.shape) for k, v in neck.state_dict().items()} == expected
+    assert {k: tuple(v.shape) for k, v in neck.state_dict().items()} == vfnetx_neck_keys()
     assert neck.add_extra_convs == "on_output"
     assert all(isinstance(m.conv, ModulatedDeformConv2dPack) for m in neck.pafpn_convs)
     assert not any(isinstance(m.conv, ModulatedDeformConv2dPack) for m in neck.downsample_convs)

@@ -143,3 +143,14 @@ def test_vfl_loss_ignores_batch_padding(kind) -> None:
     a, b = head.loss(tuple(small), gt, meta), head.loss(tuple(big), gt, meta)
     for k in ("loss_cls", "loss_bbox"):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,keys", [("vfl_retinanet_r50_fpn_4x4_1x_coco", "retinanet"),
+                                       ("retinanet_r50_fpn_4x4_1x_coco", "retinanet"),
+                                       ("vfl_atss_r50_fpn_1x_coco", "atss")])
+def test_vfl_release_layouts_load_strict(name: str, keys: str) -> None:
+    """VarifocalNet's RetinaNet/ATSS + FL/VFL checkpoints have the plain heads' layers (VFL changes only the loss):
+    the hand-written MMDetection key lists of tests/test_checkpoint_layout.py load with strict=True."""
+    from test_checkpoint_layout import _check, atss_r50_keys, retinanet_r50_keys
+
+    _check(name, retinanet_r50_keys() if keys == "retinanet" else atss_r50_keys())

@@ -34,24 +34,24 @@ def _backbone_r50(mdconv: bool) -> dict[str, tuple]:
     return keys
 
 
-def _vfnet_head(mdconv: bool) -> dict[str, tuple]:
+def _vfnet_head(mdconv: bool, c: int = 256, convs: int = 3) -> dict[str, tuple]:
     keys: dict[str, tuple] = {}
     for branch in ("cls_convs", "reg_convs"):
-        for i in range(3):
-            keys[f"bbox_head.{branch}.{i}.conv.weight"] = (256, 256, 3, 3)
-            keys[f"bbox_head.{branch}.{i}.gn.weight"] = (256,)
-            keys[f"bbox_head.{branch}.{i}.gn.bias"] = (256,)
+        for i in range(convs):
+            keys[f"bbox_head.{branch}.{i}.conv.weight"] = (c, c, 3, 3)
+            keys[f"bbox_head.{branch}.{i}.gn.weight"] = (c,)
+            keys[f"bbox_head.{branch}.{i}.gn.bias"] = (c,)
         if mdconv:
-            keys[f"bbox_head.{branch}.2.conv.conv_offset.weight"] = (27, 256, 3, 3)
-            keys[f"bbox_head.{branch}.2.conv.conv_offset.bias"] = (27,)
-    keys["bbox_head.vfnet_reg_conv.conv.weight"] = (256, 256, 3, 3)
-    keys["bbox_head.vfnet_reg_conv.gn.weight"] = (256,)
-    keys["bbox_head.vfnet_reg_conv.gn.bias"] = (256,)
+            keys[f"bbox_head.{branch}.{convs - 1}.conv.conv_offset.weight"] = (27, c, 3, 3)
+            keys[f"bbox_head.{branch}.{convs - 1}.conv.conv_offset.bias"] = (27,)
+    keys["bbox_head.vfnet_reg_conv.conv.weight"] = (c, c, 3, 3)
+    keys["bbox_head.vfnet_reg_conv.gn.weight"] = (c,)
+    keys["bbox_head.vfnet_reg_conv.gn.bias"] = (c,)
     for name, cout in (("vfnet_reg", 4), ("vfnet_reg_refine", 4), ("vfnet_cls", 80)):
-        keys[f"bbox_head.{name}.weight"] = (cout, 256, 3, 3)
+        keys[f"bbox_head.{name}.weight"] = (cout, c, 3, 3)
         keys[f"bbox_head.{name}.bias"] = (cout,)
     for name in ("vfnet_reg_refine_dconv", "vfnet_cls_dconv"):
-        keys[f"bbox_head.{name}.weight"] = (256, 256, 3, 3)
+        keys[f"bbox_head.{name}.weight"] = (c, c, 3, 3)
     for i in range(5):
         keys[f"bbox_head.scales.{i}.scale"] = ()
         keys[f"bbox_head.scales_refine.{i}.scale"] = ()
@@ -97,3 +97,25 @@ def test_vfnet_r50_fpn_mdconv_layout() -> None:
         model.bbox_head.cls_convs[2].conv.conv_offset.bias.zero_()
         after = model.bbox_head(feats)[0][0]
     assert not torch.allclose(before, after)
+
+
+def test_vfnetx_release_layout() -> None:
+    """VFNet-X (vfnetx_r2_101_fpn_mdconv_c3-c5_mstrain_2x_coco.py): the R2-101 DCN backbone of the mdconv VFNet row
+    (its own layout is checked in tests/test_res2net.py), the PAFPNX neck (tests/test_pafpnx.py's list) and the
+    VFNet head with 4 convs of 384 channels, DCNv2 on the last. Shapes only, on the meta device (a strict load is
+    exactly a key/shape match)."""
+    from test_pafpnx import vfnetx_neck_keys
+
+    from densedet.config import load_config
+    from densedet.models.build import build_detector
+
+    def shapes(name: str) -> dict[str, tuple]:
+        with torch.device("meta"):
+            model = build_detector(load_config(name).model, init=False)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    r2 = {k: v for k, v in shapes("vfnet_r2_101_fpn_mdconv_c3-c5_mstrain_2x_coco").items() if k.startswith("backbone.")}
+    expected = {**r2, **vfnetx_neck_keys("neck."), **_vfnet_head(True, c=384, convs=4)}
+    ours = shapes("vfnetx_r2_101_fpn_mdconv_c3-c5_mstrain_59e_coco")
+    assert sorted(set(ours) ^ set(expected)) == []
+    assert ours == expected
