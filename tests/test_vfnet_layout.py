@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
-from test_checkpoint_layout import _fpn
+from test_checkpoint_layout import _fake_release, _fpn
 
 import densedet
 
@@ -60,12 +60,6 @@ def _vfnet_head(mdconv: bool, c: int = 256, convs: int = 3) -> dict[str, tuple]:
 
 def vfnet_r50_keys(mdconv: bool = False) -> dict[str, tuple]:
     return {**_backbone_r50(mdconv), **_fpn(False), **_vfnet_head(mdconv)}
-
-
-def _fake_release(keys: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {k: (torch.randint(0, 5, s, generator=g) if k.endswith("num_batches_tracked")
-                else torch.randn(s, generator=g)) for k, s in keys.items()}
 
 
 def _check(name: str, keys: dict[str, tuple]) -> None:

@@ -83,6 +83,22 @@ class AnchorDenseHead(DenseHead):
         per_level = self.anchor_generator.grid_priors(featmap_sizes, dtype=dtype, device=device)
         return torch.cat(per_level, 0), [p.shape[0] for p in per_level]
 
+    def classification_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor, num_total: float,
+                            pos: Tensor, ious: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``loss_cls`` on labels, or (``ious`` given: the Varifocal path) on IoU-aware targets.
+
+        Args:
+            cls_flat: (B, N, C) logits; labels, label_weights, pos: (B, N); ious: (P,) IoU of each positive's
+                predicted box with its gt (``pos.nonzero()`` order) or None.
+
+        Returns:
+            ``(loss, soft_targets)``: the (B, N, C) VFL targets, or None on the label path.
+        """
+        c = self.num_classes
+        soft = None if ious is None else iou_class_targets(cls_flat, pos, labels, ious)
+        target = labels.reshape(-1) if soft is None else soft.reshape(-1, c)
+        return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total), soft
+
     def _decoder(self, priors: Tensor, num_per_level: list[int], bbox_flat: list[Tensor], img_shapes: Tensor):
         starts = [0]
         for n in num_per_level[:-1]:
@@ -162,18 +178,13 @@ class RetinaHead(AnchorDenseHead):
             target = gt_boxes[pos]
         else:
             pred, target = pos_pred, self.bbox_coder.encode(pos_priors, gt_boxes[pos])
-        soft = None
+        ious = None
         if self.use_vfl:
             # VarifocalNet anchor_head.loss_single: q = IoU(decode(pred), decode(target deltas)), both detached,
             # at the gt class of each positive; ignored anchors keep their zero label weight
             ious = bbox_overlaps(self.bbox_coder.decode(pos_priors, pos_pred.detach()),
                                  self.bbox_coder.decode(pos_priors, target), is_aligned=True)
-            soft = iou_class_targets(cls_flat, pos, labels, ious)
-            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), soft.reshape(-1, self.num_classes),
-                                     label_weights.reshape(-1), avg_factor=num_total)
-        else:
-            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
-                                     label_weights.reshape(-1), avg_factor=num_total)
+        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious)
         if pos_pred.numel():
             loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total)
         else:
@@ -279,19 +290,14 @@ class ATSSHead(AnchorDenseHead):
         else:
             loss_bbox = bbox_flat.sum() * 0
             loss_ctr = ctr_flat.sum() * 0
-        soft = None
+        ious = None
         if self.use_vfl:
             # VarifocalNet atss_vgfl_head.loss_single: q = IoU(decoded pred, gt).clamp(min=1e-6), detached, at the
             # gt class. The reference passes no label weights to VFL, so priors on batch padding count as
             # negatives there; DenseDet keeps them out (as its focal path and VFNetHead do): a padded batch then
             # gives each image the loss it has alone. Unpadded images get the reference's value.
             ious = bbox_overlaps(decoded.detach(), pos_gt, is_aligned=True).clamp(min=1e-6)
-            soft = iou_class_targets(cls_flat, pos, labels, ious)
-            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), soft.reshape(-1, self.num_classes),
-                                     label_weights.reshape(-1), avg_factor=num_total)
-        else:
-            loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
-                                     label_weights.reshape(-1), avg_factor=num_total)
+        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious)
         bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
                 "num_pos": pos.sum().float().detach(),
