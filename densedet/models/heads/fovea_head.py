@@ -212,7 +212,7 @@ class FoveaHead(DenseHead):
             cls_targets = self.iou_targets(bbox_flat, pos, labels, gt_boxes, sizes, metas)
             loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes),
                                      cls_targets.reshape(-1, self.num_classes), avg_factor=num_pos + b)
-            stats = self._vfl_level_stats(num_per_level, pos, cls_flat, cls_targets)
+            stats = self.loss_level_stats(num_per_level, pos, ~pos, cls_flat, labels, soft_targets=cls_targets)
         else:
             loss_cls = self.loss_cls(cls_flat.reshape(-1, self.num_classes), labels.reshape(-1),
                                      avg_factor=num_pos + b)
@@ -239,15 +239,6 @@ class FoveaHead(DenseHead):
         b_idx, n_idx = pos.nonzero(as_tuple=True)
         q[b_idx, n_idx, labels[pos]] = ious
         return q
-
-    def _vfl_level_stats(self, num_per_level: list[int], pos: Tensor, cls_flat: Tensor,
-                         cls_targets: Tensor) -> dict[str, Tensor]:
-        """Level statistics with the per-prior VFL (``per_prior_cls_loss`` expects labels, VFL takes ``q``)."""
-        if not self.collect_level_stats:
-            return {}
-        with torch.no_grad():
-            elem = self.loss_cls(cls_flat.detach().float(), cls_targets, reduction_override="none").sum(-1)
-        return self.level_stats(self.level_ids(num_per_level, pos.device), pos, ~pos, elem)
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],

@@ -294,13 +294,8 @@ class RepPointsHead(DenseHead):
         loss_cls = self.loss_cls(cls_flat.reshape(-1, c), cls_target, label_weights.reshape(-1), avg_factor=num_ref)
         out = {"loss_cls": loss_cls, "loss_pts_init": loss_init, "loss_pts_refine": loss_refine,
                "num_pos": pos.sum().float().detach()}
-        if self.collect_level_stats:
-            if self.use_vfl:
-                elem = self.loss_cls(cls_flat.detach().reshape(-1, c).float(), cls_target, label_weights.reshape(-1),
-                                     reduction_override="none").sum(-1).reshape(pos.shape)
-                out.update(self.level_stats(self.level_ids(per_level, device), pos, neg, elem))
-            else:
-                out.update(self.loss_level_stats(per_level, pos, neg, cls_flat, labels, label_weights))
+        out.update(self.loss_level_stats(per_level, pos, neg, cls_flat, labels, label_weights,
+                                         soft_targets=cls_target if self.use_vfl else None))
         return out
 
     # ------------------------------------------------------------------ inference

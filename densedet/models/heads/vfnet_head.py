@@ -303,7 +303,8 @@ class VFNetHead(DenseHead):
             cls_targets = self.vfl_targets(labels, pos, iou_refine)
             loss_cls = self.loss_cls(cls_flat.reshape(-1, c), cls_targets.reshape(-1, c), weight,
                                      avg_factor=avg_factor)
-            stats = self._vfl_level_stats(per_level, pos, neg, cls_flat, cls_targets, weight)
+            stats = self.loss_level_stats(per_level, pos, neg, cls_flat, labels, label_weights,
+                                          soft_targets=cls_targets)
         else:
             loss_cls = self.loss_cls(cls_flat.reshape(-1, c), labels.reshape(-1), weight, avg_factor=avg_factor)
             stats = self.loss_level_stats(per_level, pos, neg, cls_flat, labels, label_weights)
@@ -325,17 +326,6 @@ class VFNetHead(DenseHead):
         q[pos] = pos_ious.detach().to(q.dtype)
         onehot = F.one_hot(torch.where(pos, labels, self.num_classes), self.num_classes + 1)[..., :-1]
         return onehot.to(q.dtype) * q.unsqueeze(-1)
-
-    def _vfl_level_stats(self, per_level: list[int], pos: Tensor, neg: Tensor, cls_flat: Tensor,
-                         cls_targets: Tensor, weight: Tensor | None) -> dict[str, Tensor]:
-        """:meth:`level_stats` with the per-prior Varifocal Loss (the generic per-prior loss takes labels)."""
-        if not self.collect_level_stats:
-            return {}
-        b, n, c = cls_flat.shape
-        with torch.no_grad():
-            elem = self.loss_cls(cls_flat.detach().reshape(-1, c).float(), cls_targets.reshape(-1, c), weight,
-                                 reduction_override="none").sum(-1).reshape(b, n)
-        return self.level_stats(self.level_ids(per_level, pos.device), pos, neg, elem)
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
