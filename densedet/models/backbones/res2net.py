@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from densedet.models.backbones.resnet import _DEFAULT_NORM, OPEN_MMLAB_URLS, ResNet, read_checkpoint
+from densedet.models.backbones.resnet import _DEFAULT_NORM, OPEN_MMLAB_URLS, ResNet, conv2_config, read_checkpoint
 from densedet.models.backbones.resnet import Bottleneck as _Bottleneck
 from densedet.models.backbones.resnext import BlockFactory, signature_with_base
 from densedet.models.layers import build_conv_layer, build_norm_layer
@@ -100,14 +100,7 @@ class Bottle2neck(_Bottleneck):
 
         if stage_type == "stage" and conv2_stride != 1:
             self.pool = nn.AvgPool2d(kernel_size=3, stride=conv2_stride, padding=1)
-        dcn = dict(dcn) if dcn is not None else None
-        fallback_on_stride = dcn.pop("fallback_on_stride", False) if dcn is not None else False
-        if dcn is None or (fallback_on_stride and conv2_stride != 1):
-            conv2_cfg = conv_cfg
-        else:
-            if conv_cfg is not None:
-                raise ConfigError("Res2Net: conv_cfg must be None when dcn is set (mmdet asserts the same)")
-            conv2_cfg = dcn
+        conv2_cfg = conv2_config(conv_cfg, dcn, conv2_stride, "Res2Net")
         self.convs = nn.ModuleList(
             build_conv_layer(
                 conv2_cfg, width, width, 3, stride=conv2_stride, padding=dilation, dilation=dilation, bias=False

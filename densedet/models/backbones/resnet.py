@@ -8,6 +8,7 @@ Reference: He et al., "Deep Residual Learning for Image Recognition" (2016); "Ba
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,12 +104,29 @@ class BasicBlock(nn.Module):
         return self.relu(out)
 
 
+def conv2_config(conv_cfg: dict[str, Any] | None, dcn: dict[str, Any] | None, conv2_stride: int,
+                 owner: str) -> dict[str, Any] | None:
+    """The conv config of a bottleneck's 3x3 conv(s): ``dcn`` (mmdet's ``dcn=dict(type='DCNv2', ...)``) unless it
+    is None or ``fallback_on_stride`` is set on a strided block; ``conv_cfg`` otherwise. ``owner`` names the
+    backbone in the error for ``conv_cfg`` and ``dcn`` both set (mmdet asserts the same)."""
+    dcn = dict(dcn) if dcn is not None else None
+    fallback_on_stride = dcn.pop("fallback_on_stride", False) if dcn is not None else False
+    if dcn is None or (fallback_on_stride and conv2_stride != 1):
+        return conv_cfg
+    if conv_cfg is not None:
+        raise ConfigError(f"{owner}: conv_cfg must be None when dcn is set (mmdet asserts the same)")
+    return dcn
+
+
 class Bottleneck(nn.Module):
-    """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50/101/152). Keys: ``conv1..3, bn1..3[, downsample]``.
+    """1x1 -> 3x3 -> 1x1 bottleneck (ResNet-50/101/152, and ResNeXt's with ``groups > 1``).
+    Keys: ``conv1..3, bn1..3[, downsample]``.
 
     ``style='pytorch'`` puts the stride on the 3x3 ``conv2`` (torchvision, "ResNet v1.5"); ``style='caffe'`` on the
     1x1 ``conv1`` (original paper / Detectron weights). ``dcn`` (a conv config, e.g. ``{'type': 'DCNv2',
-    'deform_groups': 1, 'fallback_on_stride': False}``) replaces ``conv2`` as in mmdet.
+    'deform_groups': 1, 'fallback_on_stride': False}``) replaces ``conv2`` as in mmdet. ResNeXt (mmdet
+    ``resnext.Bottleneck``): the inner width is ``floor(planes * base_width / base_channels) * groups`` and
+    ``conv2`` is grouped; ``groups == 1`` is the plain ResNet bottleneck (inner width ``planes``).
     """
 
     expansion = 4
@@ -125,35 +143,35 @@ class Bottleneck(nn.Module):
         conv_cfg: dict[str, Any] | None = None,
         norm_cfg: dict[str, Any] = _DEFAULT_NORM,
         dcn: dict[str, Any] | None = None,
+        groups: int = 1,
+        base_width: int = 4,
+        base_channels: int = 64,
     ) -> None:
         super().__init__()
+        width = planes if groups == 1 else math.floor(planes * base_width / base_channels) * groups
         conv1_stride, conv2_stride = (1, stride) if style == "pytorch" else (stride, 1)
         self.conv1_stride, self.conv2_stride = conv1_stride, conv2_stride
-        self.norm1_name, norm1 = build_norm_layer(norm_cfg, planes, postfix=1)
-        self.norm2_name, norm2 = build_norm_layer(norm_cfg, planes, postfix=2)
+        self.norm1_name, norm1 = build_norm_layer(norm_cfg, width, postfix=1)
+        self.norm2_name, norm2 = build_norm_layer(norm_cfg, width, postfix=2)
         self.norm3_name, norm3 = build_norm_layer(norm_cfg, planes * self.expansion, postfix=3)
 
-        self.conv1 = build_conv_layer(conv_cfg, inplanes, planes, 1, stride=conv1_stride, bias=False)
+        self.conv1 = build_conv_layer(conv_cfg, inplanes, width, 1, stride=conv1_stride, bias=False)
         self.add_module(self.norm1_name, norm1)
-        dcn = dict(dcn) if dcn is not None else None
-        fallback_on_stride = dcn.pop("fallback_on_stride", False) if dcn is not None else False
-        if dcn is None or (fallback_on_stride and conv2_stride != 1):
-            conv2_cfg = conv_cfg
-        else:
-            if conv_cfg is not None:
-                raise ConfigError("ResNet: conv_cfg must be None when dcn is set (mmdet asserts the same)")
-            conv2_cfg = dcn
+        owner = "ResNet" if groups == 1 else "ResNeXt"
         self.conv2 = build_conv_layer(
-            conv2_cfg, planes, planes, 3, stride=conv2_stride, padding=dilation, dilation=dilation, bias=False
+            conv2_config(conv_cfg, dcn, conv2_stride, owner), width, width, 3, stride=conv2_stride,
+            padding=dilation, dilation=dilation, groups=groups, bias=False,
         )
         self.add_module(self.norm2_name, norm2)
-        self.conv3 = build_conv_layer(conv_cfg, planes, planes * self.expansion, 1, bias=False)
+        self.conv3 = build_conv_layer(conv_cfg, width, planes * self.expansion, 1, bias=False)
         self.add_module(self.norm3_name, norm3)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
         self.dilation = dilation
         self.with_cp = with_cp
+        self.groups = groups
+        self.width = width
 
     @property
     def norm1(self) -> nn.Module:

@@ -9,15 +9,13 @@ equal torchvision's ``resnext*`` models (``layer{1..4}.{j}.conv{1,2,3}``, ``bn{1
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import nn
 
-from densedet.models.backbones.resnet import _DEFAULT_NORM, OPEN_MMLAB_URLS, ResNet
+from densedet.models.backbones.resnet import OPEN_MMLAB_URLS, ResNet
 from densedet.models.backbones.resnet import Bottleneck as _Bottleneck
-from densedet.models.layers import build_conv_layer, build_norm_layer
 from densedet.registry import BACKBONES, ConfigError
 
 __all__ = ["BlockFactory", "Bottleneck", "ResNeXt", "signature_with_base"]
@@ -65,67 +63,9 @@ class BlockFactory:
         return self.block(*args, **self.fixed, **kwargs)
 
 
-class Bottleneck(_Bottleneck):
-    """ResNeXt bottleneck: 1x1 (width) -> grouped 3x3 (width, ``groups``) -> 1x1 (``planes * 4``).
-
-    ``width = floor(planes * base_width / base_channels) * groups`` (``planes`` when ``groups == 1``, i.e. a plain
-    ResNet bottleneck). Stride on ``conv2`` for ``style='pytorch'``, on ``conv1`` for ``'caffe'``. ``dcn`` replaces
-    ``conv2`` by the registered deformable conv (keeping ``groups``), except on strided blocks when
-    ``fallback_on_stride`` is set. Forward, norm properties and ``last_norm`` are ResNet's.
-    """
-
-    expansion = 4
-
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        dilation: int = 1,
-        downsample: nn.Module | None = None,
-        style: str = "pytorch",
-        with_cp: bool = False,
-        conv_cfg: dict[str, Any] | None = None,
-        norm_cfg: dict[str, Any] = _DEFAULT_NORM,
-        dcn: dict[str, Any] | None = None,
-        groups: int = 1,
-        base_width: int = 4,
-        base_channels: int = 64,
-    ) -> None:
-        # The layers differ in width from ResNet's, so this builds its own instead of letting the parent build and
-        # then replace them (as mmdet does); everything the parent's forward reads is set below.
-        nn.Module.__init__(self)
-        width = planes if groups == 1 else math.floor(planes * base_width / base_channels) * groups
-        conv1_stride, conv2_stride = (1, stride) if style == "pytorch" else (stride, 1)
-        self.conv1_stride, self.conv2_stride = conv1_stride, conv2_stride
-        self.norm1_name, norm1 = build_norm_layer(norm_cfg, width, postfix=1)
-        self.norm2_name, norm2 = build_norm_layer(norm_cfg, width, postfix=2)
-        self.norm3_name, norm3 = build_norm_layer(norm_cfg, planes * self.expansion, postfix=3)
-
-        self.conv1 = build_conv_layer(conv_cfg, inplanes, width, 1, stride=conv1_stride, bias=False)
-        self.add_module(self.norm1_name, norm1)
-        dcn = dict(dcn) if dcn is not None else None
-        fallback_on_stride = dcn.pop("fallback_on_stride", False) if dcn is not None else False
-        if dcn is None or (fallback_on_stride and conv2_stride != 1):
-            conv2_cfg = conv_cfg
-        else:
-            if conv_cfg is not None:
-                raise ConfigError("ResNeXt: conv_cfg must be None when dcn is set (mmdet asserts the same)")
-            conv2_cfg = dcn
-        self.conv2 = build_conv_layer(
-            conv2_cfg, width, width, 3, stride=conv2_stride, padding=dilation, dilation=dilation, groups=groups,
-            bias=False,
-        )
-        self.add_module(self.norm2_name, norm2)
-        self.conv3 = build_conv_layer(conv_cfg, width, planes * self.expansion, 1, bias=False)
-        self.add_module(self.norm3_name, norm3)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.stride = stride
-        self.dilation = dilation
-        self.with_cp = with_cp
-        self.groups = groups
-        self.width = width
+# mmdet's ``resnext.Bottleneck``: ResNet's bottleneck with ``groups`` / ``base_width`` (the inner width formula
+# lives there, so ResNet and ResNeXt share one block).
+Bottleneck = _Bottleneck
 
 
 @BACKBONES.register()
