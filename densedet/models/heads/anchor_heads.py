@@ -9,12 +9,13 @@ GIoU weighted by the centerness target and normalised by its cross-process mean 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from densedet.assigners import atss_assign, max_iou_assign
+from densedet.assigners import AssignResult, atss_assign, max_iou_assign
 from densedet.engine.dist import reduce_mean
 from densedet.losses import build_loss
 from densedet.models.heads.dense_head import (
@@ -28,7 +29,7 @@ from densedet.models.heads.dense_head import (
 )
 from densedet.models.layers import Scale
 from densedet.registry import HEADS, ConfigError, check_kwargs
-from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, bbox_overlaps, pad_targets
+from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, PaddedTargets, bbox_overlaps, pad_targets
 
 
 def _build_anchor_generator(cfg: dict[str, Any] | None, default: dict[str, Any]) -> AnchorGenerator:
@@ -71,6 +72,21 @@ def iou_class_targets(cls_flat: Tensor, pos: Tensor, labels: Tensor, ious: Tenso
     return soft
 
 
+@dataclass
+class AnchorTargets:
+    """One batch's assignment on the flattened anchors: ``priors`` (N, 4) xyxy, ``num_per_level``; per image and
+    anchor (B, N): ``labels`` (``num_classes`` = background), ``gt_boxes`` (B, N, 4) xyxy of the assigned gt,
+    ``label_weights`` (0 on batch padding and ignored anchors), ``pos`` / ``neg`` masks (padding in neither)."""
+
+    priors: Tensor
+    num_per_level: list[int]
+    labels: Tensor
+    gt_boxes: Tensor
+    label_weights: Tensor
+    pos: Tensor
+    neg: Tensor
+
+
 class AnchorDenseHead(DenseHead):
     """Anchor bookkeeping shared by RetinaNet and ATSS."""
 
@@ -98,6 +114,23 @@ class AnchorDenseHead(DenseHead):
         soft = None if ious is None else iou_class_targets(cls_flat, pos, labels, ious)
         target = labels.reshape(-1) if soft is None else soft.reshape(-1, c)
         return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total), soft
+
+    def assign_anchors(self, cls_scores: list[Tensor], targets: list[dict[str, Tensor]],
+                       metas: list[dict[str, Any]]) -> AnchorTargets:
+        """Anchors of the batch's feature maps, assigned by the head's :meth:`_assign` (max-IoU for RetinaNet,
+        ATSS for ATSS and UMOP) with priors on batch padding left out (mmdet ``valid_flags``)."""
+        device = cls_scores[0].device
+        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
+        priors, per_level = self.priors(sizes, device, torch.float32)
+        valid = self.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
+        gt = pad_targets(targets, device=device)
+        assign = self._assign(priors, per_level, gt, valid)
+        labels, gt_boxes = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
+        return AnchorTargets(priors, per_level, labels, gt_boxes, (valid & (assign.gt_inds != -2)).float(),
+                             assign.pos_mask & valid, (assign.gt_inds == -1) & valid)
+
+    def _assign(self, priors: Tensor, num_per_level: list[int], gt: PaddedTargets, valid: Tensor) -> AssignResult:
+        raise NotImplementedError(f"{type(self).__name__} must define _assign() (abstract in AnchorDenseHead)")
 
     def _decoder(self, priors: Tensor, num_per_level: list[int], bbox_flat: list[Tensor], img_shapes: Tensor):
         starts = [0]
@@ -150,6 +183,9 @@ class RetinaHead(AnchorDenseHead):
     def classifier(self) -> nn.Conv2d:
         return self.retina_cls
 
+    def _assign(self, priors: Tensor, num_per_level: list[int], gt: PaddedTargets, valid: Tensor) -> AssignResult:
+        return max_iou_assign(priors, gt, prior_valid=valid, **self.assigner_kwargs)
+
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor]:
         c, r = self.towers(x)
         return self.retina_cls(c), self.retina_reg(r)
@@ -157,15 +193,9 @@ class RetinaHead(AnchorDenseHead):
     def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
              metas: list[dict[str, Any]]) -> dict[str, Tensor]:
         cls_scores, bbox_preds = outs
-        device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        priors, per_level = self.priors(sizes, device, torch.float32)
-        valid = self.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
-        gt = pad_targets(targets, device=device)
-        assign = max_iou_assign(priors, gt, prior_valid=valid, **self.assigner_kwargs)
-        labels, gt_boxes = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
-        label_weights = (valid & (assign.gt_inds != -2)).float()
-        pos = assign.pos_mask & valid
+        t = self.assign_anchors(cls_scores, targets, metas)
+        priors, per_level, labels, gt_boxes, label_weights, pos = (
+            t.priors, t.num_per_level, t.labels, t.gt_boxes, t.label_weights, t.pos)
         # anchor_head.get_targets: sum over images of max(#pos, 1)
         num_total = pos.sum(1).clamp(min=1).sum().float().item()
 
@@ -190,7 +220,7 @@ class RetinaHead(AnchorDenseHead):
         else:
             loss_bbox = bbox_flat.sum() * 0
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach(),
-                **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
+                **self.loss_level_stats(per_level, pos, t.neg, cls_flat, labels,
                                         label_weights, soft)}
 
     @torch.no_grad()
@@ -249,6 +279,9 @@ class ATSSHead(AnchorDenseHead):
     def classifier(self) -> nn.Conv2d:
         return self.atss_cls
 
+    def _assign(self, priors: Tensor, num_per_level: list[int], gt: PaddedTargets, valid: Tensor) -> AssignResult:
+        return atss_assign(priors, num_per_level, gt, prior_valid=valid, **self.assigner_kwargs)
+
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor, Tensor]:
         c, r = self.towers(x)
         bbox = self.scales[level](self.atss_reg(r)).float()
@@ -266,15 +299,9 @@ class ATSSHead(AnchorDenseHead):
     def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
              metas: list[dict[str, Any]]) -> dict[str, Tensor]:
         cls_scores, bbox_preds, centernesses = outs
-        device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        priors, per_level = self.priors(sizes, device, torch.float32)
-        valid = self.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
-        gt = pad_targets(targets, device=device)
-        assign = atss_assign(priors, per_level, gt, prior_valid=valid, **self.assigner_kwargs)
-        labels, gt_boxes = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
-        label_weights = (valid & (assign.gt_inds != -2)).float()
-        pos = assign.pos_mask & valid
+        t = self.assign_anchors(cls_scores, targets, metas)
+        priors, per_level, labels, gt_boxes, label_weights, pos = (
+            t.priors, t.num_per_level, t.labels, t.gt_boxes, t.label_weights, t.pos)
         num_total = max(reduce_mean(pos.sum().float()).item(), 1.0)
 
         cls_flat = flatten_levels(cls_scores, self.num_classes)
@@ -301,7 +328,7 @@ class ATSSHead(AnchorDenseHead):
         bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
                 "num_pos": pos.sum().float().detach(),
-                **self.loss_level_stats(per_level, pos, (assign.gt_inds == -1) & valid, cls_flat, labels,
+                **self.loss_level_stats(per_level, pos, t.neg, cls_flat, labels,
                                         label_weights, soft)}
 
     @torch.no_grad()

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from densedet.assigners import atss_assign
 from densedet.engine.dist import reduce_mean
 from densedet.losses.focal import labels_to_binary, sigmoid_focal_loss
 from densedet.losses.pfocal import ProgressiveFocalLoss, positive_ce_condition
@@ -33,7 +32,6 @@ from densedet.models.detector import SingleStageDetector
 from densedet.models.heads.anchor_heads import ATSSHead
 from densedet.models.heads.dense_head import flatten_levels
 from densedet.registry import DETECTORS, HEADS, ConfigError
-from densedet.structures import pad_targets
 
 # The reference config's loss_cls (configs/umop/umop_r50_fpn_1x_coco.py; gamma keeps the loss's default 2.0).
 PROGRESSIVE_FOCAL_LOSS = {"type": "ProgressiveFocalLoss", "use_sigmoid": True, "gamma": 2.0, "delta": 0.5, "w": 0.5,
@@ -82,15 +80,10 @@ class LRPHead(ATSSHead):
         cls_scores, bbox_preds, centernesses = outs
         device = cls_scores[0].device
         c = self.num_classes
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        priors, per_level = self.priors(sizes, device, torch.float32)
+        t = self.assign_anchors(cls_scores, targets, metas)
+        priors, per_level, labels, gt_boxes, label_weights, pos = (
+            t.priors, t.num_per_level, t.labels, t.gt_boxes, t.label_weights, t.pos)
         num_levels = len(per_level)
-        valid = self.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
-        gt = pad_targets(targets, device=device)
-        assign = atss_assign(priors, per_level, gt, prior_valid=valid, **self.assigner_kwargs)
-        labels, gt_boxes = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
-        label_weights = (valid & (assign.gt_inds != -2)).float()
-        pos = assign.pos_mask & valid
         level_ids = self.level_ids(per_level, device)
 
         # Per level (B, n_l, C) logits, labels and weights: the loss is a sum of one focal loss per level.
@@ -141,7 +134,7 @@ class LRPHead(ATSSHead):
             out[f"lvl{i}_loss_cls"] = level_losses[i].detach().float()
         if getattr(self, "collect_level_stats", False):  # DenseHead.level_stats (docs/diagnostics.md)
             per_prior = self.per_level_cls_loss(cls_levels, lab_levels, lw_levels, gammas.tolist(), alphas.tolist())
-            out.update(self.level_stats(level_ids, pos, (assign.gt_inds == -1) & valid, per_prior))
+            out.update(self.level_stats(level_ids, pos, t.neg, per_prior))
         return out
 
     @torch.no_grad()
