@@ -25,6 +25,7 @@ from densedet.models.heads.dense_head import (
     VFL_LOSS,
     DenseHead,
     flatten_levels,
+    iou_class_targets,
     split_assigner_cfg,
 )
 from densedet.models.layers import Scale
@@ -61,15 +62,6 @@ def _build_cls_loss(loss_cls: dict | None, use_vfl: bool, loss_cls_vfl: dict | N
         raise ConfigError(f"model.bbox_head.{vfl_key}.type: use_vfl needs VarifocalLoss, got '{cfg.get('type')}'",
                           path=f"model.bbox_head.{vfl_key}.type")
     return build_loss(cfg, f"model.bbox_head.{vfl_key}")
-
-
-def iou_class_targets(cls_flat: Tensor, pos: Tensor, labels: Tensor, ious: Tensor) -> Tensor:
-    """Varifocal Loss targets: (B, N, C) zeros, with ``ious`` (P,) (IoU of each positive's predicted box with its
-    gt, in ``pos.nonzero()`` order) written at each positive's gt class ``labels`` (B, N)."""
-    soft = torch.zeros_like(cls_flat, dtype=torch.float32)
-    b_idx, n_idx = pos.nonzero(as_tuple=True)
-    soft[b_idx, n_idx, labels[b_idx, n_idx]] = ious.detach().float()
-    return soft
 
 
 @dataclass
@@ -111,7 +103,7 @@ class AnchorDenseHead(DenseHead):
             ``(loss, soft_targets)``: the (B, N, C) VFL targets, or None on the label path.
         """
         c = self.num_classes
-        soft = None if ious is None else iou_class_targets(cls_flat, pos, labels, ious)
+        soft = None if ious is None else iou_class_targets(pos, labels, ious, c)
         target = labels.reshape(-1) if soft is None else soft.reshape(-1, c)
         return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total), soft
 

@@ -43,6 +43,16 @@ def bias_init_with_prob(prior_prob: float) -> float:
     return float(-math.log((1 - prior_prob) / prior_prob))
 
 
+def iou_class_targets(pos: Tensor, labels: Tensor, ious: Tensor, num_classes: int) -> Tensor:
+    """Varifocal Loss targets (VarifocalNet eq. 2): (B, N, C) float32 zeros with ``ious`` (P,) -- the IoU of each
+    positive's predicted box with its gt, in ``pos`` (B, N) row-major order -- written, detached, at each positive's
+    gt class ``labels`` (B, N)."""
+    q = torch.zeros((*pos.shape, num_classes), dtype=torch.float32, device=pos.device)
+    b_idx, n_idx = pos.nonzero(as_tuple=True)
+    q[b_idx, n_idx, labels[b_idx, n_idx]] = ious.detach().float()
+    return q
+
+
 def flatten_levels(maps: list[Tensor], channels: int) -> Tensor:
     """(B, A*channels, H, W) per level -> (B, sum H*W*A, channels), locations row-major, priors fastest."""
     b = maps[0].shape[0]

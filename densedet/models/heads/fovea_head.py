@@ -26,13 +26,11 @@ from torch import Tensor, nn
 from densedet.assigners import fovea_assign
 from densedet.losses import GIoULoss, IoULoss, VarifocalLoss, build_loss
 from densedet.models.dcn import DeformConv2d
-from densedet.models.heads.dense_head import FOCAL_LOSS, DenseHead, flatten_levels
+from densedet.models.heads.dense_head import FOCAL_LOSS, VFL_LOSS, DenseHead, flatten_levels, iou_class_targets
 from densedet.models.layers import ConvModule
 from densedet.registry import HEADS, ConfigError
 from densedet.structures import PointGenerator, bbox_overlaps, pad_targets
 
-VFL_LOSS = {"type": "VarifocalLoss", "use_sigmoid": True, "alpha": 0.75, "gamma": 2.0, "iou_weighted": True,
-            "loss_weight": 1.0}
 # Every FoveaBox config (mmdet configs/foveabox, the VarifocalNet fork) uses this box loss; see __init__.
 SMOOTH_L1 = {"type": "SmoothL1Loss", "beta": 0.11, "loss_weight": 1.0}
 
@@ -230,15 +228,10 @@ class FoveaHead(DenseHead):
             gt_boxes: ``(B, N, 4)`` ``xyxy`` pixels of each location's gt; featmap_sizes: ``(H, W)`` per level.
         """
         device = bbox_flat.device
-        q = bbox_flat.new_zeros((*pos.shape, self.num_classes), dtype=torch.float32)
-        if not bool(pos.any()):
-            return q
         points, edges, _ = self.points(featmap_sizes, device)
         pred_boxes = self.decode(points, edges, bbox_flat.detach(), self.img_shapes(metas, device))
         ious = bbox_overlaps(pred_boxes[pos], gt_boxes[pos].float(), is_aligned=True).clamp(min=1e-6)
-        b_idx, n_idx = pos.nonzero(as_tuple=True)
-        q[b_idx, n_idx, labels[pos]] = ious
-        return q
+        return iou_class_targets(pos, labels, ious, self.num_classes)
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],

@@ -29,13 +29,18 @@ from torch import Tensor, nn
 from densedet.assigners import IGNORED, AssignResult, max_iou_assign, point_assign
 from densedet.losses import build_loss
 from densedet.models.dcn import DeformConv2d
-from densedet.models.heads.dense_head import FOCAL_LOSS, DenseHead, flatten_levels, parse_train_cfg
+from densedet.models.heads.dense_head import (
+    FOCAL_LOSS,
+    VFL_LOSS,
+    DenseHead,
+    flatten_levels,
+    iou_class_targets,
+    parse_train_cfg,
+)
 from densedet.registry import HEADS, ConfigError, check_kwargs
 from densedet.structures import PointGenerator, bbox_overlaps, pad_targets
 from densedet.structures.coders import clip_boxes
 
-VFL_LOSS = {"type": "VarifocalLoss", "use_sigmoid": True, "alpha": 0.75, "gamma": 2.0, "iou_weighted": True,
-            "loss_weight": 1.0}
 TRANSFORM_METHODS = ("moment", "minmax", "partial_minmax")
 # The reference config's train_cfg (used when a model is built for inference only).
 DEFAULT_TRAIN_CFG = {
@@ -247,10 +252,8 @@ class RepPointsHead(DenseHead):
 
         Args: boxes / gt_boxes ``(B, N, 4)`` xyxy, labels ``(B, N)``, pos ``(B, N)`` bool.
         """
-        q = boxes.new_zeros((*labels.shape, self.num_classes))
         iou = bbox_overlaps(boxes[pos].detach(), gt_boxes[pos], is_aligned=True)
-        q[pos] = q.new_zeros((iou.numel(), self.num_classes)).scatter_(1, labels[pos][:, None], iou[:, None])
-        return q
+        return iou_class_targets(pos, labels, iou, self.num_classes).to(boxes.dtype)
 
     def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
              metas: list[dict[str, Any]]) -> dict[str, Tensor]:

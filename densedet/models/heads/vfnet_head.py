@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densedet.assigners import atss_assign, expand_regress_ranges, fcos_assign
@@ -44,9 +43,11 @@ from densedet.models.heads.anchor_heads import _build_anchor_generator
 from densedet.models.heads.dense_head import (
     FOCAL_LOSS,
     GN_32,
+    VFL_LOSS,
     DenseHead,
     bias_init_with_prob,
     flatten_levels,
+    iou_class_targets,
     split_assigner_cfg,
 )
 from densedet.models.layers import ConvModule, Scale
@@ -54,8 +55,6 @@ from densedet.registry import HEADS, ConfigError
 from densedet.structures import DistancePointBBoxCoder, PointGenerator, bbox_overlaps, pad_targets
 
 INF = 1e8
-VARIFOCAL_LOSS = {"type": "VarifocalLoss", "use_sigmoid": True, "alpha": 0.75, "gamma": 2.0, "iou_weighted": True,
-                  "loss_weight": 1.0}
 ATSS_ANCHORS = {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 8, "scales_per_octave": 1,
                 "center_offset": 0.0, "strides": [8, 16, 32, 64, 128]}
 BBOX_NORM_TYPES = ("reg_denom", "stride")
@@ -144,7 +143,7 @@ class VFNetHead(DenseHead):
         self.use_vfl = use_vfl
         self.use_atss = use_atss
         if use_vfl:
-            self.loss_cls = build_loss(loss_cls or VARIFOCAL_LOSS, "model.bbox_head.loss_cls")
+            self.loss_cls = build_loss(loss_cls or VFL_LOSS, "model.bbox_head.loss_cls")
         else:
             self.loss_cls = build_loss(loss_cls_fl or FOCAL_LOSS, "model.bbox_head.loss_cls_fl")
         self.loss_bbox = build_loss(loss_bbox or {"type": "GIoULoss", "loss_weight": 1.5}, "model.bbox_head.loss_bbox")
@@ -322,10 +321,7 @@ class VFNetHead(DenseHead):
         Returns:
             ``(B, N, num_classes)`` float.
         """
-        q = pos_ious.new_zeros(pos.shape)
-        q[pos] = pos_ious.detach().to(q.dtype)
-        onehot = F.one_hot(torch.where(pos, labels, self.num_classes), self.num_classes + 1)[..., :-1]
-        return onehot.to(q.dtype) * q.unsqueeze(-1)
+        return iou_class_targets(pos, labels, pos_ious, self.num_classes)
 
     @torch.no_grad()
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
