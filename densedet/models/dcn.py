@@ -203,7 +203,18 @@ def _offset_conv(layer: _DeformConvBase, per_point: int) -> nn.Conv2d:
     )
 
 
-class DeformConv2dPack(DeformConv2d):
+class _ZeroOffsetInit:
+    """``init_weights`` of the ``Pack`` layers: the deformable conv's own init, then a zero ``conv_offset`` so a
+    fresh layer starts as a plain conv (v2: scaled by the mask ``sigmoid(0) = 0.5``), as mmcv."""
+
+    def init_weights(self) -> None:
+        super().init_weights()  # type: ignore[misc]
+        if hasattr(self, "conv_offset"):  # the parent's __init__ calls this before conv_offset exists
+            nn.init.zeros_(self.conv_offset.weight)
+            nn.init.zeros_(self.conv_offset.bias)
+
+
+class DeformConv2dPack(_ZeroOffsetInit, DeformConv2d):
     """DCN v1 that predicts its own offsets: ``conv_offset`` (``2 * deform_groups * kh * kw`` channels).
 
     Drop-in for ``nn.Conv2d`` (``forward(x)``); registered as ``CONV_LAYERS['DCN']``.
@@ -214,18 +225,11 @@ class DeformConv2dPack(DeformConv2d):
         self.conv_offset = _offset_conv(self, 2)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """Weight as :class:`DeformConv2d`; ``conv_offset`` zero so the layer starts as a plain conv."""
-        super().init_weights()
-        if hasattr(self, "conv_offset"):
-            nn.init.zeros_(self.conv_offset.weight)
-            nn.init.zeros_(self.conv_offset.bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self._deform(x, self.conv_offset(x), None)
 
 
-class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
+class ModulatedDeformConv2dPack(_ZeroOffsetInit, ModulatedDeformConv2d):
     """DCN v2 that predicts offsets and masks: ``conv_offset`` (``3 * deform_groups * kh * kw`` channels).
 
     The first two thirds of ``conv_offset``'s output are the offsets (mmcv splits them into two chunks and
@@ -237,13 +241,6 @@ class ModulatedDeformConv2dPack(ModulatedDeformConv2d):
         super().__init__(*args, **kwargs)
         self.conv_offset = _offset_conv(self, 3)
         self.init_weights()
-
-    def init_weights(self) -> None:
-        """Weight as :class:`ModulatedDeformConv2d`; ``conv_offset`` zero: zero offsets, mask ``sigmoid(0) = 0.5``."""
-        super().init_weights()
-        if hasattr(self, "conv_offset"):
-            nn.init.zeros_(self.conv_offset.weight)
-            nn.init.zeros_(self.conv_offset.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out = self.conv_offset(x)
