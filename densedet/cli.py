@@ -118,7 +118,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from densedet.data.synth import make_synthetic_coco
 
     nval = args.num_val if args.num_val is not None else max(1, args.num_images // 4)
-    paths = make_synthetic_coco(args.out, num_train=args.num_images, num_val=nval, size=args.size, seed=args.seed)
+    paths = make_synthetic_coco(args.out, num_train=args.num_images, num_val=nval, size=args.size, seed=args.seed,
+                                force=args.force)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
     return 0
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=None, help="validation images (default num-images/4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=320, help="image side in pixels")
+    s.add_argument("--force", action="store_true",
+                   help="write into OUT even if it holds files other than a previous synthetic set")
     s.set_defaults(fn=cmd_synth)
 
     c = sub.add_parser("convert", help="convert a released MMDetection checkpoint")
