@@ -12,19 +12,14 @@ EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML f
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    from densedet.engine.checkpoint import latest_checkpoint
+    """:func:`densedet.engine.checkpoint.resolve_checkpoint`, saying on stderr when a work dir means its SWA average."""
+    from densedet.engine.checkpoint import resolve_checkpoint
+    from densedet.engine.swa import SWA_FINAL
 
-    p = Path(path)
-    if p.is_dir():
-        swa = p / "swa_final.pth"
-        if swa.is_file():  # a finished SWA run: the averaged weights are the model (last_checkpoint is for resume)
-            print(f"using the SWA-averaged weights {swa} (pass another .pth to test something else)", file=sys.stderr)
-            return swa
-        found = latest_checkpoint(p)
-        if found is None:
-            raise SystemExit(f"error: {p}: no checkpoint in this work dir")
-        return Path(found)
-    return p
+    found = resolve_checkpoint(path)
+    if Path(path).is_dir() and found.name == SWA_FINAL:
+        print(f"using the SWA-averaged weights {found} (pass another .pth to test something else)", file=sys.stderr)
+    return found
 
 
 def cmd_train(args: argparse.Namespace) -> int:
