@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import TINY_ATSS, val_resize
 
 from densedet.cli import build_parser, main
 from densedet.config import load_config
@@ -20,12 +21,7 @@ from densedet.inference.draw_predictions import GRID_TILE_SIDE, GRID_TILES
 from densedet.models.build import build_detector
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
-    "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
-    "model.bbox_head.norm_cfg={type: GN, num_groups: 4}", "model.test_cfg.score_thr=0.0",
-    "model.backbone.pretrained=null", "data.val.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]",
-]
+TINY = [*TINY_ATSS, "model.test_cfg.score_thr=0.0", val_resize(64)]
 CFG = "atss_r18_fpn_synth"
 GAP = 4  # save_detection_grid's gap between cells
 

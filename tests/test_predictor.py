@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from tiny_models import TINY_ATSS, val_resize
 
 from densedet.cli import _resolve_checkpoint
 from densedet.config import load_config
@@ -16,12 +17,7 @@ from densedet.engine.checkpoint import CheckpointNotFoundError, mark_last_checkp
 from densedet.inference.predictor import Predictor
 from densedet.models.build import build_detector
 
-TINY = [
-    "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
-    "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
-    "model.bbox_head.norm_cfg={type: GN, num_groups: 4}", "model.test_cfg.score_thr=0.0",
-    "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: Normalize}]", "model.backbone.pretrained=null",
-]
+TINY = [*TINY_ATSS, "model.test_cfg.score_thr=0.0", val_resize(96)]
 CFG = "atss_r18_fpn_synth"
 EXIF_ORIENTATION = 0x0112
 

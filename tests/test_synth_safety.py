@@ -8,17 +8,15 @@ import json
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_ATSS, val_resize
 
 from densedet.cli import main
 from densedet.data import DataError, make_synthetic_coco
 from densedet.data.synth import SYNTH_MARKER, check_auto_create, synthetic_target_problem
 
 TINY = [
-    "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
-    "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
-    "model.bbox_head.norm_cfg={type: GN, num_groups: 4}", "data.samples_per_gpu=2", "data.workers_per_gpu=0",
+    *TINY_ATSS, "data.samples_per_gpu=2", "data.workers_per_gpu=0", val_resize(64),
     "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]",
-    "data.val.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]",
     "data.synth={num_train: 4, num_val: 2, size: 64, seed: 0}", "schedule.epochs=1", "schedule.max_iters=1",
     "runtime.val_interval=0", "runtime.device=cpu",
 ]
