@@ -9,6 +9,7 @@ A block that cannot run here (COCO-sized data, downloads) is preceded by ``<!-- 
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,8 +49,8 @@ def python_snippets(path: Path, text: str | None = None) -> list[Snippet]:
             while k >= 0 and not lines[k].strip():
                 k -= 1
             marker = _NO_TEST.match(lines[k]) if k >= 0 else None
-            out.append(Snippet(path, start + 1, "\n".join(lines[start + 1:j]) + "\n",
-                               marker.group(1) if marker else None))
+            code = textwrap.dedent("\n".join(lines[start + 1:j]) + "\n")  # blocks inside list items are indented
+            out.append(Snippet(path, start + 1, code, marker.group(1) if marker else None))
             i = j + 1
         else:
             i += 1
@@ -61,10 +62,12 @@ SNIPPETS = [s for doc in DOCS for s in python_snippets(doc)]
 
 def test_extractor_finds_blocks_and_honours_no_test() -> None:
     md = ("text\n```bash\nls\n```\n<!-- no-test: needs COCO -->\n\n```python\nimport coco\n```\n"
-          "```py\nx = 1\n```\n<!-- no-test: -->\nprose between\n```python\ny = 2\n```\n")
+          "```py\nx = 1\n```\n<!-- no-test: -->\nprose between\n```python\ny = 2\n```\n"
+          "- a list item:\n\n  ```python\n  if True:\n      z = 3\n  ```\n")
     got = python_snippets(Path("x.md"), md)
     assert [(s.line, s.code, s.skip) for s in got] == [(7, "import coco\n", "needs COCO"), (10, "x = 1\n", None),
-                                                       (15, "y = 2\n", None)]
+                                                       (15, "y = 2\n", None),
+                                                       (20, "if True:\n    z = 3\n", None)]
     with pytest.raises(ValueError, match="x.md:1"):
         python_snippets(Path("x.md"), "```python\nnever closed\n")
 
