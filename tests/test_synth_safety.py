@@ -151,4 +151,5 @@ def test_target_states(tmp_path) -> None:
     assert synthetic_target_problem(tmp_path) is None  # empty
     (tmp_path / "f").write_text("x")
     assert synthetic_target_problem(tmp_path / "f") == "is not a folder"
-    assert "holds files but no DenseDet synthetic" in synthetic_target_problem(tmp_path)
+    assert synthetic_target_problem(tmp_path) == ("holds files (f) and no DenseDet synthetic "
+                                                  "annotations/instances_train.json, so they are not a synthetic set")

@@ -223,7 +223,9 @@ def _previous_set_files(root: Path, existing: list[str]) -> tuple[set[str] | Non
         except (OSError, ValueError, KeyError, TypeError):
             described = False
         if not described:
-            return None, f"holds files but no DenseDet synthetic annotations/instances_{split}.json"
+            shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+            return None, (f"holds files ({shown}) and no DenseDet synthetic annotations/instances_{split}.json, "
+                          "so they are not a synthetic set")
         allowed |= names | {ann.relative_to(root).as_posix()}
     extra = [rel for rel in existing if rel not in allowed]
     if extra:
