@@ -15,7 +15,8 @@ def build_model(name_or_path: str | Path, checkpoint: str | Path | None = None, 
     """Build the detector of a built-in config name or a YAML path.
 
     Args:
-        checkpoint: a DenseDet (or converted MMDetection) checkpoint to load with ``strict=True``.
+        checkpoint: a DenseDet (or converted MMDetection) checkpoint to load with ``strict=True``, or a training
+            work dir (its checkpoint as :func:`densedet.engine.checkpoint.resolve_checkpoint` picks it).
         pretrained_backbone: load the backbone's ``pretrained`` weights named in the config (off by default, as
             timm's ``pretrained=False``; a checkpoint holds every weight anyway).
         overrides: model keys, ``num_classes=3`` as a shorthand for ``bbox_head.num_classes``, other keys as paths
@@ -34,7 +35,8 @@ def build_model(name_or_path: str | Path, checkpoint: str | Path | None = None, 
     cfg = load_config(name_or_path, ov)
     model = build_detector(cfg.model, init=checkpoint is None)
     if checkpoint is not None:
-        from densedet.engine.checkpoint import load_checkpoint, load_model_weights
+        from densedet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 
+        checkpoint = resolve_checkpoint(checkpoint)
         load_model_weights(model, load_checkpoint(checkpoint), strict=True, source=str(checkpoint))
     return model

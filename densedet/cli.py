@@ -12,19 +12,14 @@ EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML f
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    from densedet.engine.checkpoint import latest_checkpoint
+    """:func:`densedet.engine.checkpoint.resolve_checkpoint`, saying on stderr when a work dir means its SWA average."""
+    from densedet.engine.checkpoint import resolve_checkpoint
+    from densedet.engine.swa import SWA_FINAL
 
-    p = Path(path)
-    if p.is_dir():
-        swa = p / "swa_final.pth"
-        if swa.is_file():  # a finished SWA run: the averaged weights are the model (last_checkpoint is for resume)
-            print(f"using the SWA-averaged weights {swa} (pass another .pth to test something else)", file=sys.stderr)
-            return swa
-        found = latest_checkpoint(p)
-        if found is None:
-            raise SystemExit(f"error: {p}: no checkpoint in this work dir")
-        return Path(found)
-    return p
+    found = resolve_checkpoint(path)
+    if Path(path).is_dir() and found.name == SWA_FINAL:
+        print(f"using the SWA-averaged weights {found} (pass another .pth to test something else)", file=sys.stderr)
+    return found
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -86,31 +81,26 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from densedet.inference.predictor import Predictor, list_images, read_image
-    from densedet.inference.visualize import draw_detections, save_detection_grid
+    from densedet.inference import draw_predictions as dp
+    from densedet.inference.predictor import Predictor
 
+    if args.input and "=" in args.input and not Path(args.input).exists():  # `predict CFG CKPT --split val k=v`:
+        args.overrides, args.input = [args.input, *(args.overrides or [])], None  # argparse took k=v for INPUT
+    if bool(args.split) == bool(args.input):
+        print("error: give INPUT (an image or a folder, or with --ann FILE the folder of its images) or --split "
+              f"SPLIT, not {'both' if args.split else 'neither'}", file=sys.stderr)
+        return 2
     predictor = Predictor(args.config, _resolve_checkpoint(args.checkpoint), device=args.device,
                           overrides=args.overrides, tta=args.tta)
-    files = list_images(args.input)[: args.limit or None]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records, drawn = [], []
-    for i in range(0, len(files), 4):
-        chunk = files[i:i + 4]
-        for path, det in zip(chunk, predictor(chunk)):
-            img = draw_detections(read_image(path), det["boxes"], det["scores"], det["labels"], predictor.classes,
-                                  score_thr=args.score_thr)
-            img.save(out / f"{path.stem}.png")
-            drawn.append(img)
-            keep = det["scores"] > args.score_thr
-            records.append({"file": str(path), "detections": [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c),
-                 "class": predictor.classes[int(c)]}
-                for b, s, c in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]})
-    (out / "predictions.json").write_text(json.dumps(records, indent=1))
-    if drawn:
-        save_detection_grid(drawn[:16], out / "grid.png")
-    print(f"drew {len(files)} images into {out}/ (grid.png, predictions.json)")
+    if args.split:
+        items = dp.coco_images(*dp.split_files(predictor.cfg, args.split), limit=args.limit)
+    elif args.ann:
+        items = dp.coco_images(args.ann, args.input, limit=args.limit)
+    else:
+        items = dp.folder_images(args.input, limit=args.limit)
+    done = dp.predict_and_draw(predictor, items, args.out, score_thr=args.score_thr, grid_tiles=args.grid)
+    grid = f"grid.png with {done['grid_tiles']} of them, " if done["grid_tiles"] else ""
+    print(f"drew {done['images']} images into {done['out']}/ ({grid}predictions.json)")
     return 0
 
 
@@ -118,7 +108,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from densedet.data.synth import make_synthetic_coco
 
     nval = args.num_val if args.num_val is not None else max(1, args.num_images // 4)
-    paths = make_synthetic_coco(args.out, num_train=args.num_images, num_val=nval, size=args.size, seed=args.seed)
+    paths = make_synthetic_coco(args.out, num_train=args.num_images, num_val=nval, size=args.size, seed=args.seed,
+                                force=args.force)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
     return 0
 
@@ -191,11 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
     r.add_argument("config")
     r.add_argument("checkpoint", help="checkpoint file or work dir")
-    r.add_argument("input", help="an image or a folder of images")
+    r.add_argument("input", nargs="?", help="an image or a folder of images (with --ann: the folder of its images)")
     r.add_argument("overrides", nargs="*")
     r.add_argument("--out", required=True)
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--ann", help="draw exactly the images of this COCO annotation file (INPUT: their folder), "
+                                   "with its boxes dashed")
+    src.add_argument("--split", choices=["train", "val", "test"],
+                     help="draw exactly the images of the config's data split (data.root + ann_file / img_dir)")
     r.add_argument("--score-thr", type=float, default=0.3)
     r.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
+    r.add_argument("--grid", type=int, default=12,
+                   help="grid.png tiles: the first min(N, images) drawn, enlarged or reduced to 480 px (0 = none)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
@@ -210,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=None, help="validation images (default num-images/4)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=320, help="image side in pixels")
+    s.add_argument("--force", action="store_true",
+                   help="write into OUT even if it holds files other than a previous synthetic set")
     s.set_defaults(fn=cmd_synth)
 
     c = sub.add_parser("convert", help="convert a released MMDetection checkpoint")

@@ -93,3 +93,22 @@ def test_save_detection_grid(tmp_path):
         assert grid.getpixel((104 + 2, 84 + 2)) != (255, 0, 255)  # cell corner is background
     with pytest.raises(ValueError):
         save_detection_grid([], tmp_path / "empty.png")
+
+
+def test_display_side_resizes_before_drawing():
+    img = grey_image(60, 40)
+    out = draw_detections(img, [[10.0, 10.0, 30.0, 30.0]], [0.9], [0], NAMES, gt_boxes=[[40.0, 5.0, 55.0, 35.0]],
+                          display_side=480)
+    assert out.size == (480, 320) and img.size == (60, 40)  # longer side 480, aspect kept, input untouched
+    arr = np.asarray(out)
+    color = class_color(0)
+    for x, y in [(80, 160), (240, 160), (160, 240)]:  # the box scaled by 8: x 80..240, y 80..240
+        assert tuple(arr[y, x]) == color
+    assert tuple(arr[160, 160]) == GREY
+    gt_edge = {tuple(v) for v in arr[60:260, 320]}  # the dashed ground truth scaled too: x = 40 * 8
+    assert {(255, 255, 255), (0, 0, 0)} <= gt_edge
+    assert tuple(arr[160, 300]) == GREY
+    small = draw_detections(grey_image(600, 400), [[100.0, 100.0, 300.0, 300.0]], [0.9], [0], NAMES, display_side=60)
+    assert small.size == (60, 40) and tuple(np.asarray(small)[20, 10]) == color  # large images are reduced
+    with pytest.raises(ValueError, match="display_side"):
+        draw_detections(img, [], [], [], NAMES, display_side=0)

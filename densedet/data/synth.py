@@ -6,10 +6,17 @@ the image side, so every FPN level P3-P7 sees objects. Shapes get a colour far f
 later shapes are drawn over earlier ones, and an annotation whose shape is more than 70% hidden is dropped (the
 shape stays in the image). Boxes are the full extent of the drawn shape. About 5% of validation images have no
 objects. Everything is drawn with numpy + Pillow from one seed: same seed, same bytes.
+
+Writing is guarded so that a user's data can never be overwritten: the set is written only into a folder that does
+not exist, is empty, or holds exactly a previous synthetic set (every file listed, with its SHA-256, in the marker
+file ``.densedet_synthetic.json`` that each run writes first and completes last; sets written before the marker
+existed are recognised by their annotation files). Anything else is refused unless ``force=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -18,12 +25,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["SYNTH_CLASSES", "make_synthetic_coco"]
+from densedet.data.coco import DataError
+
+__all__ = ["SYNTH_CLASSES", "SYNTH_MARKER", "check_auto_create", "make_synthetic_coco", "synthetic_target_problem"]
 
 SYNTH_CLASSES = ("circle", "square", "triangle")
 _MIN_SIZE = 8
 _MAX_COVERED = 0.7  # drop an annotation whose shape is hidden more than this
 _EMPTY_VAL_FRACTION = 0.05
+SYNTH_MARKER = ".densedet_synthetic.json"  # in the dataset root: the files this module wrote, with their hashes
+_DESCRIPTION = "DenseDet synthetic shapes"
+_SPLITS = ("train", "val")
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -107,41 +119,167 @@ def _render(
     return out, objects
 
 
+def _layout(root: Path) -> dict[str, Path]:
+    return {
+        "root": root,
+        "train_img_dir": root / "train",
+        "val_img_dir": root / "val",
+        "train_ann_file": root / "annotations" / "instances_train.json",
+        "val_ann_file": root / "annotations" / "instances_val.json",
+    }
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_bytes(path: Path, data: bytes, written: dict[str, str], root: Path) -> None:
+    """Write ``data`` to ``path`` through a temporary name (a file is either old or whole) and record its hash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    written[path.relative_to(root).as_posix()] = _sha256(data)
+
+
+def _write_marker(root: Path, params: dict[str, Any], files: dict[str, str | None], complete: bool) -> None:
+    body = {"densedet_synthetic": 1, "params": params, "complete": complete, "files": dict(sorted(files.items()))}
+    tmp = root / (SYNTH_MARKER + ".tmp")
+    tmp.write_text(json.dumps(body, indent=0))
+    os.replace(tmp, root / SYNTH_MARKER)
+
+
 def _write_split(
-    rng: np.random.Generator, img_dir: Path, ann_file: Path, num: int, size: int, num_empty: int, split: str
+    rng: np.random.Generator, paths: dict[str, Path], num: int, size: int, num_empty: int, split: str,
+    written: dict[str, str],
 ) -> None:
-    img_dir.mkdir(parents=True, exist_ok=True)
+    root, img_dir, ann_file = paths["root"], paths[f"{split}_img_dir"], paths[f"{split}_ann_file"]
     empty = set(rng.choice(num, size=num_empty, replace=False).tolist()) if num_empty else set()
     images, annotations = [], []
     for i in range(num):
         num_objects = 0 if i in empty else int(rng.integers(1, 9))
         img, objects = _render(rng, size, num_objects)
         name = f"{i + 1:06d}.png"
-        Image.fromarray(img).save(img_dir / name, compress_level=1)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", compress_level=1)
+        _write_bytes(img_dir / name, buf.getvalue(), written, root)
         images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
         for obj in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj})
     data = {
-        "info": {"description": f"DenseDet synthetic shapes ({split})", "version": "1.0"},
+        "info": {"description": f"{_DESCRIPTION} ({split})", "version": "1.0"},
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": [{"id": c + 1, "name": n, "supercategory": "shape"} for c, n in enumerate(SYNTH_CLASSES)],
     }
-    ann_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ann_file.with_name(ann_file.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, ann_file)  # the json appears last and whole: its presence means the split is complete
+    # The json appears last and whole: its presence means the split is complete.
+    _write_bytes(ann_file, json.dumps(data).encode(), written, root)
+
+
+def _planned_files(num_train: int, num_val: int) -> list[str]:
+    files = [f"annotations/instances_{split}.json" for split in _SPLITS]
+    for split, num in zip(_SPLITS, (num_train, num_val)):
+        files += [f"{split}/{i + 1:06d}.png" for i in range(num)]
+    return files
+
+
+def _existing_files(root: Path) -> list[str]:
+    """Every non-folder entry below ``root`` (symlinks included), as posix paths relative to ``root``."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
+def _previous_set_files(root: Path, existing: list[str]) -> tuple[set[str] | None, str]:
+    """The files of a previous synthetic set in ``root`` if ``existing`` are exactly (a subset of) them.
+
+    Returns ``(files, "")`` when recognised, else ``(None, reason)``. With the marker: every existing file must be
+    listed in it and, for a completed set, have the recorded hash (so a file edited or added by hand is noticed).
+    Without a marker (sets written by DenseDet 0.1.0): both annotation files must describe a DenseDet synthetic
+    set and every other file must be an image they list.
+    """
+    allowed: set[str] = set()
+    marker = root / SYNTH_MARKER
+    if marker.is_file():
+        try:
+            body = json.loads(marker.read_text())
+            files = dict(body["files"])
+            complete = bool(body["complete"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, f"its {SYNTH_MARKER} is unreadable"
+        allowed = set(files) | {SYNTH_MARKER, SYNTH_MARKER + ".tmp"} | {f + ".tmp" for f in files}
+        for rel in existing:
+            if rel not in allowed:
+                return None, f"holds {rel}, which is not part of the synthetic set"
+            expected = files.get(rel)
+            if complete and expected is not None and _sha256((root / rel).read_bytes()) != expected:
+                return None, f"{rel} was changed after the synthetic set was written"
+        return allowed, ""
+    for split in _SPLITS:
+        ann = root / "annotations" / f"instances_{split}.json"
+        try:
+            data = json.loads(ann.read_text())
+            described = str(data["info"]["description"]).startswith(_DESCRIPTION)
+            names = {f"{split}/{img['file_name']}" for img in data["images"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            described = False
+        if not described:
+            shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+            return None, (f"holds files ({shown}) and no DenseDet synthetic annotations/instances_{split}.json, "
+                          "so they are not a synthetic set")
+        allowed |= names | {ann.relative_to(root).as_posix()}
+    extra = [rel for rel in existing if rel not in allowed]
+    if extra:
+        return None, f"holds {extra[0]}, which is not part of the synthetic set"
+    return allowed, ""
+
+
+def synthetic_target_problem(out_dir: str | Path) -> str | None:
+    """Why the synthetic set may not be written into ``out_dir``, or ``None`` when it may.
+
+    It may when ``out_dir`` does not exist, is an empty folder, or holds exactly a previous synthetic set (see the
+    module docstring); never into a folder with any other file.
+    """
+    root = Path(out_dir)
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        return "is not a folder"
+    existing = _existing_files(root)
+    if not existing:
+        return None
+    files, reason = _previous_set_files(root, existing)
+    return None if files is not None else reason
+
+
+def check_auto_create(root: str | Path, train_ann_file: str | Path) -> None:
+    """Raise :class:`~densedet.data.DataError` naming ``train_ann_file`` unless ``data.auto_create: synthetic`` may
+    create the synthetic set in ``root`` (the missing file is the set's own training json and ``root`` is missing,
+    empty or a previous synthetic set). Reads only: safe to call on every process before one of them writes."""
+    root = Path(root)
+    train_ann = Path(train_ann_file)
+    missing = f"training annotation file not found: {train_ann} (data.train.ann_file under data.root {root})"
+    if os.path.abspath(train_ann) != os.path.abspath(_layout(root)["train_ann_file"]):
+        raise DataError(f"{missing}; data.auto_create: synthetic only creates the built-in synthetic set, whose "
+                        "training file is annotations/instances_train.json, so it does not apply here")
+    problem = synthetic_target_problem(root)
+    if problem is not None:
+        raise DataError(f"{missing}. data.auto_create: synthetic writes the synthetic set only into a missing or "
+                        f"empty folder, and {root} {problem}: nothing was written. Point data.root / "
+                        "data.train.ann_file at your data, or set data.auto_create=null")
 
 
 def make_synthetic_coco(
-    out_dir: str | Path, num_train: int = 200, num_val: int = 50, size: int = 320, seed: int = 0
+    out_dir: str | Path, num_train: int = 200, num_val: int = 50, size: int = 320, seed: int = 0, force: bool = False
 ) -> dict[str, Path]:
     """Write a synthetic COCO-format dataset and return its paths.
 
     Layout: ``out_dir/train/*.png``, ``out_dir/val/*.png``, ``out_dir/annotations/instances_{train,val}.json``
     (categories 1..3 = circle, square, triangle; ``bbox`` = ``[x, y, w, h]`` of the whole shape; ``area`` =
-    visible pixels). Deterministic in ``seed``.
+    visible pixels) and the marker ``out_dir/.densedet_synthetic.json``. Deterministic in ``seed``.
+
+    ``out_dir`` must not exist, be empty, or hold exactly a previous synthetic set (whose files are then replaced);
+    anything else raises :class:`~densedet.data.DataError` without writing, unless ``force`` (then colliding files
+    are overwritten and other files are left alone).
 
     Returns:
         ``{"root", "train_img_dir", "val_img_dir", "train_ann_file", "val_ann_file"}`` as :class:`~pathlib.Path`.
@@ -151,18 +289,25 @@ def make_synthetic_coco(
     if num_train < 0 or num_val < 0:
         raise ValueError(f"make_synthetic_coco: image counts must be >= 0, got {num_train}, {num_val}")
     root = Path(out_dir)
-    paths = {
-        "root": root,
-        "train_img_dir": root / "train",
-        "val_img_dir": root / "val",
-        "train_ann_file": root / "annotations" / "instances_train.json",
-        "val_ann_file": root / "annotations" / "instances_val.json",
-    }
+    paths = _layout(root)
+    if not force:
+        problem = synthetic_target_problem(root)
+        if problem is not None:
+            raise DataError(f"refusing to write the synthetic dataset into {root}: it {problem}. Use a new or "
+                            "empty folder, or force=True (densedet data synth --force) to write into it anyway")
+        if root.is_dir() and (old := _previous_set_files(root, _existing_files(root))[0]):
+            planned = set(_planned_files(num_train, num_val))
+            for rel in sorted(old - planned - {SYNTH_MARKER}):  # the previous set's files the new one lacks
+                (root / rel).unlink(missing_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    params = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed}
+    _write_marker(root, params, dict.fromkeys(_planned_files(num_train, num_val)), complete=False)
     train_seq, val_seq = np.random.SeedSequence(seed).spawn(2)
     num_empty = int(round(num_val * _EMPTY_VAL_FRACTION))
     if num_val >= 4:
         num_empty = max(num_empty, 1)
+    written: dict[str, str] = {}
     for split, seq, num, empty in (("train", train_seq, num_train, 0), ("val", val_seq, num_val, num_empty)):
-        rng = np.random.default_rng(seq)
-        _write_split(rng, paths[f"{split}_img_dir"], paths[f"{split}_ann_file"], num, size, empty, split)
+        _write_split(np.random.default_rng(seq), paths, num, size, empty, split, written)
+    _write_marker(root, params, written, complete=True)
     return paths

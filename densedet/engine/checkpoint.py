@@ -33,6 +33,7 @@ __all__ = [
     "load_model_weights",
     "mark_last_checkpoint",
     "prune_checkpoints",
+    "resolve_checkpoint",
     "restore_rng",
     "save_checkpoint",
     "to_plain",
@@ -352,6 +353,29 @@ def latest_checkpoint(work_dir: str | Path) -> Path | None:
     if not ckpts:
         return None
     return max(ckpts, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to test or predict with: ``path`` itself when it is a file, and for a training work dir its
+    ``swa_final.pth`` (a finished SWA run: the averaged weights are the model) or else :func:`latest_checkpoint`.
+
+    ``densedet test/predict`` and :class:`densedet.Predictor` all resolve through this function. Raises
+    :class:`CheckpointNotFoundError` naming ``path`` when it is neither a file nor a work dir with a checkpoint.
+    """
+    from densedet.engine.swa import SWA_FINAL  # swa imports this module
+
+    p = Path(path)
+    if p.is_dir():
+        swa = p / SWA_FINAL
+        if swa.is_file():
+            return swa
+        found = latest_checkpoint(p)
+        if found is None:
+            raise CheckpointNotFoundError(f"{p}: no checkpoint in this work dir (no {LAST_CHECKPOINT_FILE}, no *.pth)")
+        return found
+    if not p.is_file():
+        raise CheckpointNotFoundError(f"{p}: no such checkpoint file or work dir")
+    return p
 
 
 def prune_checkpoints(work_dir: str | Path, max_keep: int, keep: str | Path | None = None) -> list[Path]:

@@ -240,9 +240,11 @@ class Trainer:
                     raise ConfigError(f"data.auto_create must be 'synthetic' or null, got '{data.auto_create}'",
                                       path="data.auto_create")
                 if not train_ann.is_file():
-                    if self.is_main:
-                        from densedet.data import make_synthetic_coco
+                    from densedet.data.synth import check_auto_create, make_synthetic_coco
 
+                    check_auto_create(data.root, train_ann)  # never into a user's data: raises naming the file
+                    barrier()  # every process checked before one writes
+                    if self.is_main:
                         logger.info("creating the synthetic dataset in %s", data.root)
                         make_synthetic_coco(data.root, **data.synth)
                     barrier()

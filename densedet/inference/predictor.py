@@ -33,7 +33,13 @@ def list_images(path: str | Path) -> list[Path]:
 
 
 def read_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
-    """Any supported input -> (H, W, 3) uint8 RGB array."""
+    """Any supported input -> (H, W, 3) uint8 RGB array in the frame the user sees.
+
+    A path and a PIL image are turned upright by their EXIF orientation tag (``ImageOps.exif_transpose``, as image
+    viewers and :class:`~densedet.data.CocoDataset` do), so the same photo gives the same array either way; the
+    caller's PIL image is not modified. A numpy array (or anything ``np.asarray`` takes, e.g. a CPU tensor) carries
+    no EXIF and is taken as-is: it must already be upright, ``(H, W, 3)`` uint8 RGB.
+    """
     if isinstance(image, (str, Path)):
         try:
             with Image.open(image) as im:
@@ -41,7 +47,7 @@ def read_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"cannot decode image {image}: {e}") from e
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"an image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
@@ -51,8 +57,14 @@ def read_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
 class Predictor:
     """Detector + test pipeline + class names.
 
-    ``Predictor("atss_r18_fpn_synth", "work_dirs/demo/latest.pth")(images)`` returns, per image, a dict with
-    ``boxes`` (K, 4) xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names).
+    ``Predictor("atss_r18_fpn_synth", "work_dirs/demo")(images)`` returns, per image, a dict with ``boxes`` (K, 4)
+    xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names).
+
+    ``checkpoint`` is a checkpoint file or a training work dir, resolved as ``densedet test/predict`` do
+    (:func:`densedet.engine.checkpoint.resolve_checkpoint`: the SWA average of a finished SWA run, else the latest
+    checkpoint); ``None`` keeps the freshly initialised weights. Images are paths, PIL images or ``(H, W, 3)``
+    uint8 RGB arrays; paths and PIL images are turned upright by their EXIF orientation first, arrays are taken
+    as-is (:func:`read_image`), and boxes are in the pixels of that upright image, the frame the user sees.
 
     Test-time augmentation follows the config's ``data.val.pipeline`` (a ``MultiScaleFlipAug`` there merges its
     views' detections); ``tta=False`` tests at its first scale only, ``tta=True`` adds horizontal-flip TTA to a
@@ -62,18 +74,19 @@ class Predictor:
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
                  score_thr: float | None = None, classes: Sequence[str] | None = None,
                  overrides: list[str] | None = None, tta: bool | None = None) -> None:
-        from densedet.engine.checkpoint import load_checkpoint, load_model_weights
+        from densedet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 
         self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        self.checkpoint: Path | None = resolve_checkpoint(checkpoint) if checkpoint is not None else None
         model_cfg = dict(self.cfg.model)
         model_cfg["backbone"] = {**model_cfg["backbone"], "pretrained": None}  # the checkpoint has all weights
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
-        self.model = build_detector(model_cfg, init=checkpoint is None)
+        self.model = build_detector(model_cfg, init=self.checkpoint is None)
         meta: dict[str, Any] = {}
-        if checkpoint is not None:
-            ckpt = load_checkpoint(checkpoint)
-            load_model_weights(self.model, ckpt, strict=True, source=str(checkpoint))
+        if self.checkpoint is not None:
+            ckpt = load_checkpoint(self.checkpoint)
+            load_model_weights(self.model, ckpt, strict=True, source=str(self.checkpoint))
             meta = ckpt.get("meta", {}) or {}
         self.model.to(self.device).eval()
         self.model.use_channels_last(self.cfg.runtime.channels_last)

@@ -83,6 +83,7 @@ def draw_detections(
     class_names: Sequence[str],
     score_thr: float = 0.3,
     gt_boxes: Any | None = None,
+    display_side: int | None = None,
 ) -> Image.Image:
     """Draw detections with class-coloured boxes and ``"name 0.87"`` labels on a copy of ``image``.
 
@@ -94,13 +95,25 @@ def draw_detections(
         class_names: names of the classes.
         score_thr: display threshold.
         gt_boxes: optional (N, 4) xyxy ground-truth boxes, drawn thin and dashed white/black.
+        display_side: if set, the image is first resized (bilinear) so that its longer side has this many pixels
+            and the boxes are scaled with it: a small image is enlarged before drawing, so its labels get a
+            readable size instead of being drawn at 10 px on a thumbnail (the overview grid of ``densedet
+            predict`` draws every tile so).
 
     Returns:
-        A new RGB PIL image. Outline width and font size scale with the image size; higher-scoring boxes are
-        drawn last (on top).
+        A new RGB PIL image (``display_side`` on its longer side when given). Outline width and font size scale
+        with the image size; higher-scoring boxes are drawn last (on top).
     """
     img = _to_pil(image)
     b = _as_array(boxes, "boxes", 4)
+    scale = 1.0
+    if display_side is not None:
+        if display_side < 1:
+            raise ValueError(f"draw_detections: display_side must be >= 1, got {display_side}")
+        scale = display_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        b = b * scale
     s = _as_array(scores, "scores", None)
     lab = _as_array(labels, "labels", None).astype(np.int64)
     if not (len(b) == len(s) == len(lab)):
@@ -121,7 +134,7 @@ def draw_detections(
     draw = ImageDraw.Draw(img)
 
     if gt_boxes is not None:
-        gt = _as_array(gt_boxes, "gt_boxes", 4)
+        gt = _as_array(gt_boxes, "gt_boxes", 4) * scale
         for box in gt.tolist():
             x1, x2 = sorted((box[0], box[2]))
             y1, y2 = sorted((box[1], box[3]))

@@ -1,0 +1,114 @@
+"""What ``densedet predict`` does: run a :class:`~densedet.inference.predictor.Predictor` over images and write one
+drawn PNG per image, an overview ``grid.png`` and ``predictions.json``.
+
+The images are a file, a folder, or exactly the images of a COCO annotation file (``--ann FILE`` with their
+folder, or ``--split val`` for the config's split). Annotation files are read by
+:class:`~densedet.data.CocoDataset`, so their image paths, sizes and EXIF orientation get the dataset's checks,
+and the ground-truth boxes are drawn dashed beside the detections.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from densedet.inference.predictor import Predictor, list_images, read_image
+from densedet.inference.visualize import draw_detections, save_detection_grid
+
+__all__ = ["GRID_TILES", "GRID_TILE_SIDE", "ImageItem", "coco_images", "folder_images", "predict_and_draw",
+           "split_files"]
+
+GRID_TILES = 12  # grid.png shows the first this many drawn images (README: "grid.png shows 12 of them")
+GRID_TILE_SIDE = 480  # grid tiles are drawn at this longer side: small images are enlarged, large ones reduced
+_BATCH = 4
+
+
+@dataclass
+class ImageItem:
+    """One image to draw: ``name`` of its output PNG (without suffix), ``source`` for predictions.json, a loader
+    returning the upright ``(H, W, 3)`` uint8 RGB array, and ground-truth boxes ``(N, 4)`` xyxy (or ``None``)."""
+
+    name: str
+    source: str
+    load: Any
+    gt_boxes: np.ndarray | None = None
+    image_id: int | None = None
+
+
+def folder_images(path: str | Path, limit: int = 0) -> list[ImageItem]:
+    """An image file or every image of a folder (sorted), at most ``limit`` of them (0 = all)."""
+    files = list_images(path)[: limit or None]
+    return [ImageItem(p.stem, str(p), lambda p=p: read_image(p)) for p in files]
+
+
+def split_files(cfg: Any, split: str) -> tuple[Path, Path]:
+    """``(ann_file, img_dir)`` of the config's ``data.<split>`` under ``data.root`` (``test`` falls back to
+    ``val`` when the config has no test split, as ``densedet test`` does)."""
+    spec = getattr(cfg.data, split, None) or cfg.data.val
+    if not spec.ann_file:
+        raise FileNotFoundError(f"the config's data.{split}.ann_file is empty: no annotation file to draw")
+    root = Path(cfg.data.root)
+    return root / spec.ann_file, root / spec.img_dir
+
+
+def coco_images(ann_file: str | Path, img_dir: str | Path, limit: int = 0) -> list[ImageItem]:
+    """Exactly the images listed in a COCO annotation file, in its order (at most ``limit``, 0 = all), loaded and
+    checked by :class:`~densedet.data.CocoDataset` (a missing or wrongly sized image is a ``DataError`` naming it);
+    ``gt_boxes`` are its non-crowd boxes in original pixels."""
+    from densedet.data import CocoDataset
+
+    dataset = CocoDataset(ann_file, img_dir, pipeline=None, test_mode=True)
+    items = []
+    for i in range(len(dataset) if not limit else min(limit, len(dataset))):
+        info = dataset.img_infos[i]
+        name = Path(info["file_name"]).with_suffix("").as_posix().replace("/", "__")
+        items.append(ImageItem(name, str(dataset.img_dir / info["file_name"]), lambda i=i: dataset.load_image(i),
+                               dataset.get_ann_info(i)["boxes"], int(info["id"])))
+    return items
+
+
+def _chunks(items: list[ImageItem], n: int) -> Iterator[list[ImageItem]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Path, score_thr: float = 0.3,
+                     grid_tiles: int = GRID_TILES, tile_side: int = GRID_TILE_SIDE) -> dict[str, Any]:
+    """Predict ``items`` and write ``out/NAME.png`` (at the image's own size), ``out/grid.png`` (the first
+    ``min(len(items), grid_tiles)`` images, each drawn at ``tile_side`` on its longer side, 4 per row; none when
+    ``grid_tiles`` is 0) and ``out/predictions.json`` (per image: ``file``, ``image_id`` when from an annotation
+    file, and the detections above ``score_thr`` with ``box_xyxy`` in image pixels).
+
+    Returns:
+        ``{"images": n, "grid_tiles": tiles in grid.png, "out": out}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    tiles = []
+    for chunk in _chunks(items, _BATCH):
+        arrays = [item.load() for item in chunk]
+        for item, arr, det in zip(chunk, arrays, predictor(arrays)):
+            args = (det["boxes"], det["scores"], det["labels"], predictor.classes)
+            draw_detections(arr, *args, score_thr=score_thr, gt_boxes=item.gt_boxes).save(out / f"{item.name}.png")
+            if len(tiles) < grid_tiles:
+                tiles.append(draw_detections(arr, *args, score_thr=score_thr, gt_boxes=item.gt_boxes,
+                                             display_side=tile_side))
+            keep = det["scores"] > score_thr
+            record: dict[str, Any] = {"file": item.source}
+            if item.image_id is not None:
+                record["image_id"] = item.image_id
+            record["detections"] = [
+                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c),
+                 "class": predictor.classes[int(c)]}
+                for b, s, c in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]
+            records.append(record)
+    (out / "predictions.json").write_text(json.dumps(records, indent=1))
+    if tiles:
+        save_detection_grid(tiles, out / "grid.png")
+    return {"images": len(records), "grid_tiles": len(tiles), "out": out}
