@@ -12,7 +12,7 @@ EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML f
 
 
 def _resolve_checkpoint(path: str) -> Path:
-    from densedet.engine.checkpoint import latest_checkpoint
+    from densedet.engine.checkpoint import CheckpointNotFoundError, latest_checkpoint
 
     p = Path(path)
     if p.is_dir():
@@ -22,7 +22,7 @@ def _resolve_checkpoint(path: str) -> Path:
             return swa
         found = latest_checkpoint(p)
         if found is None:
-            raise SystemExit(f"error: {p}: no checkpoint in this work dir")
+            raise CheckpointNotFoundError(f"{p}: no checkpoint in this work dir")
         return Path(found)
     return p
 
@@ -165,7 +165,10 @@ def cmd_levels(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densedet", description="Dense one-stage object detection in pure PyTorch.",
-                                epilog=EPILOG)
+                                epilog=EPILOG + " Exit codes: 2 config, 3 data, 4 checkpoint, 5 non-finite "
+                                "training (docs/cli.md).")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also DENSEDET_DEBUG=1); accepted anywhere on the line")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (torchrun for several processes)", epilog=EPILOG)
@@ -230,10 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from densedet.data.coco import DataError
-    from densedet.engine.checkpoint import CheckpointError
-    from densedet.registry import ConfigError
+    """Run the ``densedet`` command; returns the exit code (see docs/cli.md for the table).
 
+    A user error (:class:`densedet.errors.DenseDetError`, or a missing input file) is printed as one line on stderr
+    and mapped to its kind's exit code; ``--debug`` (anywhere on the line) or ``DENSEDET_DEBUG=1`` re-raises it
+    with its traceback instead.
+    """
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DENSEDET_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may come before or after options (`train CFG --work-dir D a=1`): collect stray key=value words.
     args, extra = parser.parse_known_args(argv)
@@ -246,12 +256,33 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + stray
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        code = _user_error_exit(e, debug)
+        if code is None:
+            raise
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("densedet: interrupted", file=sys.stderr)
+        return 130
+
+
+def _user_error_exit(err: BaseException, debug: bool) -> int | None:
+    """Print a user error as one line and return its exit code; None for a bug (or ``debug``): re-raise it."""
+    from densedet.errors import DataError, DenseDetError
+
+    if isinstance(err, DenseDetError):
+        kind, code = err.kind, err.exit_code
+    elif isinstance(err, FileNotFoundError):  # an input path given on the command line that does not exist
+        kind, code = "input", DataError.exit_code
+    else:
+        return None
+    if debug:
+        return None
+    # One line; a listing some messages append (a checkpoint's missing keys) follows on indented lines.
+    print(f"densedet: {kind} error: {str(err).strip()}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

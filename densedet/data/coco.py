@@ -21,12 +21,9 @@ import torch
 from PIL import Image, ImageOps
 
 from densedet.data.transforms import Compose, build_pipeline
+from densedet.errors import DataError
 
 __all__ = ["CocoDataset", "DataError", "DataWarning", "load_coco_json"]
-
-
-class DataError(ValueError):
-    """Bad dataset input (annotation file, annotation, image); the message names the file and the item."""
 
 
 class DataWarning(UserWarning):

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from densedet.errors import CheckpointError
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -43,10 +45,6 @@ logger = logging.getLogger("densedet")
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 _MAX_LISTED = 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not fit the model; the message names the file."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
