@@ -94,11 +94,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files = list_images(args.input)[: args.limit or None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records, drawn = [], []
+    records, drawn, skipped = [], [], []
     for i in range(0, len(files), 4):
-        chunk = files[i:i + 4]
-        for path, det in zip(chunk, predictor(chunk)):
-            img = draw_detections(read_image(path), det["boxes"], det["scores"], det["labels"], predictor.classes,
+        chunk, arrays = _decode_inputs(files[i:i + 4], read_image, skipped, folder=Path(args.input).is_dir())
+        for path, arr, det in zip(chunk, arrays, predictor(arrays) if arrays else []):
+            img = draw_detections(arr, det["boxes"], det["scores"], det["labels"], predictor.classes,
                                   score_thr=args.score_thr)
             img.save(out / f"{path.stem}.png")
             drawn.append(img)
@@ -110,8 +110,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     (out / "predictions.json").write_text(json.dumps(records, indent=1))
     if drawn:
         save_detection_grid(drawn[:16], out / "grid.png")
-    print(f"drew {len(files)} images into {out}/ (grid.png, predictions.json)")
+    print(f"drew {len(files) - len(skipped)} images into {out}/ (grid.png, predictions.json)")
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(files)} files that could not be decoded: "
+              f"{', '.join(p.name for p in skipped[:10])}{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
     return 0
+
+
+def _decode_inputs(paths: list[Path], read_image: Any, skipped: list[Path], folder: bool) -> tuple[list, list]:
+    """Decode ``paths``; in a folder an undecodable file is skipped (one warning line each, counted in ``skipped``),
+    a single input file that cannot be decoded is an error (DataError naming it)."""
+    from densedet.errors import DataError
+
+    kept, arrays = [], []
+    for path in paths:
+        try:
+            arrays.append(read_image(path))
+        except DataError as e:
+            if not folder:
+                raise
+            skipped.append(path)
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
+            continue
+        kept.append(path)
+    return kept, arrays
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "EXIT_CODES",
     "CheckpointError",
+    "CheckpointNotFoundError",
     "ConfigError",
     "DataError",
     "DenseDetError",
@@ -58,6 +59,10 @@ class CheckpointError(DenseDetError, RuntimeError):
 
     exit_code = 4
     kind = "checkpoint"
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint file does not exist (also a ``FileNotFoundError`` for callers that expect one)."""
 
 
 class NonFiniteError(DenseDetError, FloatingPointError):

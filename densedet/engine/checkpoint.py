@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from densedet.errors import CheckpointError
+from densedet.errors import CheckpointError, CheckpointNotFoundError
 
 __all__ = [
     "CheckpointError",
@@ -45,10 +45,6 @@ logger = logging.getLogger("densedet")
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 _MAX_LISTED = 10
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint file does not exist."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from densedet.config import Config, load_config
 from densedet.data.collate import collate
+from densedet.data.image_io import decode_image, to_rgb8
 from densedet.data.transforms import build_pipeline
 from densedet.data.tta import tta_pipeline
 from densedet.models.build import build_detector
@@ -35,13 +36,9 @@ def list_images(path: str | Path) -> list[Path]:
 def read_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     """Any supported input -> (H, W, 3) uint8 RGB array."""
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot decode image {image}: {e}") from e
+        return decode_image(image)  # the dataset's decoder: same pixels (16-bit scaled, EXIF applied)
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return to_rgb8(image)
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"an image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
