@@ -149,18 +149,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from densedet.compat.mmdet import convert_mmdet_checkpoint
 
     key_map = dict(kv.split("=", 1) for kv in args.key_map or [])
-    report = convert_mmdet_checkpoint(args.src, args.dst, key_map)
-    print(f"wrote {report['dst']} ({report['num_tensors']} tensors)")
-    if report["refused_meta"]:
-        print(f"meta objects not loaded (safe loading refused them; tensors kept): {report['refused_meta']}")
-    if args.config:
+    model = None
+    if args.config:  # check the fit before writing: an unfit file is never left at dst
         from densedet.config import load_config
-        from densedet.engine.checkpoint import load_checkpoint, load_model_weights
         from densedet.models.build import build_detector
 
         cfg = load_config(args.config)
         model = build_detector({**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}, init=False)
-        load_model_weights(model, load_checkpoint(args.dst), strict=True, source=args.dst)
+    report = convert_mmdet_checkpoint(args.src, args.dst, key_map, model=model)
+    print(f"wrote {report['dst']} ({report['num_tensors']} tensors)")
+    if report["refused_meta"]:
+        print(f"meta objects not loaded (safe loading refused them; tensors kept): {report['refused_meta']}")
+    if args.config:
         print(f"checked: loads into {args.config} with strict=True")
     return 0
 
@@ -302,8 +302,10 @@ def _user_error_exit(err: BaseException, debug: bool) -> int | None:
         return None
     if debug:
         return None
-    # One line; a listing some messages append (a checkpoint's missing keys) follows on indented lines.
-    print(f"densedet: {kind} error: {str(err).strip()}", file=sys.stderr)
+    # One line: a listing some messages append on indented lines (a checkpoint's missing keys) is joined with ';'.
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    print(f"densedet: {kind} error: {message}", file=sys.stderr)
     return code
 
 
