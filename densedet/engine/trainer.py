@@ -407,7 +407,6 @@ class Trainer:
             self.optimizer.step()
         if self.use_amp:
             self._count_skip(not finite, epoch)
-            record["skipped_steps"] = float(self.skipped_steps)
         return record
 
     def _count_skip(self, skipped: bool, epoch: int) -> None:
@@ -509,8 +508,12 @@ class Trainer:
         finally:
             progress.close()
             self._collect_level_stats(False)
-        logger.info("training done: %d iterations in %s", self.iter, format_seconds(time.perf_counter() - t0))
+        logger.info("training done: %d iterations in %s%s", self.iter, format_seconds(time.perf_counter() - t0),
+                    f" ({self.skipped_steps} optimizer steps skipped for non-finite gradients)"
+                    if self.skipped_steps else "")
         out = {**self.last_metrics, "epoch": self.iter / ipe, "iter": self.iter}
+        if self.use_amp:
+            out["skipped_steps"] = self.skipped_steps
         if "loss" in self.last_train:
             out["train_loss"] = self.last_train["loss"]
         return out
