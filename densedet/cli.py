@@ -174,12 +174,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_levels(args: argparse.Namespace) -> int:
     from densedet.diagnostics import LevelLogError, levels_report
+    from densedet.errors import DataError
 
     try:
         table, png = levels_report(args.work_dir, args.out)
-    except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line: a data error
+        raise DataError(str(e)) from e
     print(table)
     print(f"\nwrote {png}")
     return 0

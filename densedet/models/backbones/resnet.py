@@ -616,7 +616,7 @@ def select_prefix(state: dict[str, torch.Tensor], source: str, prefix: str | Non
         prefix = prefix if prefix.endswith(".") else prefix + "."
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
-            raise RuntimeError(f"checkpoint '{source}' has no keys under prefix '{prefix}'")
+            raise CheckpointError(f"pretrained checkpoint '{source}' has no keys under prefix '{prefix}'")
     return state
 
 
