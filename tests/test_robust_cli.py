@@ -51,7 +51,8 @@ def _one_line_error(capsys, code: int, kind: str) -> str:
     ("optimizer.lr=-0.01", "optimizer.lr=-0.01: must be > 0"),  # as typed, not the auto-scaled -0.00125
     ("data.samples_per_gpu=0", "data.samples_per_gpu=0: must be >= 1"),
     ("optimizer=5", "optimizer=5: 'optimizer' must be a mapping"),
-    ("schedule.epochs=-1", "schedule.epochs=-1: must be >= 1"),
+    ("schedule.epochs=-1", "schedule.epochs=-1: must be >= 0"),
+    ("schedule.epochs=0", "schedule.epochs=0: must be >= 1 (0 only when a SWA phase follows"),
     ("optimizer.momentum=1.5", "optimizer.momentum=1.5: must be >= 0 and < 1"),
     ("runtime.amp=maybe", "runtime.amp=maybe: must be true or false"),
     ("schedule.steps=[8, eleven]", "schedule.steps=[8, eleven]: must be a list of integers"),

@@ -46,7 +46,7 @@ def opened(monkeypatch) -> list[str]:
     return paths
 
 
-@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink"])
+@pytest.mark.parametrize("case", ["dotdot", "absolute", "symlink", "symlinked_folder"])
 def test_file_outside_img_dir_is_rejected_before_anything_is_opened(tmp_path, opened, case) -> None:
     outside = tmp_path / "outside.png"
     Image.new("RGB", (32, 24)).save(outside)
@@ -54,12 +54,16 @@ def test_file_outside_img_dir_is_rejected_before_anything_is_opened(tmp_path, op
     img_dir = root / "images"
     img_dir.mkdir(parents=True)
     Image.new("RGB", (32, 24)).save(img_dir / "ok.png")
-    bad = {"dotdot": "../../outside.png", "absolute": str(outside), "symlink": "sub/link.png"}[case]
+    bad = {"dotdot": "../../outside.png", "absolute": str(outside), "symlink": "sub/link.png",
+           "symlinked_folder": "ext/outside.png"}[case]
     if case == "symlink":
         (img_dir / "sub").mkdir()
         (img_dir / "sub" / "link.png").symlink_to(outside)
+    if case == "symlinked_folder":
+        (img_dir / "ext").symlink_to(tmp_path, target_is_directory=True)
     ann_file, img_dir = _dataset(root, ["ok.png", bad])
-    why = {"dotdot": "goes up with '..'", "absolute": "is an absolute path", "symlink": "is a symlink to"}[case]
+    why = {"dotdot": "goes up with '..'", "absolute": "is an absolute path", "symlink": "is a symlink to",
+           "symlinked_folder": f"is a symlink to {outside}"}[case]
     with pytest.raises(DataError, match=rf"image id 2: file_name '{bad}' {why}"):
         CocoDataset(ann_file, img_dir)
     with pytest.raises(DataError, match="image id 2"):  # evaluation datasets are checked the same way

@@ -163,7 +163,7 @@ _RANGES: dict[tuple[str, str], list[tuple[str, float]]] = {
     ("ParamwiseConfig", "bias_lr_mult"): [(">=", 0)],
     ("ParamwiseConfig", "bias_decay_mult"): [(">=", 0)],
     ("ParamwiseConfig", "norm_decay_mult"): [(">=", 0)],
-    ("ScheduleConfig", "epochs"): [(">=", 1)],
+    ("ScheduleConfig", "epochs"): [(">=", 0)],  # 0 only before a SWA phase (config_from_dict checks)
     ("ScheduleConfig", "steps"): [(">=", 0)],
     ("ScheduleConfig", "gamma"): [(">", 0)],
     ("ScheduleConfig", "min_lr_ratio"): [(">=", 0)],
@@ -422,4 +422,7 @@ def config_from_dict(raw: dict[str, Any], origins: dict[str, str] | None = None,
     if "model" not in raw or not isinstance(raw["model"], dict):
         raise ConfigError(f"{source or 'config'}: a config needs a 'model' mapping")
     sections = {k: _from_dict(cls, raw.get(k), k, origins) for k, cls in SECTIONS.items()}
+    if sections["schedule"].epochs == 0 and not sections["swa"].swa_training:
+        raise ConfigError(f"{origins.get('schedule.epochs', source or 'config')}: schedule.epochs=0: must be >= 1 "
+                          f"(0 only when a SWA phase follows: swa.swa_training: true)", "schedule.epochs")
     return Config(model=raw["model"], name=name, source=source, **sections)

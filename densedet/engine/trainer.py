@@ -1,8 +1,10 @@
 """The epoch-based training loop: data, model, optimisation, checkpoints, validation and logs in one place.
 
 One :class:`Trainer` per run. Per iteration: set the lr for the global iteration, forward in ``loss`` mode, sum
-the ``loss*`` entries, stop with a clear error on a non-finite loss, backward (AMP-aware), clip, step. Per epoch:
-checkpoint, validate, refresh the JSONL log and ``curves.png``.
+the ``loss*`` entries, stop with a clear error on a non-finite loss, backward (AMP-aware), clip, step. Under AMP a
+step whose gradients hold NaN/inf is skipped and counted, and ``runtime.max_consecutive_skips`` such steps in a row
+stop the run (:class:`~densedet.errors.NonFiniteError`). Per epoch: checkpoint (never one holding NaN/inf),
+validate, refresh the JSONL log and ``curves.png``. A start removes temp files of a save killed mid-write.
 
 Reproducibility: at every epoch start the Python / numpy / torch RNGs (and the loader's generator) are reseeded
 from ``(seed, epoch, rank)`` and the sampler gets ``set_epoch(epoch)``; the data pipeline seeds each sample's
@@ -391,7 +393,7 @@ class Trainer:
         else:
             total.backward()
         params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        if self.scaler is not None and (self.grad_clip is not None or self.use_amp):
+        if self.scaler is not None:  # true gradients for the finiteness check and for clipping
             self.scaler.unscale_(self.optimizer)
         # Mixed precision: never step on NaN/inf gradients (GradScaler's rule, also for bf16 without a scaler);
         # DDP has already averaged the gradients, so every process takes the same decision.
