@@ -77,10 +77,11 @@ def _type_text(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         words = [_type_text(a) for a in args if a is not type(None)]
         return " or ".join(dict.fromkeys(words)) + (" or null" if type(None) in args else "")
-    if origin in (list, tuple):
+    if origin in (list, tuple):  # "a list of integers", "a list of mappings"
         inner = {_type_text(a) for a in args if a is not Ellipsis}
-        return "a list" + (f" of {next(iter(inner)).removeprefix('an ').removeprefix('a ')}s"
-                           if len(inner) == 1 and hint is not Any and "Any" not in str(args) else "")
+        if len(inner) != 1 or Any in args:
+            return "a list"
+        return f"a list of {inner.pop().removeprefix('an ').removeprefix('a ')}s"
     return _TYPE_WORDS.get(origin or hint, str(hint))
 
 
