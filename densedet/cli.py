@@ -98,9 +98,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         items = dp.coco_images(args.ann, args.input, limit=args.limit)
     else:
         items = dp.folder_images(args.input, limit=args.limit)
-    done = dp.predict_and_draw(predictor, items, args.out, score_thr=args.score_thr, grid_tiles=args.grid)
+    # A folder skips files it cannot decode (counted); a single file or an annotation file's image is an error.
+    skip = not args.split and not args.ann and Path(args.input).is_dir()
+    done = dp.predict_and_draw(predictor, items, args.out, score_thr=args.score_thr, grid_tiles=args.grid,
+                               skip_undecodable=skip)
     grid = f"grid.png with {done['grid_tiles']} of them, " if done["grid_tiles"] else ""
     print(f"drew {done['images']} images into {done['out']}/ ({grid}predictions.json)")
+    if done["skipped"]:
+        skipped = done["skipped"]
+        print(f"warning: skipped {len(skipped)} of {len(items)} files that could not be decoded: "
+              f"{', '.join(Path(p).name for p in skipped[:10])}{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
     return 0
 
 
@@ -118,18 +125,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from densedet.compat.mmdet import convert_mmdet_checkpoint
 
     key_map = dict(kv.split("=", 1) for kv in args.key_map or [])
-    report = convert_mmdet_checkpoint(args.src, args.dst, key_map)
-    print(f"wrote {report['dst']} ({report['num_tensors']} tensors)")
-    if report["refused_meta"]:
-        print(f"meta objects not loaded (safe loading refused them; tensors kept): {report['refused_meta']}")
-    if args.config:
+    model = None
+    if args.config:  # check the fit before writing: an unfit file is never left at dst
         from densedet.config import load_config
-        from densedet.engine.checkpoint import load_checkpoint, load_model_weights
         from densedet.models.build import build_detector
 
         cfg = load_config(args.config)
         model = build_detector({**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}, init=False)
-        load_model_weights(model, load_checkpoint(args.dst), strict=True, source=args.dst)
+    report = convert_mmdet_checkpoint(args.src, args.dst, key_map, model=model)
+    print(f"wrote {report['dst']} ({report['num_tensors']} tensors)")
+    if report["refused_meta"]:
+        print(f"meta objects not loaded (safe loading refused them; tensors kept): {report['refused_meta']}")
+    if args.config:
         print(f"checked: loads into {args.config} with strict=True")
     return 0
 
@@ -143,12 +150,12 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_levels(args: argparse.Namespace) -> int:
     from densedet.diagnostics import LevelLogError, levels_report
+    from densedet.errors import DataError
 
     try:
         table, png = levels_report(args.work_dir, args.out)
-    except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line: a data error
+        raise DataError(str(e)) from e
     print(table)
     print(f"\nwrote {png}")
     return 0
@@ -156,7 +163,10 @@ def cmd_levels(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densedet", description="Dense one-stage object detection in pure PyTorch.",
-                                epilog=EPILOG)
+                                epilog=EPILOG + " Exit codes: 2 config, 3 data, 4 checkpoint, 5 non-finite "
+                                "training (docs/cli.md).")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (also DENSEDET_DEBUG=1); accepted anywhere on the line")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model (torchrun for several processes)", epilog=EPILOG)
@@ -230,10 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from densedet.data.coco import DataError
-    from densedet.engine.checkpoint import CheckpointError
-    from densedet.registry import ConfigError
+    """Run the ``densedet`` command; returns the exit code (see docs/cli.md for the table).
 
+    A user error (:class:`densedet.errors.DenseDetError`, or a missing input file) is printed as one line on stderr
+    and mapped to its kind's exit code; ``--debug`` (anywhere on the line) or ``DENSEDET_DEBUG=1`` re-raises it
+    with its traceback instead.
+    """
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("DENSEDET_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may come before or after options (`train CFG --work-dir D a=1`): collect stray key=value words.
     args, extra = parser.parse_known_args(argv)
@@ -246,12 +263,35 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + stray
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        code = _user_error_exit(e, debug)
+        if code is None:
+            raise
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("densedet: interrupted", file=sys.stderr)
+        return 130
+
+
+def _user_error_exit(err: BaseException, debug: bool) -> int | None:
+    """Print a user error as one line and return its exit code; None for a bug (or ``debug``): re-raise it."""
+    from densedet.errors import DataError, DenseDetError
+
+    if isinstance(err, DenseDetError):
+        kind, code = err.kind, err.exit_code
+    elif isinstance(err, FileNotFoundError):  # an input path given on the command line that does not exist
+        kind, code = "input", DataError.exit_code
+    else:
+        return None
+    if debug:
+        return None
+    # One line: a listing some messages append on indented lines (a checkpoint's missing keys) is joined with ';'.
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    print(f"densedet: {kind} error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

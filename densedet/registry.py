@@ -13,17 +13,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """Raised for an invalid config: the message names the file and the key.
-
-    ``path`` is the dotted key path (``model.bbox_head.loss_cls.gama``) when known, so the config loader can
-    prefix the message with the file that set that key.
-    """
-
-    def __init__(self, message: str, path: str | None = None) -> None:
-        super().__init__(message)
-        self.path = path
+from densedet.errors import ConfigError
 
 
 class Registry(dict):

@@ -52,10 +52,25 @@ def test_corrupt_image_names_path(tmp_path):
             ds[i]
 
 
-def test_image_size_disagreeing_with_json(tmp_path):
-    ann_file, img_dir = _write(tmp_path, [_ann(1, [1, 1, 5, 5])], images=[(1, 32, 24)])
-    Image.new("RGB", (24, 32)).save(img_dir / "1.png")
-    with pytest.raises(DataError, match=r"1\.png \(image id 1\) is 24x32 .* says 32x24"):
+def test_stale_image_size_in_json_is_a_counted_warning_using_the_real_size(tmp_path):
+    # json says 32x24 (w x h) for both; the real files are 40x30 and 24x32. Boxes fit both real images.
+    ann_file, img_dir = _write(tmp_path, [_ann(1, [1, 1, 5, 5]), _ann(2, [2, 2, 4, 4], image_id=2)])
+    Image.new("RGB", (40, 30)).save(img_dir / "1.png")
+    Image.new("RGB", (24, 32)).save(img_dir / "2.png")
+    ds = CocoDataset(ann_file, img_dir)
+    with pytest.warns(DataWarning, match=r"1\.png \(image id 1\) is 40x30 .* says 32x24; using the real size "
+                                         r"\(1 image with a stale size"):
+        item = ds[0]
+    assert item["img"].shape[1:] == (30, 40) and item["meta"]["ori_shape"] == (30, 40)
+    with pytest.warns(DataWarning, match=r"\(2 images with a stale size"):
+        assert ds[1]["img"].shape[1:] == (32, 24)
+    assert ds.stale_size_count == 2
+
+
+def test_stale_image_size_with_boxes_outside_the_real_image_is_an_error(tmp_path):
+    ann_file, img_dir = _write(tmp_path, [_ann(1, [20, 1, 10, 5])], images=[(1, 32, 24)])
+    Image.new("RGB", (24, 32)).save(img_dir / "1.png")  # box reaches x=30 > real width 24
+    with pytest.raises(DataError, match=r"1\.png \(image id 1\) is 24x32 .* says 32x24 .* reach x=30"):
         CocoDataset(ann_file, img_dir)[0]
 
 

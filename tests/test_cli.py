@@ -112,11 +112,11 @@ def test_convert_then_load_with_config(trained, tmp_path, capsys) -> None:
     assert "strict=True" in capsys.readouterr().out
 
 
-def test_errors_exit_2_with_the_reason(tmp_path, capsys) -> None:
-    assert main(["train", "atss_r18_fpn_synth", "optimizer.momentun=0.9"]) == 2
+def test_errors_exit_with_their_code_and_the_reason(tmp_path, capsys) -> None:
+    assert main(["train", "atss_r18_fpn_synth", "optimizer.momentun=0.9"]) == 2  # config error
     assert "momentun" in capsys.readouterr().err
     missing = tmp_path / "nope.pth"
-    assert main(["test", "atss_r18_fpn_synth", str(missing)]) == 2
+    assert main(["test", "atss_r18_fpn_synth", str(missing)]) == 4  # checkpoint error
     assert "nope.pth" in capsys.readouterr().err
 
 

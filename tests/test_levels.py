@@ -292,9 +292,9 @@ def test_cli_levels_prints_table_and_writes_png(tmp_path: Path, capsys) -> None:
 
 def test_cli_levels_errors_name_the_file(tmp_path: Path, capsys) -> None:
     _write_log(tmp_path / "log.jsonl", [{"type": "train", "epoch": 1, "iter": 1, "loss": 1.0}])
-    assert main(["levels", str(tmp_path)]) == 2
+    assert main(["levels", str(tmp_path)]) == 3  # a data error (docs/cli.md)
     err = capsys.readouterr().err
     assert str(tmp_path / "log.jsonl") in err and "runtime.log_interval" in err
     assert not (tmp_path / "levels.png").exists()
-    assert main(["levels", str(tmp_path / "nowhere")]) == 2
+    assert main(["levels", str(tmp_path / "nowhere")]) == 3
     assert "log.jsonl" in capsys.readouterr().err

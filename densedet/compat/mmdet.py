@@ -11,16 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from densedet.compat.safe_load import load_checkpoint_file, strip_refused
-from densedet.engine.checkpoint import CheckpointError, atomic_torch_save, extract_state_dict
+from densedet.engine.checkpoint import CheckpointError, atomic_torch_save, extract_state_dict, load_model_weights
 
 
-def convert_mmdet_checkpoint(src: str | Path, dst: str | Path, key_map: dict[str, str] | None = None
-                             ) -> dict[str, Any]:
+def convert_mmdet_checkpoint(src: str | Path, dst: str | Path, key_map: dict[str, str] | None = None,
+                             model: nn.Module | None = None) -> dict[str, Any]:
     """Convert a released MMDetection checkpoint into a DenseDet checkpoint file.
 
     Args:
         key_map: ``{old_prefix: new_prefix}`` renames applied to every key that starts with ``old_prefix``.
+        model: when given, the converted weights must load into it with ``strict=True`` *before* ``dst`` is
+            written; otherwise :class:`CheckpointError` names ``src`` and the mismatch, and no file is written.
     Returns:
         a report ``{"num_tensors", "refused_meta", "classes", "dst"}``; refused meta objects are listed, not loaded.
     """
@@ -43,5 +47,7 @@ def convert_mmdet_checkpoint(src: str | Path, dst: str | Path, key_map: dict[str
     meta = {"converted_from": str(src), "refused_meta": refused,
             "classes": list(classes) if isinstance(classes, (list, tuple)) else None,
             "source_meta_keys": sorted(str(k) for k in meta_in)}
+    if model is not None:
+        load_model_weights(model, {"state_dict": state}, strict=True, source=f"{src} (converted)")
     atomic_torch_save({"state_dict": state, "meta": meta}, dst)
     return {"num_tensors": len(state), "refused_meta": refused, "classes": meta["classes"], "dst": str(dst)}

@@ -9,16 +9,27 @@ constructors of the registered components (see :mod:`densedet.config.loader`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+import yaml
 
 from densedet.registry import ConfigError
 
 
 def _from_dict(cls: type, data: dict[str, Any] | None, where: str, origins: dict[str, str]) -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys raise naming the key and its file."""
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and out-of-range values raise naming the
+    key path, the value as typed and the file that set it."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{origins.get(where, 'config')}: {where}={_as_typed(data)}: '{where}' must be a mapping "
+                          f"of its keys ({', '.join(f.name for f in dataclasses.fields(cls))})", where)
     data = dict(data or {})
     names = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         path = f"{where}.{key}"
@@ -30,15 +41,155 @@ def _from_dict(cls: type, data: dict[str, Any] | None, where: str, origins: dict
             raise ConfigError(f"{origins.get(path, origins.get(where, 'config'))}: unknown key '{path}'{hint}", path)
         sub = _NESTED.get((cls.__name__, key))
         if sub is not None and value is not None:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{origins.get(path, 'config')}: '{path}' must be a mapping, got {value!r}")
             value = _from_dict(sub, value, path, origins)
+        else:
+            typed = value
+            value = check_value(value, hints[key], path, origins)
+            _check_range(cls.__name__, key, value, typed, path, origins)
         kwargs[key] = value
     obj = cls(**kwargs)
     check = getattr(obj, "check", None)
     if check is not None:
         check(where, origins)
     return obj
+
+
+def _as_typed(value: Any) -> str:
+    """``value`` written back the way it is typed in YAML or on the command line (``two``, ``-0.01``, ``[1, 2]``)."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+               tuple: "a list", dict: "a mapping"}
+
+
+def _type_text(hint: Any) -> str:
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        words = [_type_text(a) for a in args if a is not type(None)]
+        return " or ".join(dict.fromkeys(words)) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):  # "a list of integers", "a list of mappings"
+        inner = {_type_text(a) for a in args if a is not Ellipsis}
+        if len(inner) != 1 or Any in args:
+            return "a list"
+        return f"a list of {inner.pop().removeprefix('an ').removeprefix('a ')}s"
+    return _TYPE_WORDS.get(origin or hint, str(hint))
+
+
+def check_value(value: Any, hint: Any, path: str, origins: dict[str, str]) -> Any:
+    """``value`` if it has the type ``hint`` names (ints also count as floats; a float written ``1e-4``, which
+    YAML reads as a string, becomes a float), else :class:`ConfigError` showing ``path=value`` as typed."""
+    ok, out = _conform(value, hint)
+    if not ok:
+        src = origins.get(path, _parent_origin(path, origins))
+        raise ConfigError(f"{src}: {path}={_as_typed(value)}: must be {_type_text(hint)}", path)
+    return out
+
+
+def _parent_origin(path: str, origins: dict[str, str]) -> str:
+    while path:
+        path = path.rpartition(".")[0]
+        if path in origins:
+            return origins[path]
+    return "config"
+
+
+def _conform(value: Any, hint: Any) -> tuple[bool, Any]:
+    if hint is Any:
+        return True, value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, value
+        for a in args:
+            if a is not type(None):
+                ok, out = _conform(value, a)
+                if ok:
+                    return True, out
+        return False, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        elem = args[0] if args else Any
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                return False, value
+            results = [_conform(v, a) for v, a in zip(value, args)]
+        else:
+            results = [_conform(v, elem) for v in value]
+        if not all(ok for ok, _ in results):
+            return False, value
+        return True, [out for _, out in results]
+    if origin is dict or hint is dict:
+        return isinstance(value, dict), value
+    return True, value  # a type the schema does not spell out: the section's own check() sees it
+
+
+# Value ranges checked at load time (before anything derived, such as the auto-scaled lr, is computed):
+# (section class, key) -> list of (comparison, bound); every list element of a list value is checked.
+_RANGES: dict[tuple[str, str], list[tuple[str, float]]] = {
+    ("DataConfig", "samples_per_gpu"): [(">=", 1)],
+    ("DataConfig", "val_samples_per_gpu"): [(">=", 1)],
+    ("DataConfig", "workers_per_gpu"): [(">=", 0)],
+    ("DataConfig", "size_divisor"): [(">=", 0)],
+    ("OptimizerConfig", "lr"): [(">", 0)],
+    ("OptimizerConfig", "momentum"): [(">=", 0), ("<", 1)],
+    ("OptimizerConfig", "weight_decay"): [(">=", 0)],
+    ("OptimizerConfig", "betas"): [(">=", 0), ("<", 1)],
+    ("OptimizerConfig", "eps"): [(">", 0)],
+    ("OptimizerConfig", "base_batch_size"): [(">=", 1)],
+    ("ParamwiseConfig", "bias_lr_mult"): [(">=", 0)],
+    ("ParamwiseConfig", "bias_decay_mult"): [(">=", 0)],
+    ("ParamwiseConfig", "norm_decay_mult"): [(">=", 0)],
+    ("ScheduleConfig", "epochs"): [(">=", 0)],  # 0 only before a SWA phase (config_from_dict checks)
+    ("ScheduleConfig", "steps"): [(">=", 0)],
+    ("ScheduleConfig", "gamma"): [(">", 0)],
+    ("ScheduleConfig", "min_lr_ratio"): [(">=", 0)],
+    ("ScheduleConfig", "warmup_iters"): [(">=", 0)],
+    ("ScheduleConfig", "warmup_ratio"): [(">", 0), ("<=", 1)],
+    ("ScheduleConfig", "max_iters"): [(">=", 1)],
+    ("RuntimeConfig", "val_interval"): [(">=", 0)],
+    ("RuntimeConfig", "checkpoint_interval"): [(">=", 0)],
+    ("RuntimeConfig", "log_interval"): [(">=", 1)],
+    ("RuntimeConfig", "max_consecutive_skips"): [(">=", 1)],
+}
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
+
+
+def _check_range(section: str, key: str, value: Any, typed: Any, path: str, origins: dict[str, str]) -> None:
+    rules = _RANGES.get((section, key))
+    if not rules or value is None:
+        return
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        for op, bound in rules:
+            if not _COMPARE[op](v, bound):
+                text = " and ".join(f"{o} {b:g}" for o, b in rules)
+                each = "each value " if isinstance(value, (list, tuple)) else ""
+                raise ConfigError(f"{origins.get(path, _parent_origin(path, origins))}: {path}={_as_typed(typed)}: "
+                                  f"{each}must be {text}", path)
 
 
 @dataclass
@@ -141,6 +292,9 @@ class RuntimeConfig:
     find_unused_parameters: bool = False
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = True  # NHWC weights/activations: same results, faster convolutions on CPU and GPU
+    # Mixed precision: an optimizer step whose gradients hold NaN/inf is skipped (counted in the log); after this
+    # many consecutive skipped steps training stops with an error instead.
+    max_consecutive_skips: int = 20
 
 
 @dataclass
@@ -149,7 +303,7 @@ class SWALrConfig:
     ``configs/_base_/swa.py``; see :mod:`densedet.engine.swa`). Defaults are that file's values."""
 
     policy: str = "cyclic"
-    target_ratio: list[float] = field(default_factory=lambda: [1.0, 0.01])
+    target_ratio: float | list[float] = field(default_factory=lambda: [1.0, 0.01])  # r alone: (r, r / 1e5)
     cyclic_times: int = 12
     step_ratio_up: float = 0.0
 
@@ -269,4 +423,7 @@ def config_from_dict(raw: dict[str, Any], origins: dict[str, str] | None = None,
     if "model" not in raw or not isinstance(raw["model"], dict):
         raise ConfigError(f"{source or 'config'}: a config needs a 'model' mapping")
     sections = {k: _from_dict(cls, raw.get(k), k, origins) for k, cls in SECTIONS.items()}
+    if sections["schedule"].epochs == 0 and not sections["swa"].swa_training:
+        raise ConfigError(f"{origins.get('schedule.epochs', source or 'config')}: schedule.epochs=0: must be >= 1 "
+                          f"(0 only when a SWA phase follows: swa.swa_training: true)", "schedule.epochs")
     return Config(model=raw["model"], name=name, source=source, **sections)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import operator
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,15 +19,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
+from densedet.data.image_io import decode_image
 from densedet.data.transforms import Compose, build_pipeline
+from densedet.errors import DataError
 
 __all__ = ["CocoDataset", "DataError", "DataWarning", "load_coco_json"]
-
-
-class DataError(ValueError):
-    """Bad dataset input (annotation file, annotation, image); the message names the file and the item."""
 
 
 class DataWarning(UserWarning):
@@ -128,6 +126,8 @@ class CocoDataset(torch.utils.data.Dataset):
             for i in range(len(images))
             if test_mode or not filter_empty_gt or len(per_image[i]["labels"]) > 0
         ]
+        if not keep and not test_mode:
+            raise DataError(self._empty_training_set_message(len(images), per_image))
         self.img_infos: list[dict[str, Any]] = [images[i] for i in keep]
         self._anns: list[dict[str, np.ndarray]] = [per_image[i] for i in keep]
         self.aspect_flags = np.array([info["width"] / info["height"] > 1 for info in self.img_infos], dtype=np.uint8)
@@ -178,7 +178,49 @@ class CocoDataset(torch.utils.data.Dataset):
                     f"{self.ann_file}: image id {img['id']} ({img['file_name']}) has invalid size {w!r} x {h!r}"
                 )
             images.append({"id": int(img["id"]), "file_name": str(img["file_name"]), "width": w, "height": h})
+        self._check_inside_img_dir(images)
         return images
+
+    def _check_inside_img_dir(self, images: list[dict[str, Any]]) -> None:
+        """Refuse any ``file_name`` that leads outside ``img_dir`` (``..``, an absolute path, a symlink resolving
+        elsewhere) before a single image is opened: an annotation file must not make DenseDet read other files.
+
+        Symlinks are found by listing each folder once (no stat per image: COCO's 118k names cost one listing)."""
+        root = os.path.realpath(self.img_dir)
+        links: dict[str, set[str]] = {}
+
+        def symlinks_in(folder: str) -> set[str]:
+            if folder not in links:
+                try:
+                    with os.scandir(folder) as it:
+                        links[folder] = {e.name for e in it if e.is_symlink()}
+                except OSError:  # a missing sub-folder: the image is reported missing when it is read
+                    links[folder] = set()
+            return links[folder]
+
+        for info in images:
+            name = info["file_name"]
+            parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+            why = None
+            if os.path.isabs(name) or name.startswith(("/", "\\")) or name[1:3] in (":/", ":\\"):
+                why = "is an absolute path"
+            elif ".." in parts:
+                why = "goes up with '..'"
+            else:
+                folder = root
+                for part in parts:
+                    if part in symlinks_in(folder):
+                        target = os.path.realpath(os.path.join(root, *parts))
+                        if os.path.commonpath([root, target]) != root:
+                            why = f"is a symlink to {target}"
+                        break
+                    folder = os.path.join(folder, part)
+            if why is not None:
+                raise DataError(
+                    f"{self.ann_file}: image id {info['id']}: file_name '{name}' {why}, outside the image folder "
+                    f"{self.img_dir}; file names must be relative paths inside it (DenseDet reads no file outside "
+                    f"it)"
+                )
 
     def _bad_annotation(self, anns: list, index_of: dict[int, int]) -> DataError:
         """Find the first malformed annotation (slow path, only after the fast parse failed)."""
@@ -263,6 +305,10 @@ class CocoDataset(torch.utils.data.Dataset):
         pos = np.searchsorted(sel_ids, cat_ids).clip(0, max(len(sel_ids) - 1, 0))
         labels = np.where(selected, sel_labels[pos] if len(sel_ids) else -1, -1)
 
+        # Per image, for the reasons an image drops out of a training set (see _empty_training_set_message).
+        self._ann_counts = np.bincount(img_idx, minlength=len(images))
+        self._noncrowd_counts = np.bincount(img_idx[~crowd], minlength=len(images))
+
         # Group the valid annotations by image in one sort (stable: keeps the json order within an image).
         per_image: list[dict[str, np.ndarray]] = []
         order = np.flatnonzero(valid)
@@ -281,6 +327,17 @@ class CocoDataset(torch.utils.data.Dataset):
             )
         return per_image
 
+    def _empty_training_set_message(self, num_images: int, per_image: list[dict[str, np.ndarray]]) -> str:
+        no_ann = int((self._ann_counts == 0).sum())
+        only_crowd = int(((self._ann_counts > 0) & (self._noncrowd_counts == 0)).sum())
+        invalid = num_images - no_ann - only_crowd
+        reasons = [f"{no_ann} without annotations", f"{only_crowd} with only crowd (iscrowd=1) boxes",
+                   f"{invalid} whose boxes are all invalid (degenerate, outside the image"
+                   + (", or of classes not selected)" if len(self.cat_ids) < len(self._all_cat_ids) else ")")]
+        return (f"{self.ann_file}: the training set is empty after filtering: all {num_images} images were dropped "
+                f"({', '.join(reasons)}). Fix the annotations, or set data.train.filter_empty_gt: false to train "
+                f"on images without boxes")
+
     # ----------------------------------------------------------------------------------------------- access
     @property
     def coco_gt_dict(self) -> dict:
@@ -296,23 +353,39 @@ class CocoDataset(torch.utils.data.Dataset):
         return {k: v.copy() for k, v in self._anns[i].items()}
 
     def load_image(self, i: int) -> np.ndarray:
-        """Decode item ``i``'s image: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied."""
+        """Decode item ``i``'s image: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied, 16-bit scaled to 8 bits.
+
+        An image whose real size differs from the json's (stale sizes are common in COCO files) is used at its real
+        size with a counted :class:`DataWarning`, unless its boxes fall outside the real image (a :class:`DataError`).
+        """
         info = self.img_infos[i]
         path = self.img_dir / info["file_name"]
-        if not path.is_file():
-            raise DataError(f"image file not found: {path} (image id {info['id']} in {self.ann_file})")
-        try:
-            with Image.open(path) as im:
-                im = ImageOps.exif_transpose(im)
-                img = np.asarray(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise DataError(f"cannot decode image {path} (image id {info['id']}): {e}") from e
-        if img.shape[:2] != (info["height"], info["width"]):
-            raise DataError(
-                f"image {path} (image id {info['id']}) is {img.shape[1]}x{img.shape[0]} (w x h) after EXIF "
-                f"orientation, but {self.ann_file} says {info['width']}x{info['height']}"
-            )
+        img = decode_image(path, f"image id {info['id']} in {self.ann_file}")
+        h, w = img.shape[:2]
+        if (h, w) != (info["height"], info["width"]):
+            self._stale_size(i, path, w, h)
         return img
+
+    def _stale_size(self, i: int, path: Path, w: int, h: int) -> None:
+        info, ann = self.img_infos[i], self._anns[i]
+        boxes = np.concatenate([ann["boxes"], ann["ignore_boxes"]]).reshape(-1, 4)
+        tol = 1e-3
+        if len(boxes) and ((boxes[:, 2] > w + tol).any() or (boxes[:, 3] > h + tol).any()):
+            raise DataError(
+                f"image {path} (image id {info['id']}) is {w}x{h} (w x h) after EXIF orientation, but {self.ann_file} "
+                f"says {info['width']}x{info['height']} and its boxes reach x={boxes[:, 2].max():g}, "
+                f"y={boxes[:, 3].max():g}, outside the real image"
+            )
+        self.stale_size_count = getattr(self, "stale_size_count", 0) + 1
+        n = self.stale_size_count
+        if n & (n - 1) == 0:  # warn at the 1st, 2nd, 4th, 8th ... such image (per process): counted, not a flood
+            warnings.warn(
+                f"image {path} (image id {info['id']}) is {w}x{h} (w x h), but {self.ann_file} says "
+                f"{info['width']}x{info['height']}; using the real size ({n} image{'s' if n > 1 else ''} with a stale "
+                f"size in the json so far)",
+                DataWarning,
+                stacklevel=3,
+            )
 
     def __getitem__(self, key: int | tuple[int, Any]) -> dict[str, Any]:
         if isinstance(key, tuple):

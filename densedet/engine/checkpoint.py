@@ -23,16 +23,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from densedet.errors import CheckpointError, CheckpointNotFoundError
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
     "collect_rng_state",
     "extract_state_dict",
+    "find_nonfinite",
+    "grads_finite",
     "latest_checkpoint",
     "load_checkpoint",
     "load_model_weights",
     "mark_last_checkpoint",
     "prune_checkpoints",
+    "remove_stale_temp_files",
     "resolve_checkpoint",
     "restore_rng",
     "save_checkpoint",
@@ -44,14 +49,6 @@ logger = logging.getLogger("densedet")
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 _MAX_LISTED = 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read or does not fit the model; the message names the file."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """The checkpoint file does not exist."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -163,6 +160,44 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_name(path: Path) -> Path:
+    """``.NAME.PID.HEX8.tmp`` next to ``path``: hidden, and tells :func:`remove_stale_temp_files` who wrote it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+_TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else (PermissionError), or no signals on this platform
+        return True
+    return True
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete the temp files (``.epoch_N.pth.PID.HEX8.tmp``) that an atomic write killed mid-way left behind.
+
+    Only files in :func:`_temp_name`'s pattern whose writing process no longer runs are removed (a live
+    process may still be writing its own). Returns the removed paths.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m and p.is_file() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace`` onto ``path``.
 
@@ -170,7 +205,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temp_name(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -185,7 +220,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temp_name(path)
     try:
         with open(tmp, "w") as f:
             f.write(text)
@@ -209,6 +244,10 @@ def save_checkpoint(
 
     ``meta`` is stored after :func:`to_plain`; ``rng`` (this process's state) and ``densedet_version`` are filled
     in when absent. Tensors of the state dicts are saved as they are (on their device; load maps them).
+
+    Raises :class:`CheckpointError` (and writes nothing, so the previous checkpoints stay the last good ones) when
+    a floating-point tensor anywhere in it (weights, buffers, optimizer state, an averaged model in ``meta``)
+    holds NaN or inf: a non-finite checkpoint is never written.
     """
     meta = dict(meta or {})
     meta.setdefault("rng", collect_rng_state())
@@ -220,7 +259,38 @@ def save_checkpoint(
         "scaler": scaler.state_dict() if scaler is not None else None,
         "meta": to_plain(meta),
     }
+    bad = find_nonfinite(ckpt)
+    if bad:
+        listed = ", ".join(bad[:_MAX_LISTED]) + (" ..." if len(bad) > _MAX_LISTED else "")
+        raise CheckpointError(f"{path}: not written: {len(bad)} tensor{'s' if len(bad) > 1 else ''} hold NaN or "
+                              f"inf ({listed}); the training diverged and the earlier checkpoints are the last "
+                              f"good ones")
     return atomic_torch_save(ckpt, path)
+
+
+def find_nonfinite(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted paths of the floating-point tensors in ``obj`` (nested dicts / lists) holding NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        ok = not (obj.is_floating_point() or obj.is_complex()) or bool(torch.isfinite(obj).all())
+        return [] if ok else [prefix or "<tensor>"]
+    if isinstance(obj, Mapping):
+        return [p for k, v in obj.items() for p in find_nonfinite(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in find_nonfinite(v, f"{prefix}.{i}" if prefix else str(i))]
+    return []
+
+
+def grads_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every gradient of ``params`` is finite: one fused norm per tensor, one host sync in all.
+
+    A norm is NaN/inf exactly when its tensor holds a NaN/inf (or its fp32 norm overflows, which no usable
+    gradient does), which is the test GradScaler makes before an optimizer step.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack([n.float().to(grads[0].device) for n in norms]).sum()))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:

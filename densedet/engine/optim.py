@@ -105,7 +105,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, total_batch_size: in
     base_wd = float(cfg.weight_decay)
     entries = param_multipliers(model, cfg)
     if not entries:
-        raise ValueError("build_optimizer: the model has no trainable parameters")
+        raise ConfigError("the model has no trainable parameters (every parameter is frozen: check "
+                          "model.backbone.frozen_stages / requires_grad settings)")
 
     # One group per distinct (lr_mult, decay_mult), in order of first appearance (deterministic across ranks).
     groups: dict[tuple[float, float], dict[str, Any]] = {}

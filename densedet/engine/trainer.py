@@ -1,8 +1,10 @@
 """The epoch-based training loop: data, model, optimisation, checkpoints, validation and logs in one place.
 
 One :class:`Trainer` per run. Per iteration: set the lr for the global iteration, forward in ``loss`` mode, sum
-the ``loss*`` entries, stop with a clear error on a non-finite loss, backward (AMP-aware), clip, step. Per epoch:
-checkpoint, validate, refresh the JSONL log and ``curves.png``.
+the ``loss*`` entries, stop with a clear error on a non-finite loss, backward (AMP-aware), clip, step. Under AMP a
+step whose gradients hold NaN/inf is skipped and counted, and ``runtime.max_consecutive_skips`` such steps in a row
+stop the run (:class:`~densedet.errors.NonFiniteError`). Per epoch: checkpoint (never one holding NaN/inf),
+validate, refresh the JSONL log and ``curves.png``. A start removes temp files of a save killed mid-write.
 
 Reproducibility: at every epoch start the Python / numpy / torch RNGs (and the loader's generator) are reseeded
 from ``(seed, epoch, rank)`` and the sampler gets ``set_epoch(epoch)``; the data pipeline seeds each sample's
@@ -30,11 +32,13 @@ from densedet.config.schema import Config
 from densedet.engine.checkpoint import (
     CheckpointError,
     collect_rng_state,
+    grads_finite,
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,
     mark_last_checkpoint,
     prune_checkpoints,
+    remove_stale_temp_files,
     restore_rng,
     save_checkpoint,
     to_plain,
@@ -50,7 +54,7 @@ from densedet.engine.evaluator import evaluate, to_device
 from densedet.engine.logging import JsonlLogger, TrainProgress, format_seconds, setup_logger
 from densedet.engine.lr_schedule import LrScheduler
 from densedet.engine.optim import build_optimizer
-from densedet.registry import ConfigError
+from densedet.errors import ConfigError, DataError, NonFiniteError
 
 __all__ = ["Trainer", "choose_device", "epoch_seed", "parse_losses", "set_random_seed", "train"]
 
@@ -159,6 +163,9 @@ class Trainer:
             self.work_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         setup_logger(self.work_dir, self.rank)
+        if self.is_main:  # temp files of an atomic save interrupted by a kill (their writer is gone)
+            for tmp in remove_stale_temp_files(self.work_dir):
+                logger.info("removed %s, left by an interrupted checkpoint write", tmp.name)
         self.device = choose_device(rt.device, self.local_rank)
         set_random_seed(rt.seed, rt.deterministic)
         if self.is_main:
@@ -170,7 +177,8 @@ class Trainer:
         self.train_loader, self.val_loader = self._build_loaders()
         self.iters_per_epoch = len(self.train_loader)
         if self.iters_per_epoch == 0:
-            raise ValueError("the training loader is empty (no training images?)")
+            raise DataError(f"the training loader is empty: {len(self.train_dataset)} training images for "
+                            f"data.samples_per_gpu={cfg.data.samples_per_gpu} per process")
 
         net = model if model is not None else self._build_model()
         self._check_classes(net)
@@ -195,6 +203,8 @@ class Trainer:
         self.grad_clip = self._check_grad_clip(cfg.optimizer.grad_clip)
         self.use_amp = bool(rt.amp)
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.device.type == "cuda" else None
+        self.skipped_steps = 0  # AMP: optimizer steps skipped for non-finite gradients (this run)
+        self.consecutive_skips = 0
 
         self.iter = 0  # completed iterations
         self.jsonl = JsonlLogger(self.work_dir / LOG_JSONL) if self.is_main else None
@@ -384,17 +394,41 @@ class Trainer:
             self.scaler.scale(total).backward()
         else:
             total.backward()
-        if self.grad_clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if self.scaler is not None:  # true gradients for the finiteness check and for clipping
+            self.scaler.unscale_(self.optimizer)
+        # Mixed precision: never step on NaN/inf gradients (GradScaler's rule, also for bf16 without a scaler);
+        # DDP has already averaged the gradients, so every process takes the same decision.
+        finite = grads_finite(params) if self.use_amp else True
+        if finite and self.grad_clip is not None:
             record["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, **self.grad_clip))
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step itself when it found inf/NaN
             self.scaler.update()
-        else:
+            finite = finite and self.scaler.get_scale() >= scale
+        elif finite:
             self.optimizer.step()
+        if self.use_amp:
+            self._count_skip(not finite, epoch)
         return record
+
+    def _count_skip(self, skipped: bool, epoch: int) -> None:
+        """Count a skipped step (warning each time); too many in a row is an error, not a silent stall."""
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        limit = self.cfg.runtime.max_consecutive_skips
+        where = (f"epoch {epoch + 1}, iteration {self.iter - epoch * self.iters_per_epoch + 1} "
+                 f"(global iteration {self.iter + 1})")
+        if self.consecutive_skips >= limit:
+            raise NonFiniteError(f"non-finite gradients in {self.consecutive_skips} consecutive steps (the last at "
+                                 f"{where}); stopping (runtime.max_consecutive_skips={limit}). Lower the lr, enable "
+                                 f"optimizer.grad_clip or train without runtime.amp.")
+        logger.warning("non-finite gradients at %s: optimizer step skipped (%d skipped in this run, %d in a row; "
+                       "training stops at %d in a row)", where, self.skipped_steps, self.consecutive_skips, limit)
 
     def _check_finite(self, record: dict[str, float], epoch: int) -> None:
         ok = math.isfinite(record["loss"])
@@ -408,9 +442,9 @@ class Trainer:
             where = (f"epoch {epoch + 1}, iteration {self.iter - epoch * self.iters_per_epoch + 1} "
                      f"(global iteration {self.iter + 1})")
             if ok:
-                raise FloatingPointError(f"non-finite loss on another process at {where}; stopping")
+                raise NonFiniteError(f"non-finite loss on another process at {where}; stopping")
             comps = ", ".join(f"{k}={v:.6g}" for k, v in record.items())
-            raise FloatingPointError(f"non-finite total loss at {where}: {comps}. Lower the lr, enable "
+            raise NonFiniteError(f"non-finite total loss at {where}: {comps}. Lower the lr, enable "
                                      f"optimizer.grad_clip or check the annotations of this batch.")
 
     def train(self) -> dict[str, float]:
@@ -478,8 +512,12 @@ class Trainer:
         finally:
             progress.close()
             self._collect_level_stats(False)
-        logger.info("training done: %d iterations in %s", self.iter, format_seconds(time.perf_counter() - t0))
+        logger.info("training done: %d iterations in %s%s", self.iter, format_seconds(time.perf_counter() - t0),
+                    f" ({self.skipped_steps} optimizer steps skipped for non-finite gradients)"
+                    if self.skipped_steps else "")
         out = {**self.last_metrics, "epoch": self.iter / ipe, "iter": self.iter}
+        if self.use_amp:
+            out["skipped_steps"] = self.skipped_steps
         if "loss" in self.last_train:
             out["train_loss"] = self.last_train["loss"]
         return out

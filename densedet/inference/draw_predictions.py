@@ -10,6 +10,7 @@ and the ground-truth boxes are drawn dashed beside the detections.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from densedet.errors import DataError
 from densedet.inference.predictor import Predictor, list_images, read_image
 from densedet.inference.visualize import draw_detections, save_detection_grid
 
@@ -77,22 +79,46 @@ def _chunks(items: list[ImageItem], n: int) -> Iterator[list[ImageItem]]:
         yield items[i:i + n]
 
 
+def _load(chunk: list[ImageItem], skipped: list[str] | None) -> tuple[list[ImageItem], list[np.ndarray]]:
+    """Decode ``chunk``; with a ``skipped`` list an undecodable image is skipped (a warning line, its source
+    appended), without one its ``DataError`` propagates."""
+    kept, arrays = [], []
+    for item in chunk:
+        try:
+            arrays.append(item.load())
+        except DataError as e:
+            if skipped is None:
+                raise
+            skipped.append(item.source)
+            print(f"warning: skipping {item.source}: {e}", file=sys.stderr)
+            continue
+        kept.append(item)
+    return kept, arrays
+
+
 def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Path, score_thr: float = 0.3,
-                     grid_tiles: int = GRID_TILES, tile_side: int = GRID_TILE_SIDE) -> dict[str, Any]:
+                     grid_tiles: int = GRID_TILES, tile_side: int = GRID_TILE_SIDE,
+                     skip_undecodable: bool = False) -> dict[str, Any]:
     """Predict ``items`` and write ``out/NAME.png`` (at the image's own size), ``out/grid.png`` (the first
     ``min(len(items), grid_tiles)`` images, each drawn at ``tile_side`` on its longer side, 4 per row; none when
     ``grid_tiles`` is 0) and ``out/predictions.json`` (per image: ``file``, ``image_id`` when from an annotation
     file, and the detections above ``score_thr`` with ``box_xyxy`` in image pixels).
 
+    With ``skip_undecodable`` (a folder of images) a file that cannot be decoded is skipped with a warning line on
+    stderr and listed in ``skipped``; otherwise its :class:`~densedet.errors.DataError` propagates.
+
     Returns:
-        ``{"images": n, "grid_tiles": tiles in grid.png, "out": out}``.
+        ``{"images": n drawn, "grid_tiles": tiles in grid.png, "skipped": [sources not decoded], "out": out}``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     tiles = []
+    skipped: list[str] = []
     for chunk in _chunks(items, _BATCH):
-        arrays = [item.load() for item in chunk]
+        chunk, arrays = _load(chunk, skipped if skip_undecodable else None)
+        if not chunk:
+            continue
         for item, arr, det in zip(chunk, arrays, predictor(arrays)):
             args = (det["boxes"], det["scores"], det["labels"], predictor.classes)
             draw_detections(arr, *args, score_thr=score_thr, gt_boxes=item.gt_boxes).save(out / f"{item.name}.png")
@@ -111,4 +137,4 @@ def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Pa
     (out / "predictions.json").write_text(json.dumps(records, indent=1))
     if tiles:
         save_detection_grid(tiles, out / "grid.png")
-    return {"images": len(records), "grid_tiles": len(tiles), "out": out}
+    return {"images": len(records), "grid_tiles": len(tiles), "skipped": skipped, "out": out}

@@ -12,6 +12,7 @@ from PIL import Image, ImageOps
 
 from densedet.config import Config, load_config
 from densedet.data.collate import collate
+from densedet.data.image_io import decode_image, to_rgb8
 from densedet.data.transforms import build_pipeline
 from densedet.data.tta import tta_pipeline
 from densedet.models.build import build_detector
@@ -41,13 +42,9 @@ def read_image(image: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     no EXIF and is taken as-is: it must already be upright, ``(H, W, 3)`` uint8 RGB.
     """
     if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as im:
-                return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"cannot decode image {image}: {e}") from e
+        return decode_image(image)  # the dataset's decoder: same pixels (16-bit scaled, EXIF applied)
     if isinstance(image, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+        return to_rgb8(ImageOps.exif_transpose(image))
     arr = np.asarray(image)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
         raise ValueError(f"an image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")

@@ -24,6 +24,7 @@ __all__ = [
     "build_norm_layer",
     "constant_init",
     "kaiming_init",
+    "run_conv",
     "xavier_init",
 ]
 
@@ -234,12 +235,30 @@ class ConvModule(nn.Module):
             constant_init(self.norm, 1.0, bias=0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
+        x = run_conv(self.conv, x)
         if self.norm_name:
             x = getattr(self, self.norm_name)(x)
         if self.with_activation:
             x = self.activate(x)
         return x
+
+
+def run_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, but in float32 (autocast off) when autocast is on and ``x`` is smaller than the kernel.
+
+    Why: torch 2.14's CPU bfloat16 convolution backward returns garbage (often NaN/inf) weight gradients when a
+    strided 3x3 conv runs on a 1x1 map, e.g. FPN's P7 conv on a 1x1 P6 of a small image (issue 9; reproduced
+    with a bare ``nn.Conv2d(C, C, 3, stride=2, padding=1)`` on a ``(N, C, 1, 1)`` input under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``). Such maps are tiny, so float32 costs nothing. The output
+    is then float32; the next autocast op casts it back. ``x``: ``(N, C, H, W)``.
+    """
+    kernel = getattr(conv, "kernel_size", None)
+    if kernel is not None and x.dim() == 4 and torch.is_autocast_enabled(x.device.type):
+        kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+        if x.shape[-2] < kh or x.shape[-1] < kw:
+            with torch.autocast(x.device.type, enabled=False):
+                return conv(x.float())
+    return conv(x)
 
 
 class Scale(nn.Module):

@@ -19,6 +19,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from densedet.errors import CheckpointError, CheckpointNotFoundError
 from densedet.models.layers import build_conv_layer, build_norm_layer, constant_init, kaiming_init
 from densedet.registry import BACKBONES, ConfigError
 
@@ -514,7 +515,7 @@ def _download(url: str, what: str) -> Any:
         # Uses the cached file in the hub directory when present, so a manually placed download works offline.
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
     except OSError as err:  # URLError, HTTPError, socket errors are all OSErrors
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not download the pretrained weights for '{what}' from {url} ({err}). Without internet access, "
             f"download that file elsewhere and put it at {hub_file}, or set pretrained / init_cfg.checkpoint to a "
             f"local path of the .pth file."
@@ -531,7 +532,7 @@ def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
     try:
         return timm.create_model(name, pretrained=True).state_dict()
     except Exception as err:  # hub / network errors come in many types
-        raise RuntimeError(
+        raise CheckpointError(
             f"could not get timm's pretrained weights for '{name}' ({type(err).__name__}: {err}). Without internet "
             f"access, save them elsewhere with torch.save(timm.create_model('{name}', pretrained=True).state_dict(), "
             f"'{name}.pth') and set pretrained to that local file."
@@ -569,13 +570,15 @@ def read_checkpoint(source: str) -> dict[str, torch.Tensor]:
     else:
         path = Path(source).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"pretrained checkpoint '{source}' does not exist (expected a .pth file)")
+            raise CheckpointNotFoundError(f"pretrained checkpoint '{source}' does not exist (expected a .pth file)")
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises UnpicklingError / RuntimeError variants for unsafe or corrupt files
-            raise RuntimeError(
-                f"cannot read checkpoint '{source}' with torch.load(weights_only=True): {err}. "
-                "Save just the state dict (torch.save(model.state_dict(), path)) and try again."
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"pretrained checkpoint '{source}' cannot be read with torch.load(weights_only=True), so it is "
+                f"corrupt or holds pickled objects DenseDet will not run ({first}). Save just the state dict "
+                "(torch.save(model.state_dict(), path)) and try again."
             ) from err
 
     for key in ("state_dict", "model"):
@@ -583,7 +586,8 @@ def read_checkpoint(source: str) -> dict[str, torch.Tensor]:
             ckpt = ckpt[key]
             break
     if not isinstance(ckpt, Mapping):
-        raise TypeError(f"checkpoint '{source}' does not hold a state dict (got {type(ckpt).__name__})")
+        raise CheckpointError(f"pretrained checkpoint '{source}' does not hold a state dict (got "
+                              f"{type(ckpt).__name__})")
     return {k.removeprefix("module."): v for k, v in ckpt.items()}
 
 
@@ -612,7 +616,7 @@ def select_prefix(state: dict[str, torch.Tensor], source: str, prefix: str | Non
         prefix = prefix if prefix.endswith(".") else prefix + "."
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not state:
-            raise RuntimeError(f"checkpoint '{source}' has no keys under prefix '{prefix}'")
+            raise CheckpointError(f"pretrained checkpoint '{source}' has no keys under prefix '{prefix}'")
     return state
 
 
