@@ -11,9 +11,13 @@ from typing import Any
 EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML files; key=value overrides any key."
 
 
-def _resolve_checkpoint(path: str) -> Path:
+def _resolve_checkpoint(path: str, config: str | None = None) -> Path:
     from densedet.engine.checkpoint import latest_checkpoint
 
+    if path == "zoo" or path.startswith("zoo:"):  # released weights by name (downloaded once into the cache)
+        from densedet.zoo import fetch_zoo_weights
+
+        return fetch_zoo_weights(path.removeprefix("zoo").removeprefix(":") or config)
     p = Path(path)
     if p.is_dir():
         swa = p / "swa_final.pth"
@@ -27,11 +31,25 @@ def _resolve_checkpoint(path: str) -> Path:
     return p
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _load_cfg(args: argparse.Namespace) -> Any:
+    """The config with overrides, ``--data`` and ``--img-size`` applied."""
     from densedet.config import load_config
+
+    return load_config(args.config, args.overrides, data=getattr(args, "data", None),
+                       img_size=getattr(args, "img_size", None))
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="a dataset root in COCO, Pascal VOC or YOLO layout: every split reads it and the "
+                                  "head gets its number of classes (see docs/own_data.md)")
+    p.add_argument("--img-size", help="N or WxH: rescale every train/test scale of the config to it "
+                                      "(multi-scale ranges keep their proportions)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from densedet.engine import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_cfg(args)
     work_dir = Path(args.work_dir or cfg.runtime.work_dir or Path("work_dirs") / cfg.name)
     resume: Any = args.resume
     if resume == "auto":
@@ -57,15 +75,14 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None):
 def cmd_test(args: argparse.Namespace) -> int:
     import torch
 
-    from densedet.config import load_config
     from densedet.data import build_dataloader
     from densedet.engine import evaluate
     from densedet.engine.checkpoint import load_checkpoint, load_model_weights
     from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
     from densedet.models.build import build_detector
 
-    cfg = load_config(args.config, args.overrides)
-    ckpt_path = _resolve_checkpoint(args.checkpoint)
+    cfg = _load_cfg(args)
+    ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
     model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
     model = build_detector(model_cfg, init=False)
     load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
@@ -89,7 +106,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densedet.inference.predictor import Predictor, list_images, read_image
     from densedet.inference.visualize import draw_detections, save_detection_grid
 
-    predictor = Predictor(args.config, _resolve_checkpoint(args.checkpoint), device=args.device,
+    config = _load_cfg(args) if (args.data or args.img_size) else args.config
+    predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
                           overrides=args.overrides, tta=args.tta)
     files = list_images(args.input)[: args.limit or None]
     out = Path(args.out)
@@ -120,6 +138,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
     nval = args.num_val if args.num_val is not None else max(1, args.num_images // 4)
     paths = make_synthetic_coco(args.out, num_train=args.num_images, num_val=nval, size=args.size, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=1))
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from densedet.data.formats import prepare_dataset
+
+    ds = prepare_dataset(args.src, out_dir=args.out, expect=args.fmt)
+    for split, f in ds.splits.items():
+        print(f"{split}: {f.ann_file}  (images in {f.img_dir})")
+    print(f"{len(ds.classes)} classes: {ds.classes}")
     return 0
 
 
@@ -174,11 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work-dir", help="where checkpoints, logs and plots go (default work_dirs/CONFIG)")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the latest checkpoint in the work dir, or from the given file")
+    _add_data_args(t)
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("test", help="evaluate a checkpoint with COCO metrics", epilog=EPILOG)
     e.add_argument("config")
-    e.add_argument("checkpoint", help="checkpoint file or work dir (its latest checkpoint)")
+    e.add_argument("checkpoint", help="checkpoint file, work dir (its latest checkpoint), or 'zoo' / 'zoo:NAME' "
+                                      "(released weights, downloaded once)")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--out", help="folder for results json, metrics and PR curves")
     e.add_argument("--split", default="val", choices=["val", "test"])
@@ -186,11 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    _add_data_args(e)
     e.set_defaults(fn=cmd_test)
 
     r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
     r.add_argument("config")
-    r.add_argument("checkpoint", help="checkpoint file or work dir")
+    r.add_argument("checkpoint", help="checkpoint file, work dir, or 'zoo' / 'zoo:NAME' (released weights)")
     r.add_argument("input", help="an image or a folder of images")
     r.add_argument("overrides", nargs="*")
     r.add_argument("--out", required=True)
@@ -200,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    _add_data_args(r)
     r.set_defaults(fn=cmd_predict)
 
     d = sub.add_parser("data", help="dataset tools")
@@ -211,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=320, help="image side in pixels")
     s.set_defaults(fn=cmd_synth)
+    dc = dsub.add_parser("convert", help="write COCO json for a Pascal VOC or YOLO dataset")
+    dc.add_argument("--from", dest="fmt", required=True, choices=["voc", "yolo"])
+    dc.add_argument("src", help="the dataset root")
+    dc.add_argument("--out", required=True, help="folder for instances_train.json / instances_val.json "
+                                                 "(not inside the dataset)")
+    dc.set_defaults(fn=cmd_data_convert)
 
     c = sub.add_parser("convert", help="convert a released MMDetection checkpoint")
     c.add_argument("src")
