@@ -141,6 +141,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from densedet.data.check import data_check
+
+    text, png, _ = data_check(args.path, args.config, args.img_size, args.out, args.max_images, args.overrides)
+    print(text)
+    print(f"\nwrote {png}")
+    return 0
+
+
 def cmd_data_convert(args: argparse.Namespace) -> int:
     from densedet.data.formats import prepare_dataset
 
@@ -243,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", type=int, default=320, help="image side in pixels")
     s.set_defaults(fn=cmd_synth)
+    ck = dsub.add_parser("check", help="dataset statistics and, with --config, how its objects would be assigned "
+                                       "to the pyramid levels (table + PNG)")
+    ck.add_argument("path", help="dataset root (COCO, Pascal VOC or YOLO layout)")
+    ck.add_argument("--config", help="analyse the assignment of this config's head")
+    ck.add_argument("overrides", nargs="*", help="key=value overrides of --config")
+    ck.add_argument("--img-size", help="N or WxH: the training scale to analyse (as train --img-size)")
+    ck.add_argument("--out", help="PNG to write (default data_check_<dataset>.png)")
+    ck.add_argument("--max-images", type=int, default=2000, help="assign at most this many training images")
+    ck.set_defaults(fn=cmd_data_check)
     dc = dsub.add_parser("convert", help="write COCO json for a Pascal VOC or YOLO dataset")
     dc.add_argument("--from", dest="fmt", required=True, choices=["voc", "yolo"])
     dc.add_argument("src", help="the dataset root")
