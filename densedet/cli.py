@@ -31,6 +31,20 @@ def _resolve_checkpoint(path: str, config: str | None = None) -> Path:
     return p
 
 
+def _zoo_row_config(args: argparse.Namespace) -> None:
+    """``predict/test NAME zoo``: NAME may be a zoo row whose config has another name (e.g. the seed repos' own
+    trainings, ``atss_r50_fpn_1x_coco_vfnetrepo``); use that row's config and weights."""
+    if getattr(args, "checkpoint", None) != "zoo":
+        return
+    from densedet.config import list_configs
+    from densedet.zoo import get_entry
+
+    if args.config not in list_configs():
+        entry = get_entry(args.config)
+        if entry.config:
+            args.checkpoint, args.config = f"zoo:{entry.name}", entry.config
+
+
 def _load_cfg(args: argparse.Namespace) -> Any:
     """The config with overrides, ``--data`` and ``--img-size`` applied."""
     from densedet.config import load_config
@@ -81,6 +95,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
     from densedet.models.build import build_detector
 
+    _zoo_row_config(args)
     cfg = _load_cfg(args)
     ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
     model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
@@ -106,6 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densedet.inference.predictor import Predictor, list_images, read_image
     from densedet.inference.visualize import draw_detections, save_detection_grid
 
+    _zoo_row_config(args)
     config = _load_cfg(args) if (args.data or args.img_size) else args.config
     predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
                           overrides=args.overrides, tta=args.tta)
@@ -177,6 +193,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         model = build_detector({**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}, init=False)
         load_model_weights(model, load_checkpoint(args.dst), strict=True, source=args.dst)
         print(f"checked: loads into {args.config} with strict=True")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from densedet.zoo import fetch_zoo_weights, format_zoo_table
+
+    if args.fetch:
+        print(f"{args.fetch}: {fetch_zoo_weights(args.fetch)}")
+        return 0
+    print(format_zoo_table(show_urls=args.urls))
     return 0
 
 
@@ -279,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("work_dir", help="a training work dir (reads its log.jsonl)")
     lv.add_argument("--out", help="PNG to write (default WORK_DIR/levels.png)")
     lv.set_defaults(fn=cmd_levels)
+
+    z = sub.add_parser("zoo", help="list released weights (every seed row + MMDetection baselines); --fetch NAME "
+                                   "downloads one into $DENSEDET_HOME")
+    z.add_argument("--urls", action="store_true", help="also print each row's download URL")
+    z.add_argument("--fetch", metavar="NAME", help="download (resume, checksum) and convert the weights of NAME")
+    z.set_defaults(fn=cmd_zoo)
 
     lc = sub.add_parser("configs", help="list built-in configs")
     lc.set_defaults(fn=cmd_configs)

@@ -509,16 +509,16 @@ def pretrained_source(pretrained: str | None, init_cfg: dict[str, Any] | None,
 
 
 def _download(url: str, what: str) -> Any:
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    """Weights at ``url`` through the DenseDet cache (``$DENSEDET_HOME/checkpoints``: progress bar, resume, the
+    SHA-256 prefix of the file name checked); a file already in torch.hub's cache is used as it is."""
+    from densedet.zoo.download import ZooError, cached_download
+
     try:
-        # Uses the cached file in the hub directory when present, so a manually placed download works offline.
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
-    except OSError as err:  # URLError, HTTPError, socket errors are all OSErrors
-        raise RuntimeError(
-            f"could not download the pretrained weights for '{what}' from {url} ({err}). Without internet access, "
-            f"download that file elsewhere and put it at {hub_file}, or set pretrained / init_cfg.checkpoint to a "
-            f"local path of the .pth file."
-        ) from err
+        path = cached_download(url, legacy_dirs=[Path(torch.hub.get_dir()) / "checkpoints"])
+    except ZooError as err:
+        raise RuntimeError(f"pretrained weights for '{what}': {err} Or set pretrained / init_cfg.checkpoint to a "
+                           f"local path of the .pth file.") from err
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
