@@ -212,3 +212,31 @@ def test_data_convert_cli(tmp_path, capsys) -> None:
     assert _snapshot(voc) == before
     assert main(["data", "convert", "--from", "yolo", str(voc), "--out", str(tmp_path / "o2")]) == 2
     assert "expected a YOLO layout, found a VOC one" in capsys.readouterr().err
+
+
+def test_newcomer_walk_voc_then_yolo(tmp_path, capsys) -> None:
+    """docs/own_data.md on tiny generated VOC and YOLO sets: check, train, test (COCO metrics), predict (drawn
+    boxes), then fine-tune the VOC model on the YOLO set with load_from; the datasets are never written to."""
+    voc = synth_as_voc(tmp_path / "voc", num_train=4, num_val=2, size=64)
+    yolo = synth_as_yolo(tmp_path / "yolo", num_train=4, num_val=2, size=64, seed=1)
+    before = {r: _snapshot(r) for r in (voc, yolo)}
+    common = ["--img-size", "64", "schedule.epochs=1", "data.samples_per_gpu=2", "data.workers_per_gpu=0",
+              "runtime.log_interval=1"]
+    assert main(["data", "check", str(voc), "--config", "atss_r18_fpn_synth", "--img-size", "64",
+                 "--out", str(tmp_path / "check.png")]) == 0
+    assert "assignment by ATSSHead on 4 training images at scale 64x64" in capsys.readouterr().out
+    wd = tmp_path / "wd_voc"
+    assert main(["train", "atss_r18_fpn_synth", "--data", str(voc), "--work-dir", str(wd)] + common) == 0
+    assert (wd / "epoch_1.pth").is_file()
+    assert main(["test", "atss_r18_fpn_synth", str(wd), "--data", str(voc), "--img-size", "64",
+                 "--out", str(tmp_path / "test")]) == 0
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert {"bbox_mAP", "bbox_mAP_50"} <= set(metrics) and 0.0 <= metrics["bbox_mAP_50"] <= 1.0
+    assert main(["predict", "atss_r18_fpn_synth", str(wd), str(voc / "JPEGImages"), "--data", str(voc),
+                 "--img-size", "64", "--out", str(tmp_path / "pred"), "--limit", "2"]) == 0
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 3  # 2 drawn images + grid.png
+    wd2 = tmp_path / "wd_yolo"
+    assert main(["train", "atss_r18_fpn_synth", "--data", str(yolo), "--work-dir", str(wd2),
+                 f"runtime.load_from={wd / 'epoch_1.pth'}", "optimizer.lr=0.0005"] + common) == 0
+    assert "loaded initial weights" in (wd2 / "train.log").read_text()
+    assert {r: _snapshot(r) for r in (voc, yolo)} == before
