@@ -134,6 +134,11 @@ def test_download_convert_and_strict_load(server, monkeypatch, tmp_path) -> None
     n = len(server.requests)
     assert fetch_zoo_weights("atss_r18_fpn_synth", progress=False) == path  # looked up by config name
     assert len(server.requests) == n
+    # load_from: zoo:NAME into a 5-class model: everything but the classifier comes from the release
+    five = build_detector(load_config("atss_r18_fpn_synth", ["model.bbox_head.num_classes=5"]).model)
+    assert load_for_finetune(five, "zoo:tiny_atss")["reinitialised"] == ["bbox_head.atss_cls.weight",
+                                                                        "bbox_head.atss_cls.bias"]
+    assert torch.equal(five.state_dict()["backbone.conv1.weight"], sd["backbone.conv1.weight"])
     # the CLI: predict CONFIG zoo IMAGE
     from PIL import Image
 
