@@ -225,3 +225,23 @@ def test_finetune_reinitialises_only_the_classifier(tmp_path, caplog) -> None:
     assert bias.shape == (5 * 1,) and torch.allclose(bias, torch.full_like(bias, bias_init_with_prob(0.01)))
     w = own["bbox_head.atss_cls.weight"]
     assert w.shape[0] == 5 and 0.005 < float(w.std()) < 0.02
+
+
+def test_timm_weights_go_through_the_cache(server, monkeypatch, tmp_path) -> None:
+    import safetensors.torch
+    import timm
+
+    from densedet.models.backbones import resnet
+
+    torch.manual_seed(0)
+    want = timm.create_model("test_resnet.r160_in1k", pretrained=False).state_dict()
+    blob = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in want.items()}, str(blob))
+    server.files["/timm/test_resnet/model.safetensors"] = blob.read_bytes()
+    url, fname = resnet._timm_weight_url("test_resnet.r160_in1k")
+    assert url == "https://huggingface.co/timm/test_resnet.r160_in1k/resolve/main/model.safetensors"
+    monkeypatch.setattr(resnet, "_timm_weight_url", lambda name: (server.url("/timm/test_resnet/model.safetensors"),
+                                                                  fname))
+    got = resnet.read_checkpoint("timm:test_resnet.r160_in1k")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "home" / "checkpoints" / fname).is_file()
