@@ -106,7 +106,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     dataset = _build_eval_dataset(cfg, args.split, args.tta)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
-    out = Path(args.out) if args.out else ckpt_path.parent / "test"
+    zoo = args.checkpoint.startswith("zoo")  # released weights: results go to work_dirs, not into the cache
+    out = Path(args.out) if args.out else (Path("work_dirs") / cfg.name / "test_zoo" if zoo else
+                                           ckpt_path.parent / "test")
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(model, loader, dataset, device, out_json=out / "results.bbox.json")
     print(format_metrics_table(result))

@@ -156,6 +156,12 @@ def test_voc_bad_input_is_counted(tmp_path) -> None:
     assert any(m.startswith("skipped 1 boxes entirely outside") for m in msgs)
     train = json.loads(ds.splits["train"].ann_file.read_text())
     assert [i["file_name"] for i in train["images"]] == ["a.jpg", "e.jpg"]
+    want = {"unreadable_xml": 1, "missing_image": 1, "missing_xml": 1, "clipped": 1, "outside": 1}
+    assert ds.problems == want
+    with warnings.catch_warnings(record=True) as again:  # the cached conversion still reports them
+        warnings.simplefilter("always")
+        assert prepare_dataset(root).problems == want
+    assert sorted(str(w.message) for w in again) == sorted(msgs)
     assert _snapshot(root) == before  # nothing written into the dataset
     with pytest.raises(DataError, match="must not be written inside the dataset"):
         prepare_dataset(root, out_dir=root / "json")
@@ -240,3 +246,21 @@ def test_newcomer_walk_voc_then_yolo(tmp_path, capsys) -> None:
                  f"runtime.load_from={wd / 'epoch_1.pth'}", "optimizer.lr=0.0005"] + common) == 0
     assert "loaded initial weights" in (wd2 / "train.log").read_text()
     assert {r: _snapshot(r) for r in (voc, yolo)} == before
+
+
+def test_yolo_roboflow_layout(tmp_path) -> None:
+    """Roboflow's export: train/images + train/labels, valid/..., data.yaml with '../train/images' paths."""
+    root = tmp_path / "rf"
+    for split, n in (("train", 2), ("valid", 1)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (50, 50)).save(root / split / "images" / f"{split}{i}.jpg")
+            (root / split / "labels" / f"{split}{i}.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 1\nnames: ['cell']\n")
+    assert detect_layout(root) == "yolo"
+    ds = prepare_dataset(root)
+    assert ds.classes == ["cell"] and ds.splits["train"].img_dir == root.resolve()
+    val = json.loads(ds.splits["val"].ann_file.read_text())
+    assert val["images"][0]["file_name"] == "valid/images/valid0.jpg"
+    assert val["annotations"][0]["bbox"] == [12.5, 12.5, 25.0, 25.0]

@@ -378,6 +378,11 @@ def data_check(path: str | Path, config: str | None = None, img_size: str | None
     cfg = head = None
     scale = None
     notes = list(ds.notes)
+    if ds.problems:
+        from densedet.data.formats.common import PROBLEM_TEXT
+
+        notes.append(f"{ds.kind.upper()} conversion: " + "; ".join(
+            f"{PROBLEM_TEXT[k][0]} {n} {PROBLEM_TEXT[k][1]}" for k, n in ds.problems.items()))
     if config is not None:
         from densedet.config import load_config
         from densedet.models.build import build_detector

@@ -53,6 +53,7 @@ class PreparedDataset:
     classes: list[str]
     splits: dict[str, SplitFiles] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    problems: dict[str, int] = field(default_factory=dict)  # conversion problems per kind (see formats.common)
 
 
 def _coco_ann(root: Path, split: str) -> Path | None:
@@ -180,6 +181,7 @@ def _prepare_voc(root: Path, ds: PreparedDataset, out: Path) -> None:
 
     paths = _cached(out, key, build, log)
     log.warn()
+    ds.problems = dict(log.counts)
     if ids["train"] is None or ids["val"] is None:
         ds.notes.append(f"no ImageSets/Main train+val lists: every {HOLDOUT_EVERY}th image is held out for "
                         "validation")
@@ -210,6 +212,7 @@ def _prepare_yolo(root: Path, ds: PreparedDataset, out: Path) -> None:
 
     paths = _cached(out, key, build, log)
     log.warn()
+    ds.problems = dict(log.counts)
     if not dirs["val"]:
         ds.notes.append(f"no val images: every {HOLDOUT_EVERY}th training image is held out for validation")
     ds.splits = {s: SplitFiles(paths[s], common) for s in _SPLITS}

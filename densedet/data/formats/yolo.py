@@ -82,8 +82,9 @@ def yolo_split_dirs(root: Path, split: str) -> list[Path]:
         for e in entries:
             d = Path(str(e))
             d = d if d.is_absolute() else (base / d)
-            if not d.is_dir() and (root / str(e)).is_dir():
-                d = root / str(e)
+            for alt in (root / str(e), root.joinpath(*[q for q in Path(str(e)).parts if q not in ("..", ".")])):
+                if not d.is_dir() and alt.is_dir():  # Roboflow writes '../train/images' for root/train/images
+                    d = alt
             if not d.is_dir():
                 raise DataError(f"{f}: '{split}' names {e}, which is not a folder (looked at {d})")
             dirs.append(d.resolve())
