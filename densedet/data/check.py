@@ -59,6 +59,7 @@ class DatasetStats:
     load_fixes: dict[str, int]
     sizes: np.ndarray
     train_sizes: np.ndarray | None = None
+    relative_sizes: np.ndarray | None = None  # sqrt(w h / (W H)): box size relative to the resized image
 
 
 @dataclass
@@ -92,7 +93,7 @@ def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None
 
     c = len(dataset.classes)
     boxes_per_class, images_per_class = [0] * c, [0] * c
-    sizes, train_sizes = [], []
+    sizes, train_sizes, relative = [], [], []
     empty = dup = ignore = 0
     for i, info in enumerate(dataset.img_infos):
         ann = dataset.get_ann_info(i)
@@ -110,6 +111,7 @@ def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None
         dup += int(np.triu(same, 1).any(0).sum())
         s = np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))
         sizes.append(s)
+        relative.append(s / math.sqrt(info["width"] * info["height"]))
         if scale is not None:
             w, h = info["width"], info["height"]
             nw, nh = Resize.rescale_size(w, h, scale)
@@ -117,7 +119,8 @@ def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None
     fixes = {k: v for k, v in getattr(dataset, "skipped_counts", {}).items() if k != "unselected_category"}
     return DatasetStats(split, list(dataset.classes), len(dataset.img_infos), boxes_per_class, images_per_class,
                         empty, ignore, dup, fixes, np.concatenate(sizes) if sizes else np.zeros(0),
-                        (np.concatenate(train_sizes) if train_sizes else np.zeros(0)) if scale is not None else None)
+                        (np.concatenate(train_sizes) if train_sizes else np.zeros(0)) if scale is not None else None,
+                        np.concatenate(relative) if relative else np.zeros(0))
 
 
 def train_scale(cfg: Any) -> tuple[tuple[int, int], str]:
@@ -314,6 +317,12 @@ def format_report(stats: list[DatasetStats], report: AssignmentReport | None, no
             for r, t in zip(size_rows, _hist_rows(st.train_sizes)):
                 r.append(t[1])
         parts.append(_table(size_rows, header))
+        if st.relative_sizes is not None:
+            edges = [0, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, math.inf]
+            counts = np.histogram(st.relative_sizes, bins=edges)[0]
+            rows = [[f"{a:.0%}-{'' if not math.isfinite(b) else f'{b:.0%}'}", str(int(c))]
+                    for a, b, c in zip(edges, edges[1:], counts)]
+            parts.append(_table(rows, ["box size / image size", "boxes"]))
     if report is not None:
         lo, hi = report.prior_range
         parts.append(f"assignment by {report.head} on {report.num_images} training images at scale "
