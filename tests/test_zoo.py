@@ -146,6 +146,12 @@ def test_download_convert_and_strict_load(server, monkeypatch, tmp_path) -> None
     assert main(["predict", "atss_r18_fpn_synth", "zoo", str(tmp_path / "img.png"), "--out",
                  str(tmp_path / "pred")]) == 0
     assert (tmp_path / "pred" / "predictions.json").is_file()
+    # a row whose name is not a config (the seed repos' own trainings): predict ROW zoo uses the row's config
+    monkeypatch.setattr(zoo_registry, "ZOO", (entry, ZooEntry("tiny_atss_seedrepo", "atss_r18_fpn_synth", "test",
+                                                              1.0, entry.urls)))
+    assert main(["predict", "tiny_atss_seedrepo", "zoo", str(tmp_path / "img.png"), "--out",
+                 str(tmp_path / "pred2")]) == 0
+    assert (tmp_path / "pred2" / "img.png").is_file()
 
 
 @pytest.mark.parametrize("server_ranges", [True, False])
