@@ -31,8 +31,8 @@ def synth_as_voc(out: Path, num_train: int = 8, num_val: int = 4, size: int = 96
             stem = f"{split}_{Path(img['file_name']).stem}"
             ids.append(stem)
             shutil.copy(Path(src[f"{split}_img_dir"]) / img["file_name"], out / "JPEGImages" / f"{stem}.png")
-            objs = [(names[a["category_id"]], [a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2],
-                                               a["bbox"][1] + a["bbox"][3]], 0, 0)
+            objs = [(names[a["category_id"]], [a["bbox"][0] + 1, a["bbox"][1] + 1, a["bbox"][0] + a["bbox"][2] + 1,
+                                               a["bbox"][1] + a["bbox"][3] + 1], 0, 0)  # VOC corners are 1-based
                     for a in coco["annotations"] if a["image_id"] == img["id"]]
             (out / "Annotations" / f"{stem}.xml").write_text(
                 _voc_xml(f"{stem}.png", img["width"], img["height"], objs))

@@ -60,15 +60,16 @@ def _voc_root(tmp_path: Path) -> Path:
 def test_voc_conversion_matches_hand_written_coco(tmp_path) -> None:
     root = _voc_root(tmp_path)
     coco = voc_to_coco(root, ["a"], classes=["cat", "dog"])
-    # difficult -> ignore region (iscrowd 1) as mmdet's bboxes_ignore; truncated kept as a normal box
+    # 1-based VOC corners -> 0-based (mmdet subtracts 1); (0, 0) is 1 px outside and clipped silently;
+    # difficult -> ignore region (iscrowd 1) as mmdet's ignore_flag; truncated kept as a normal box
     assert coco == {
         "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [10.0, 20.0, 40.0, 40.0], "area": 1600.0,
+            {"id": 1, "image_id": 1, "category_id": 2, "bbox": [9.0, 19.0, 40.0, 40.0], "area": 1600.0,
              "iscrowd": 0, "difficult": 0, "truncated": 0},
-            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 30.0, 30.0], "area": 900.0,
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0.0, 0.0, 29.0, 29.0], "area": 841.0,
              "iscrowd": 1, "difficult": 1, "truncated": 0},
-            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [60.0, 10.0, 30.0, 60.0], "area": 1800.0,
+            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [59.0, 9.0, 30.0, 60.0], "area": 1800.0,
              "iscrowd": 0, "difficult": 0, "truncated": 1},
         ],
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
@@ -77,8 +78,8 @@ def test_voc_conversion_matches_hand_written_coco(tmp_path) -> None:
     assert ds.kind == "voc" and ds.classes == ["cat", "dog"]  # sorted object names
     train = CocoDataset(ds.splits["train"].ann_file, ds.splits["train"].img_dir)
     ann = train.get_ann_info(0)
-    assert ann["boxes"].tolist() == [[10, 20, 50, 60], [60, 10, 90, 70]] and ann["labels"].tolist() == [1, 1]
-    assert ann["ignore_boxes"].tolist() == [[0, 0, 30, 30]]
+    assert ann["boxes"].tolist() == [[9, 19, 49, 59], [59, 9, 89, 69]] and ann["labels"].tolist() == [1, 1]
+    assert ann["ignore_boxes"].tolist() == [[0, 0, 29, 29]]
 
 
 def test_yolo_conversion_matches_hand_written_coco(tmp_path) -> None:

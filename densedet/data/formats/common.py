@@ -71,8 +71,10 @@ def image_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def clip_box(box: list[float], width: float, height: float, log: ProblemLog, where: str) -> list[float] | None:
-    """Clip an xyxy box to the image; ``None`` (counted) when it is degenerate or entirely outside."""
+def clip_box(box: list[float], width: float, height: float, log: ProblemLog, where: str, tol: float = 1e-3
+             ) -> list[float] | None:
+    """Clip an xyxy box to the image; ``None`` (counted) when it is degenerate or entirely outside. Clipping by
+    at most ``tol`` px is silent (rounding in label files, VOC's 1-based corners written 0-based)."""
     x1, y1, x2, y2 = box
     if x2 <= x1 or y2 <= y1:
         log.add("degenerate", where)
@@ -81,8 +83,7 @@ def clip_box(box: list[float], width: float, height: float, log: ProblemLog, whe
     if cx2 <= cx1 or cy2 <= cy1:
         log.add("outside", where)
         return None
-    eps = 1e-3  # rounding in the label file (x2 = 96.00001 on a 96 px image) is not worth a warning
-    if x1 < -eps or y1 < -eps or x2 > width + eps or y2 > height + eps:
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
         log.add("clipped", where)
     return [cx1, cy1, cx2, cy2]
 

@@ -1,7 +1,8 @@
 """Pascal VOC (``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/{split}.txt``) -> COCO instances.
 
-Semantics follow MMDetection 2.x ``XMLDataset`` (mmdet/datasets/xml_style.py): a box is
-``[xmin, ymin, xmax, ymax]`` as written in ``bndbox`` (absolute pixels, no offset); an object flagged
+Semantics follow MMDetection ``XMLDataset`` (mmdet/datasets/xml_style.py): ``bndbox`` corners are VOC's 1-based
+pixel coordinates and become ``[xmin - 1, ymin - 1, xmax - 1, ymax - 1]`` (mmdet truncates them to integers first;
+here fractional corners, as CVAT writes them, are kept); an object flagged
 ``difficult`` goes to the ignore boxes (here: ``iscrowd: 1``, which COCO evaluation and :class:`CocoDataset` treat
 as an ignore region) and objects of a class outside the class list are skipped. ``truncated`` does not change
 training (mmdet reads it nowhere); it is kept as an attribute of the annotation. The image size comes from the
@@ -163,7 +164,8 @@ def voc_to_coco(root: str | Path, ids: list[str] | None = None, classes: list[st
             if obj.name not in label_of:
                 log.add("unknown_class", f"{where} ({obj.name})")
                 continue
-            box = clip_box(obj.xyxy, w, h, log, where)
+            # 1-based VOC corners -> 0-based pixels; a corner 1 px outside (tools writing 0-based) is clipped silently
+            box = clip_box([v - 1 for v in obj.xyxy], w, h, log, where, tol=1.0)
             if box is not None:
                 coco.add_box(iid, label_of[obj.name], box, iscrowd=obj.difficult, difficult=int(obj.difficult),
                              truncated=int(obj.truncated))
