@@ -75,6 +75,7 @@ def test_stats_count_classes_duplicates_and_empty_images(tmp_path) -> None:
     assert st.num_images == 3 and st.images_without_boxes == 1
     assert st.boxes_per_class == [2, 2] and st.images_per_class == [1, 2]
     assert st.duplicate_boxes == 1  # same class IoU 0.975; the class-1 box at the same place is no duplicate
+    assert st.duplicate_images == 2  # three identical black PNGs
     assert np.allclose(np.sort(st.sizes), np.sort([40.0, np.sqrt(39 * 40), 40.0, np.sqrt(300 * 20)]))
     assert np.allclose(st.relative_sizes, st.sizes / 320)  # 320x320 images
     assert res["assignment"] is None

@@ -1,8 +1,9 @@
 """``densedet data check PATH [--config NAME]``: dataset statistics and what training would assign.
 
 Statistics (from the annotations, no image decoding): images and boxes per class, images without boxes, duplicate
-boxes (same class, IoU >= 0.9 in one image), boxes fixed or dropped at load (outside / partly outside the image,
-degenerate), and the box size (``sqrt(w * h)``) in original pixels and at the training scale.
+boxes (same class, IoU >= 0.9 in one image), duplicate image files (same bytes), boxes fixed or dropped at load
+(outside / partly outside the image, degenerate), and the box size (``sqrt(w * h)``) in original pixels, at the
+training scale and relative to the image.
 
 Assignment (with ``--config``): every training image is resized as the config's training ``Resize`` would
 (its single scale; with a multi-scale range, the test scale) and padded to ``size_divisor``; the head of the
@@ -57,6 +58,7 @@ class DatasetStats:
     ignore_boxes: int
     duplicate_boxes: int
     load_fixes: dict[str, int]
+    duplicate_images: int
     sizes: np.ndarray
     train_sizes: np.ndarray | None = None
     relative_sizes: np.ndarray | None = None  # sqrt(w h / (W H)): box size relative to the resized image
@@ -85,6 +87,22 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = np.clip(rb - lt, 0, None).prod(-1)
     area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
     return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
+
+
+def _duplicate_files(paths: list[Path]) -> int:
+    """How many files repeat an earlier one byte for byte (hashing only files that share a size)."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for p in paths:
+        if p.is_file():
+            by_size.setdefault(p.stat().st_size, []).append(p)
+    dup = 0
+    for group in by_size.values():
+        if len(group) > 1:
+            digests = [hashlib.sha1(p.read_bytes()).hexdigest() for p in group]
+            dup += len(digests) - len(set(digests))
+    return dup
 
 
 def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None) -> DatasetStats:
@@ -117,8 +135,9 @@ def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None
             nw, nh = Resize.rescale_size(w, h, scale)
             train_sizes.append(s * math.sqrt(nw / w * nh / h))
     fixes = {k: v for k, v in getattr(dataset, "skipped_counts", {}).items() if k != "unselected_category"}
+    dup_images = _duplicate_files([Path(dataset.img_dir) / info["file_name"] for info in dataset.img_infos])
     return DatasetStats(split, list(dataset.classes), len(dataset.img_infos), boxes_per_class, images_per_class,
-                        empty, ignore, dup, fixes, np.concatenate(sizes) if sizes else np.zeros(0),
+                        empty, ignore, dup, fixes, dup_images, np.concatenate(sizes) if sizes else np.zeros(0),
                         (np.concatenate(train_sizes) if train_sizes else np.zeros(0)) if scale is not None else None,
                         np.concatenate(relative) if relative else np.zeros(0))
 
@@ -307,7 +326,8 @@ def format_report(stats: list[DatasetStats], report: AssignmentReport | None, no
         fixes = ", ".join(f"{v} {k}" for k, v in st.load_fixes.items() if v)
         parts.append(f"{st.split}: {st.num_images} images, {sum(st.boxes_per_class)} boxes, "
                      f"{st.images_without_boxes} images without boxes, {st.ignore_boxes} ignore (crowd/difficult) "
-                     f"boxes, {st.duplicate_boxes} duplicate boxes (same class, IoU >= 0.9)\n"
+                     f"boxes, {st.duplicate_boxes} duplicate boxes (same class, IoU >= 0.9), "
+                     f"{st.duplicate_images} duplicate image files\n"
                      f"boxes fixed or dropped at load: {fixes or 'none'}")
         parts.append(_table(rows, ["class", "boxes", "images"]))
         size_rows = _hist_rows(st.sizes)
