@@ -12,19 +12,22 @@ from densedet.api import build_model
 from densedet.compat.mmdet import convert_mmdet_checkpoint
 from densedet.config import Config, ConfigError, list_configs, load_config
 from densedet.data import CocoDataset, DataError, build_dataloader, make_synthetic_coco
+from densedet.data.check import data_check
+from densedet.data.formats import detect_layout, prepare_dataset
 from densedet.engine import Trainer, evaluate, load_checkpoint, load_model_weights, train
 from densedet.errors import CheckpointError, DenseDetError, NonFiniteError
 from densedet.evaluation import EvalResult, evaluate_coco
 from densedet.inference.predictor import Predictor
 from densedet.inference.visualize import draw_detections
 from densedet.models.build import build_detector
+from densedet.zoo import ZOO, fetch_zoo_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "CocoDataset", "Config", "ConfigError", "DataError", "DenseDetError", "EvalResult",
-    "NonFiniteError", "Predictor", "Trainer", "__version__",
-    "build_dataloader", "build_detector", "build_model", "convert_mmdet_checkpoint", "draw_detections", "evaluate",
-    "evaluate_coco", "list_configs", "load_checkpoint", "load_config", "load_model_weights", "make_synthetic_coco",
-    "train",
+    "NonFiniteError", "Predictor", "Trainer", "ZOO", "__version__", "build_dataloader", "build_detector",
+    "build_model", "convert_mmdet_checkpoint", "data_check", "detect_layout", "draw_detections", "evaluate",
+    "evaluate_coco", "fetch_zoo_weights", "list_configs", "load_checkpoint", "load_config", "load_model_weights",
+    "make_synthetic_coco", "prepare_dataset", "train",
 ]

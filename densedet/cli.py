@@ -11,22 +11,55 @@ from typing import Any
 EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML files; key=value overrides any key."
 
 
-def _resolve_checkpoint(path: str) -> Path:
-    """:func:`densedet.engine.checkpoint.resolve_checkpoint`, saying on stderr when a work dir means its SWA average."""
+def _resolve_checkpoint(path: str, config: str | None = None) -> Path:
+    """:func:`densedet.engine.checkpoint.resolve_checkpoint`, saying on stderr when a work dir means its SWA average;
+    ``zoo`` / ``zoo:NAME`` are released weights by name (downloaded once into the cache)."""
     from densedet.engine.checkpoint import resolve_checkpoint
     from densedet.engine.swa import SWA_FINAL
 
+    if path == "zoo" or path.startswith("zoo:"):
+        from densedet.zoo import fetch_zoo_weights
+
+        return fetch_zoo_weights(path.removeprefix("zoo").removeprefix(":") or config)
     found = resolve_checkpoint(path)
     if Path(path).is_dir() and found.name == SWA_FINAL:
         print(f"using the SWA-averaged weights {found} (pass another .pth to test something else)", file=sys.stderr)
     return found
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _zoo_row_config(args: argparse.Namespace) -> None:
+    """``predict/test NAME zoo``: NAME may be a zoo row whose config has another name (e.g. the seed repos' own
+    trainings, ``atss_r50_fpn_1x_coco_vfnetrepo``); use that row's config and weights."""
+    if getattr(args, "checkpoint", None) != "zoo":
+        return
+    from densedet.config import list_configs
+    from densedet.zoo import get_entry
+
+    if args.config not in list_configs():
+        entry = get_entry(args.config)
+        if entry.config:
+            args.checkpoint, args.config = f"zoo:{entry.name}", entry.config
+
+
+def _load_cfg(args: argparse.Namespace) -> Any:
+    """The config with overrides, ``--data`` and ``--img-size`` applied."""
     from densedet.config import load_config
+
+    return load_config(args.config, args.overrides, data=getattr(args, "data", None),
+                       img_size=getattr(args, "img_size", None))
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="a dataset root in COCO, Pascal VOC or YOLO layout: every split reads it and the "
+                                  "head gets its number of classes (see docs/own_data.md)")
+    p.add_argument("--img-size", help="N or WxH: rescale every train/test scale of the config to it "
+                                      "(multi-scale ranges keep their proportions)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from densedet.engine import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load_cfg(args)
     work_dir = Path(args.work_dir or cfg.runtime.work_dir or Path("work_dirs") / cfg.name)
     resume: Any = args.resume
     if resume == "auto":
@@ -52,15 +85,15 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None):
 def cmd_test(args: argparse.Namespace) -> int:
     import torch
 
-    from densedet.config import load_config
     from densedet.data import build_dataloader
     from densedet.engine import evaluate
     from densedet.engine.checkpoint import load_checkpoint, load_model_weights
     from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
     from densedet.models.build import build_detector
 
-    cfg = load_config(args.config, args.overrides)
-    ckpt_path = _resolve_checkpoint(args.checkpoint)
+    _zoo_row_config(args)
+    cfg = _load_cfg(args)
+    ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
     model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
     model = build_detector(model_cfg, init=False)
     load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
@@ -69,7 +102,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     dataset = _build_eval_dataset(cfg, args.split, args.tta)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
-    out = Path(args.out) if args.out else ckpt_path.parent / "test"
+    zoo = args.checkpoint.startswith("zoo")  # released weights: results go to work_dirs, not into the cache
+    out = Path(args.out) if args.out else (Path("work_dirs") / cfg.name / "test_zoo" if zoo else
+                                           ckpt_path.parent / "test")
     out.mkdir(parents=True, exist_ok=True)
     result = evaluate(model, loader, dataset, device, out_json=out / "results.bbox.json")
     print(format_metrics_table(result))
@@ -90,7 +125,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("error: give INPUT (an image or a folder, or with --ann FILE the folder of its images) or --split "
               f"SPLIT, not {'both' if args.split else 'neither'}", file=sys.stderr)
         return 2
-    predictor = Predictor(args.config, _resolve_checkpoint(args.checkpoint), device=args.device,
+    _zoo_row_config(args)
+    config = _load_cfg(args) if (args.data or args.img_size) else args.config
+    predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
                           overrides=args.overrides, tta=args.tta)
     if args.split:
         items = dp.coco_images(*dp.split_files(predictor.cfg, args.split), limit=args.limit)
@@ -121,6 +158,25 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from densedet.data.check import data_check
+
+    text, png, _ = data_check(args.path, args.config, args.img_size, args.out, args.max_images, args.overrides)
+    print(text)
+    print(f"\nwrote {png}")
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from densedet.data.formats import prepare_dataset
+
+    ds = prepare_dataset(args.src, out_dir=args.out, expect=args.fmt)
+    for split, f in ds.splits.items():
+        print(f"{split}: {f.ann_file}  (images in {f.img_dir})")
+    print(f"{len(ds.classes)} classes: {ds.classes}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from densedet.compat.mmdet import convert_mmdet_checkpoint
 
@@ -138,6 +194,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"meta objects not loaded (safe loading refused them; tensors kept): {report['refused_meta']}")
     if args.config:
         print(f"checked: loads into {args.config} with strict=True")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from densedet.zoo import fetch_zoo_weights, format_zoo_table
+
+    if args.fetch:
+        print(f"{args.fetch}: {fetch_zoo_weights(args.fetch)}")
+        return 0
+    print(format_zoo_table(show_urls=args.urls))
     return 0
 
 
@@ -175,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work-dir", help="where checkpoints, logs and plots go (default work_dirs/CONFIG)")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the latest checkpoint in the work dir, or from the given file")
+    _add_data_args(t)
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("test", help="evaluate a checkpoint with COCO metrics", epilog=EPILOG)
     e.add_argument("config")
-    e.add_argument("checkpoint", help="checkpoint file or work dir (its latest checkpoint)")
+    e.add_argument("checkpoint", help="checkpoint file, work dir (its latest checkpoint), or 'zoo' / 'zoo:NAME' "
+                                      "(released weights, downloaded once)")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--out", help="folder for results json, metrics and PR curves")
     e.add_argument("--split", default="val", choices=["val", "test"])
@@ -187,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    _add_data_args(e)
     e.set_defaults(fn=cmd_test)
 
     r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
@@ -208,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    _add_data_args(r)
     r.set_defaults(fn=cmd_predict)
 
     d = sub.add_parser("data", help="dataset tools")
@@ -221,6 +291,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="write into OUT even if it holds files other than a previous synthetic set")
     s.set_defaults(fn=cmd_synth)
+    ck = dsub.add_parser("check", help="dataset statistics and, with --config, how its objects would be assigned "
+                                       "to the pyramid levels (table + PNG)")
+    ck.add_argument("path", help="dataset root (COCO, Pascal VOC or YOLO layout)")
+    ck.add_argument("--config", help="analyse the assignment of this config's head")
+    ck.add_argument("overrides", nargs="*", help="key=value overrides of --config")
+    ck.add_argument("--img-size", help="N or WxH: the training scale to analyse (as train --img-size)")
+    ck.add_argument("--out", help="PNG to write (default data_check_<dataset>.png)")
+    ck.add_argument("--max-images", type=int, default=2000, help="assign at most this many training images")
+    ck.set_defaults(fn=cmd_data_check)
+    dc = dsub.add_parser("convert", help="write COCO json for a Pascal VOC or YOLO dataset")
+    dc.add_argument("--from", dest="fmt", required=True, choices=["voc", "yolo"])
+    dc.add_argument("src", help="the dataset root")
+    dc.add_argument("--out", required=True, help="folder for instances_train.json / instances_val.json "
+                                                 "(not inside the dataset)")
+    dc.set_defaults(fn=cmd_data_convert)
 
     c = sub.add_parser("convert", help="convert a released MMDetection checkpoint")
     c.add_argument("src")
@@ -233,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("work_dir", help="a training work dir (reads its log.jsonl)")
     lv.add_argument("--out", help="PNG to write (default WORK_DIR/levels.png)")
     lv.set_defaults(fn=cmd_levels)
+
+    z = sub.add_parser("zoo", help="list released weights (every seed row + MMDetection baselines); --fetch NAME "
+                                   "downloads one into $DENSEDET_HOME")
+    z.add_argument("--urls", action="store_true", help="also print each row's download URL")
+    z.add_argument("--fetch", metavar="NAME", help="download (resume, checksum) and convert the weights of NAME")
+    z.set_defaults(fn=cmd_zoo)
 
     lc = sub.add_parser("configs", help="list built-in configs")
     lc.set_defaults(fn=cmd_configs)

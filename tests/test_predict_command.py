@@ -124,5 +124,5 @@ def test_ann_with_a_missing_image_names_it(setup, tmp_path: Path, capsys) -> Non
     full["images"][1]["file_name"] = "gone.png"
     ann = tmp_path / "bad.json"
     ann.write_text(json.dumps(full))
-    assert _predict(ckpt, str(data / "val"), "--ann", str(ann), "--out", str(tmp_path / "o")) == 3  # a data error (docs/cli.md)
+    assert _predict(ckpt, str(data / "val"), "--ann", str(ann), "--out", str(tmp_path / "o")) == 3
     assert "gone.png" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -344,7 +345,9 @@ def test_torchvision_scheme_offline_error(tmp_path: Path, monkeypatch: pytest.Mo
         raise urllib.error.URLError("no network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("DENSEDET_HOME", str(tmp_path / "dd"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # downloads go through densedet.zoo.download
     filename = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url).name
     with pytest.raises(RuntimeError, match=rf"{filename}.*local path"):
         ResNet(50, pretrained="torchvision://resnet50").init_weights()
@@ -352,7 +355,7 @@ def test_torchvision_scheme_offline_error(tmp_path: Path, monkeypatch: pytest.Mo
         ResNet(50, pretrained="torchvision://not_a_model").init_weights()
 
 
-def test_timm_scheme_offline_error(monkeypatch) -> None:
+def test_timm_scheme_offline_error(monkeypatch, tmp_path) -> None:
     """``timm:NAME`` asks timm for its weights; offline the error says how to provide a local file."""
     import timm
 
@@ -362,7 +365,10 @@ def test_timm_scheme_offline_error(monkeypatch) -> None:
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
+    monkeypatch.setenv("DENSEDET_HOME", str(tmp_path))
+
     monkeypatch.setattr(timm, "create_model", offline)  # what an offline hub download ends in
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # the DenseDet cache's download, offline
     with pytest.raises(RuntimeError, match="resnet18.*local file"):
         read_checkpoint("timm:resnet18")
     with pytest.raises(ConfigError, match="no pretrained model"):

@@ -45,7 +45,7 @@ def test_train_leaves_a_user_root_byte_identical_and_names_the_missing_file(tmp_
     root = user_dataset(tmp_path / "mydata")
     before = snapshot(root)
     work = tmp_path / "work"
-    assert main(["train", "atss_r18_fpn_synth", "--work-dir", str(work), f"data.root={root}", *TINY]) == 3  # a data error (docs/cli.md)
+    assert main(["train", "atss_r18_fpn_synth", "--work-dir", str(work), f"data.root={root}", *TINY]) == 3
     err = capsys.readouterr().err
     assert str(root / "annotations" / "instances_train.json") in err and "nothing was written" in err
     assert snapshot(root) == before

@@ -88,11 +88,23 @@ def load_raw(path: Path, origins: dict[str, str], _seen: tuple[Path, ...] = ()) 
         bases = [bases]
     merged: dict[str, Any] = {}
     for b in bases:
-        bpath = (path.parent / b).resolve()
-        if not bpath.is_file():
-            raise ConfigError(f"{path}: _base_ file '{b}' not found (looked at {bpath})")
+        bpath = _resolve_base(path, b)
         merged = _merge(merged, load_raw(bpath, origins, _seen + (path,)), {}, str(bpath))
     return _merge(merged, data, origins, str(path))
+
+
+def _resolve_base(path: Path, base: str) -> Path:
+    """A ``_base_`` entry: a file relative to ``path``'s folder, else a built-in config by name
+    (``vfnet_r50_fpn_1x_coco``, with or without ``.yaml``) or by its path inside the built-in config folder
+    (``_base_/models/atss_r50_fpn.yaml``)."""
+    local = (path.parent / base).resolve()
+    if local.is_file():
+        return local
+    for cand in (CONFIG_DIR / base, CONFIG_DIR / f"{Path(base).name.removesuffix('.yaml').removesuffix('.py')}.yaml"):
+        if cand.is_file():
+            return cand.resolve()
+    raise ConfigError(f"{path}: _base_ '{base}' is neither a file (looked at {local}) nor a built-in config name "
+                      f"(see `densedet configs`)")
 
 
 def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
@@ -120,17 +132,27 @@ def parse_overrides(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
 
 
 def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] | None = None,
-                validate_model: bool = True) -> Config:
+                validate_model: bool = True, data: str | Path | None = None,
+                img_size: str | int | tuple[int, int] | None = None) -> Config:
     """Load, merge, override and validate a config.
+
+    ``data``: a COCO / Pascal VOC / YOLO dataset root that every split then reads, the head sized from its
+    classes; ``img_size``: ``N`` or ``"WxH"``, every pipeline scale rescaled to it (:mod:`densedet.config.own_data`).
 
     Raises :class:`ConfigError` naming the file and key for an unknown or mistyped key anywhere, model
     components included (their keys are checked against the constructors of the registered classes).
     """
+    from densedet.config.own_data import OVERRIDE_ORIGIN, apply_dataset, apply_img_size
+
     path = resolve_config_path(name_or_path)
     origins: dict[str, str] = {}
     raw = load_raw(path, origins)
     if overrides:
-        raw = _merge(raw, parse_overrides(overrides), origins, "command-line override")
+        raw = _merge(raw, parse_overrides(overrides), origins, OVERRIDE_ORIGIN)
+    if data is not None:
+        raw = apply_dataset(raw, origins, data)
+    if img_size is not None:
+        raw = apply_img_size(raw, img_size)
     cfg = config_from_dict(raw, origins, name=path.stem, source=str(path))
     if validate_model:
         validate_model_config(cfg.model, origins, str(path))

@@ -35,6 +35,7 @@ from densedet.engine.checkpoint import (
     grads_finite,
     latest_checkpoint,
     load_checkpoint,
+    load_for_finetune,
     load_model_weights,
     mark_last_checkpoint,
     prune_checkpoints,
@@ -222,7 +223,7 @@ class Trainer:
         if from_swa_key and self._swa_resume is None:
             raise CheckpointError(f"swa.swa_resume_from: {resume} is not a checkpoint of the SWA phase")
         if rt.load_from and not resumed:  # as mmdet: resume wins; load_from only initialises the weights
-            load_model_weights(self.model, rt.load_from, strict=False)
+            load_for_finetune(self.model, rt.load_from, cfg.name)  # zoo names; new classes: classifier re-init
             logger.info("loaded initial weights from %s", rt.load_from)
 
     # ------------------------------------------------------------------------------------------------ building

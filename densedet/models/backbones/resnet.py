@@ -510,33 +510,54 @@ def pretrained_source(pretrained: str | None, init_cfg: dict[str, Any] | None,
 
 
 def _download(url: str, what: str) -> Any:
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+    """Weights at ``url`` through the DenseDet cache (``$DENSEDET_HOME/checkpoints``: progress bar, resume, the
+    SHA-256 prefix of the file name checked); a file already in torch.hub's cache is used as it is."""
+    from densedet.zoo.download import ZooError, cached_download
+
     try:
-        # Uses the cached file in the hub directory when present, so a manually placed download works offline.
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
-    except OSError as err:  # URLError, HTTPError, socket errors are all OSErrors
-        raise CheckpointError(
-            f"could not download the pretrained weights for '{what}' from {url} ({err}). Without internet access, "
-            f"download that file elsewhere and put it at {hub_file}, or set pretrained / init_cfg.checkpoint to a "
-            f"local path of the .pth file."
-        ) from err
+        path = cached_download(url, legacy_dirs=[Path(torch.hub.get_dir()) / "checkpoints"])
+    except ZooError as err:
+        raise CheckpointError(f"pretrained weights for '{what}': {err} Or set pretrained / init_cfg.checkpoint to a "
+                           f"local path of the .pth file.") from err
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _timm_weight_url(name: str) -> tuple[str, str]:
+    """``(url, cache file name)`` of timm's pretrained weights for ``name``: its release URL when it has one, else
+    the Hugging Face Hub file timm would fetch."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is not None and cfg.url:
+        return cfg.url, cfg.url.split("?")[0].rsplit("/", 1)[-1]
+    if cfg is not None and cfg.hf_hub_id:
+        fname = cfg.hf_hub_filename or "model.safetensors"
+        return (f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{fname}",
+                f"{cfg.hf_hub_id.replace('/', '--')}--{fname}")
+    raise ConfigError(f"pretrained 'timm:{name}': timm knows no download location for its weights")
 
 
 def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights of timm model ``name`` (timm downloads them from its hub; offline: a clear error)."""
+    """ImageNet weights of timm model ``name``, downloaded through the DenseDet cache and loaded by timm (its
+    checkpoint filters applied); offline: a clear error."""
     import timm
+
+    from densedet.zoo.download import ZooError, cached_download
 
     if not timm.list_models(name, pretrained=True):
         raise ConfigError(f"pretrained 'timm:{name}': timm has no pretrained model of that name "
                           f"(see timm.list_models(pretrained=True))")
+    hint = (f"Without internet access, save them elsewhere with torch.save(timm.create_model('{name}', "
+            f"pretrained=True).state_dict(), '{name}.pth') and set pretrained to that local file.")
+    url, fname = _timm_weight_url(name)
     try:
-        return timm.create_model(name, pretrained=True).state_dict()
-    except Exception as err:  # hub / network errors come in many types
-        raise CheckpointError(
-            f"could not get timm's pretrained weights for '{name}' ({type(err).__name__}: {err}). Without internet "
-            f"access, save them elsewhere with torch.save(timm.create_model('{name}', pretrained=True).state_dict(), "
-            f"'{name}.pth') and set pretrained to that local file."
-        ) from err
+        path = cached_download(url, fname)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).state_dict()
+    except ZooError as err:
+        raise CheckpointError(f"could not get timm's pretrained weights for '{name}': {err} {hint}") from err
+    except Exception as err:  # timm / safetensors errors come in many types
+        raise CheckpointError(f"could not get timm's pretrained weights for '{name}' ({type(err).__name__}: {err}). "
+                           f"{hint}") from err
 
 
 def read_checkpoint(source: str) -> dict[str, torch.Tensor]:

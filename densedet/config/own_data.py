@@ -1,0 +1,157 @@
+"""Config rewriting for ``--data PATH`` (a COCO / VOC / YOLO dataset root) and ``--img-size``.
+
+``--data`` points every split of ``data`` at the dataset's COCO json (VOC / YOLO are converted into the DenseDet
+cache, see :mod:`densedet.data.formats.layout`) and sizes the head from the dataset's classes. A
+``model.bbox_head.num_classes`` the *user* wrote (in their own YAML or as a ``key=value`` override) that disagrees
+with the data is an error; the value of a built-in config (80 for COCO) is simply replaced.
+
+``--img-size N`` (or ``WxH``) rescales every scale of every pipeline (``Resize.img_scale``, ``MultiScaleFlipAug``
+scales, absolute ``RandomCrop.crop_size``) by the factors that take the config's reference scale (its single test
+scale, else its single training scale) to ``(N, N)`` / ``(W, H)``. A multi-scale range keeps its proportions:
+``1333x[480:960]`` with test scale ``1333x800`` and ``--img-size 640`` becomes ``640x[384:768]``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from densedet.registry import ConfigError
+
+__all__ = ["apply_dataset", "apply_img_size", "parse_img_size", "pipeline_scales"]
+
+OVERRIDE_ORIGIN = "command-line override"
+
+
+def parse_img_size(value: str | int | tuple[int, int]) -> tuple[int, int]:
+    """``640`` / ``"640"`` -> ``(640, 640)``; ``"800x600"`` -> ``(800, 600)`` (width x height)."""
+    if isinstance(value, tuple):
+        w, h = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        w = h = value
+    else:
+        text = str(value).lower().strip()
+        try:
+            w, h = (int(v) for v in text.split("x")) if "x" in text else (int(text), int(text))
+        except ValueError:
+            raise ConfigError(f"--img-size must be N or WxH (positive integers), got {value!r}") from None
+    if w <= 0 or h <= 0:
+        raise ConfigError(f"--img-size must be positive, got {value!r}")
+    return int(w), int(h)
+
+
+def _is_scale(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _scales_of(img_scale: Any) -> list[list[float]]:
+    if _is_scale(img_scale):
+        return [list(img_scale)]
+    if isinstance(img_scale, (list, tuple)) and all(_is_scale(s) for s in img_scale):
+        return [list(s) for s in img_scale]
+    return []
+
+
+def _pipelines(raw: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    data = raw.get("data") or {}
+    out = []
+    for split in ("val", "test", "train"):
+        spec = data.get(split)
+        if isinstance(spec, dict) and isinstance(spec.get("pipeline"), list):
+            out.append((split, spec["pipeline"]))
+    return out
+
+
+def _steps(pipeline: list[dict[str, Any]]):
+    for step in pipeline:
+        if isinstance(step, dict):
+            yield step
+            if isinstance(step.get("transforms"), list):
+                yield from _steps(step["transforms"])
+
+
+def pipeline_scales(raw: dict[str, Any], split: str) -> list[list[list[float]]]:
+    """Every ``img_scale`` of ``data.<split>.pipeline`` (each a list of ``[long, short]`` / ``[w, h]`` scales)."""
+    spec = (raw.get("data") or {}).get(split) or {}
+    return [_scales_of(s["img_scale"]) for s in _steps(spec.get("pipeline") or []) if "img_scale" in s
+            and _scales_of(s["img_scale"])]
+
+
+def _reference_scale(raw: dict[str, Any]) -> list[float]:
+    for split in ("val", "test", "train"):
+        for scales in pipeline_scales(raw, split):
+            if len(scales) == 1:
+                return scales[0]
+    for split in ("val", "test", "train"):
+        for scales in pipeline_scales(raw, split):
+            return [max(s[0] for s in scales), max(s[1] for s in scales)]
+    raise ConfigError("--img-size: the config's pipelines have no Resize / MultiScaleFlipAug img_scale to rescale")
+
+
+def apply_img_size(raw: dict[str, Any], size: str | int | tuple[int, int]) -> dict[str, Any]:
+    """A copy of the merged raw config with every pipeline scale rescaled (see the module docstring)."""
+    w, h = parse_img_size(size)
+    raw = copy.deepcopy(raw)
+    ref = _reference_scale(raw)
+    fx, fy = w / ref[0], h / ref[1]
+
+    def scale(s: list[float]) -> list[int]:
+        return [max(1, round(s[0] * fx)), max(1, round(s[1] * fy))]
+
+    for _, pipeline in _pipelines(raw):
+        for step in _steps(pipeline):
+            if "img_scale" in step and _scales_of(step["img_scale"]):
+                scales = [scale(s) for s in _scales_of(step["img_scale"])]
+                step["img_scale"] = scales[0] if _is_scale(step["img_scale"]) else scales
+            if step.get("type") == "RandomCrop" and str(step.get("crop_type", "absolute")).startswith("absolute") \
+                    and _is_scale(step.get("crop_size")):
+                ch, cw = step["crop_size"]  # (h, w)
+                step["crop_size"] = [max(1, round(ch * fy)), max(1, round(cw * fx))]
+    return raw
+
+
+def _is_builtin(origin: str | None) -> bool:
+    from densedet.config.loader import CONFIG_DIR
+
+    if not origin or origin == OVERRIDE_ORIGIN:
+        return False
+    try:
+        return Path(origin).resolve().is_relative_to(CONFIG_DIR.resolve())
+    except OSError:
+        return False
+
+
+def apply_dataset(raw: dict[str, Any], origins: dict[str, str], root: str | Path) -> dict[str, Any]:
+    """A copy of the merged raw config reading the dataset at ``root`` (COCO / VOC / YOLO) for every split, with
+    ``model.bbox_head.num_classes`` set from its classes (an explicit disagreeing value is a :class:`ConfigError`).
+    """
+    from densedet.data.formats import prepare_dataset
+
+    ds = prepare_dataset(root)
+    raw = copy.deepcopy(raw)
+    n = len(ds.classes)
+    head = (raw.get("model") or {}).get("bbox_head")
+    if not isinstance(head, dict):
+        raise ConfigError("--data: the config's model has no bbox_head to size from the dataset's classes")
+    key = "model.bbox_head.num_classes"
+    origin = origins.get(key)
+    if "num_classes" in head and head["num_classes"] != n and origin is not None and not _is_builtin(origin):
+        shown = ds.classes if n <= 20 else ds.classes[:20] + ["..."]
+        raise ConfigError(
+            f"{origin}: {key} is {head['num_classes']} but the dataset {ds.root} ({ds.kind}) has {n} classes "
+            f"{shown}. With --data the head is sized from the data: remove that key, or use a dataset with "
+            f"{head['num_classes']} classes.", key)
+    head["num_classes"] = n
+    origins[key] = f"--data {ds.root}"
+    data = raw.setdefault("data", {})
+    data["root"] = ""
+    data["auto_create"] = None
+    for split, files in (("train", ds.splits["train"]), ("val", ds.splits["val"]), ("test", ds.splits["val"])):
+        spec = data.get(split)
+        if not isinstance(spec, dict):
+            spec = copy.deepcopy(data.get("val") or {})
+            data[split] = spec
+        spec["ann_file"], spec["img_dir"] = str(files.ann_file), str(files.img_dir)
+    return raw

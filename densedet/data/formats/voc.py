@@ -1,0 +1,172 @@
+"""Pascal VOC (``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/{split}.txt``) -> COCO instances.
+
+Semantics follow MMDetection ``XMLDataset`` (mmdet/datasets/xml_style.py): ``bndbox`` corners are VOC's 1-based
+pixel coordinates and become ``[xmin - 1, ymin - 1, xmax - 1, ymax - 1]`` (mmdet truncates them to integers first;
+here fractional corners, as CVAT writes them, are kept); an object flagged
+``difficult`` goes to the ignore boxes (here: ``iscrowd: 1``, which COCO evaluation and :class:`CocoDataset` treat
+as an ignore region) and objects of a class outside the class list are skipped. ``truncated`` does not change
+training (mmdet reads it nowhere); it is kept as an attribute of the annotation. The image size comes from the
+XML's ``size`` element, or from the image header when the XML has none (mmdet does the same).
+
+Classes: ``classes.txt`` (or ``labels.txt``) in the dataset root, one name per line, when present; otherwise every
+object name found in ``Annotations/``, sorted.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from densedet.data.coco import DataError
+from densedet.data.formats.common import (
+    IMAGE_EXTS,
+    CocoBuilder,
+    ProblemLog,
+    clip_box,
+    image_size,
+    read_class_file,
+)
+
+__all__ = ["VocObject", "VocRecord", "parse_voc_xml", "voc_classes", "voc_split_ids", "voc_to_coco"]
+
+
+@dataclass
+class VocObject:
+    name: str
+    xyxy: list[float]
+    difficult: bool = False
+    truncated: bool = False
+
+
+@dataclass
+class VocRecord:
+    """One parsed XML: ``filename`` as written, ``width``/``height`` (0 when absent) and its objects."""
+
+    filename: str
+    width: int
+    height: int
+    objects: list[VocObject] = field(default_factory=list)
+
+
+def _text(node: ET.Element | None, tag: str, default: str = "") -> str:
+    child = node.find(tag) if node is not None else None
+    return child.text.strip() if child is not None and child.text else default
+
+
+def parse_voc_xml(path: Path) -> VocRecord:
+    """Parse one VOC XML; a :class:`DataError` naming the file when it is not valid XML or a box is malformed."""
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise DataError(f"{path}: cannot parse the annotation XML ({e})") from e
+    size = root.find("size")
+    try:
+        width, height = int(float(_text(size, "width", "0"))), int(float(_text(size, "height", "0")))
+    except ValueError as e:
+        raise DataError(f"{path}: <size> holds a non-number ({e})") from e
+    rec = VocRecord(_text(root, "filename"), width, height)
+    for k, obj in enumerate(root.findall("object")):
+        name = _text(obj, "name")
+        bnd = obj.find("bndbox")
+        if not name or bnd is None:
+            raise DataError(f"{path}: object #{k} lacks a <name> or a <bndbox>")
+        try:
+            xyxy = [float(_text(bnd, t)) for t in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError as e:
+            raise DataError(f"{path}: object #{k} ({name}) has a bndbox that is not 4 numbers ({e})") from e
+        flag = {t: _text(obj, t, "0") for t in ("difficult", "truncated")}
+        rec.objects.append(VocObject(name, xyxy, difficult=flag["difficult"] in ("1", "true"),
+                                     truncated=flag["truncated"] in ("1", "true")))
+    return rec
+
+
+def voc_split_ids(root: Path, split: str) -> list[str] | None:
+    """Image ids of ``ImageSets/Main/{split}.txt`` (first word of each line), or ``None`` when the file is absent."""
+    f = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not f.is_file():
+        return None
+    return [ln.split()[0] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def voc_classes(root: Path, records: dict[str, VocRecord] | None = None) -> list[str]:
+    """``classes.txt`` / ``labels.txt`` in ``root`` when present, else the sorted set of object names."""
+    for name in ("classes.txt", "labels.txt"):
+        if (root / name).is_file():
+            return read_class_file(root / name)
+    if records is None:  # unreadable XMLs are skipped here: the conversion counts them
+        records = {}
+        for p in sorted((root / "Annotations").glob("*.xml")):
+            try:
+                records[p.stem] = parse_voc_xml(p)
+            except DataError:
+                continue
+    names = sorted({o.name for r in records.values() for o in r.objects})
+    if not names:
+        raise DataError(f"{root / 'Annotations'}: no objects in any XML, so no classes (add a classes.txt)")
+    return names
+
+
+def _find_image(root: Path, image_id: str, rec: VocRecord) -> Path | None:
+    img_dir = root / "JPEGImages"
+    if rec.filename and (img_dir / rec.filename).is_file():
+        return img_dir / rec.filename
+    for ext in IMAGE_EXTS:
+        for cand in (img_dir / f"{image_id}{ext}", img_dir / f"{image_id}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def voc_to_coco(root: str | Path, ids: list[str] | None = None, classes: list[str] | None = None,
+                log: ProblemLog | None = None) -> dict[str, Any]:
+    """COCO instances dict for the VOC images ``ids`` of ``root`` (default: every XML in ``Annotations/``).
+
+    ``file_name`` entries are relative to ``root/JPEGImages``. Unreadable XMLs, missing images, unknown classes and
+    boxes outside their image are counted in ``log`` (warned about by the caller); a degenerate box is skipped.
+    """
+    root = Path(root)
+    ann_dir = root / "Annotations"
+    if not ann_dir.is_dir():
+        raise DataError(f"{root}: no Annotations/ folder (not a Pascal VOC layout)")
+    log = log or ProblemLog(str(root))
+    if ids is None:
+        ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
+    records: dict[str, VocRecord] = {}
+    for image_id in ids:
+        xml = ann_dir / f"{image_id}.xml"
+        if not xml.is_file():
+            log.add("missing_xml", xml.name)
+            continue
+        try:
+            records[image_id] = parse_voc_xml(xml)
+        except DataError:
+            log.add("unreadable_xml", xml.name)
+    classes = list(classes) if classes is not None else voc_classes(root, records)
+    label_of = {n: i for i, n in enumerate(classes)}
+    coco = CocoBuilder(classes)
+    for image_id, rec in records.items():
+        img = _find_image(root, image_id, rec)
+        if img is None:
+            log.add("missing_image", f"{image_id}.xml")
+            continue
+        w, h = rec.width, rec.height
+        if w <= 0 or h <= 0:
+            try:
+                w, h = image_size(img)
+            except OSError:
+                log.add("unreadable_image", img.name)
+                continue
+        iid = coco.add_image(img.relative_to(root / "JPEGImages").as_posix(), w, h)
+        for k, obj in enumerate(rec.objects):
+            where = f"{image_id}.xml object #{k}"
+            if obj.name not in label_of:
+                log.add("unknown_class", f"{where} ({obj.name})")
+                continue
+            # 1-based VOC corners -> 0-based pixels; a corner 1 px outside (tools writing 0-based) is clipped silently
+            box = clip_box([v - 1 for v in obj.xyxy], w, h, log, where, tol=1.0)
+            if box is not None:
+                coco.add_box(iid, label_of[obj.name], box, iscrowd=obj.difficult, difficult=int(obj.difficult),
+                             truncated=int(obj.truncated))
+    return coco.to_dict()

@@ -1,0 +1,91 @@
+"""Look up, fetch and convert released weights by name (``densedet zoo``, ``load_from: zoo``, ``predict NAME zoo``).
+
+``fetch_zoo_weights(NAME)`` downloads the row's file once into ``$DENSEDET_HOME/checkpoints`` (see
+:mod:`densedet.zoo.download`) and converts it once into ``$DENSEDET_HOME/checkpoints/densedet/NAME.pth`` with
+:func:`densedet.compat.mmdet.convert_mmdet_checkpoint` (unwraps ``state_dict`` / ``model`` / ``module.``, keeps
+the class names, reads the file with safe loading only). Every seed release uses MMDetection 2.x parameter names,
+which are DenseDet's, so the conversion needs no renaming; the caller loads the result with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from densedet.zoo.download import ZooError, cached_download, checkpoint_dir
+from densedet.zoo.table import MMDET, ZOO, ZooEntry
+
+__all__ = ["fetch_zoo_weights", "format_zoo_table", "get_entry", "resolve_weights"]
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The zoo row called ``name``, else the row with weights whose config is ``name``; a :class:`ZooError`
+    with the closest names otherwise."""
+    for e in ZOO:
+        if e.name == name:
+            return e
+    for e in ZOO:
+        if e.config == name and e.urls:
+            return e
+    close = difflib.get_close_matches(name, [e.name for e in ZOO], n=3)
+    hint = f" Did you mean {close}?" if close else ""
+    raise ZooError(f"no released weights called '{name}'.{hint} Run `densedet zoo` to list them.")
+
+
+def fetch_zoo_weights(name: str, progress: bool = True) -> Path:
+    """Path of the converted DenseDet checkpoint of zoo row (or config) ``name``, downloading it if needed."""
+    from densedet.compat.mmdet import convert_mmdet_checkpoint
+
+    entry = get_entry(name)
+    if not entry.urls:
+        raise ZooError(f"'{entry.name}' ({entry.source}, box AP {entry.box_ap}): no weights were published for this "
+                       f"row ({entry.note or 'the source links none'}). Train it with `densedet train "
+                       f"{entry.config or entry.name}` instead.")
+    raw = cached_download(entry.urls, entry.filename, sha256=entry.sha256, hash_prefix=entry.hash_prefix,
+                          page=entry.page, progress=progress)
+    out = checkpoint_dir() / "densedet" / f"{entry.name}.pth"
+    if not out.is_file() or out.stat().st_mtime_ns < raw.stat().st_mtime_ns:
+        convert_mmdet_checkpoint(raw, out)
+    return out
+
+
+def resolve_weights(source: str, config_name: str | None = None) -> str:
+    """``zoo`` -> the released weights of ``config_name``; ``zoo:NAME`` -> those of row ``NAME``; anything else is
+    returned unchanged (a path)."""
+    if source == "zoo":
+        if not config_name:
+            raise ZooError("'zoo' needs a config name to look the weights up by (or use zoo:NAME)")
+        return str(fetch_zoo_weights(config_name))
+    if source.startswith("zoo:"):
+        return str(fetch_zoo_weights(source.removeprefix("zoo:")))
+    return source
+
+
+def _host(e: ZooEntry) -> str:
+    if not e.urls:
+        return "not published"
+    return "download.openmmlab.com" if e.urls[0].startswith(MMDET) else "Google Drive"
+
+
+def format_zoo_table(show_urls: bool = False) -> str:
+    """Every row: name, config, published box AP (val / test-dev), mask AP, host, size, SHA-256 (or its prefix)."""
+    def ap(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    header = ["name", "config", "box AP", "test-dev", "mask AP", "weights", "size", "sha256", "source"]
+    rows = []
+    for e in ZOO:
+        sha = e.sha256 or (f"{e.hash_prefix}..." if e.hash_prefix else "-")
+        config = "(same)" if e.config == e.name else (e.config or "-")
+        rows.append([e.name, config, ap(e.box_ap), ap(e.box_ap_test_dev), ap(e.mask_ap), _host(e),
+                     str(e.size) if e.size else "-", sha, e.source.split(" (")[0]])
+        if show_urls:
+            rows.append(["  " + (e.urls[0] if e.urls else (e.note or "-"))] + [""] * (len(header) - 1))
+    widths = [max(len(r[i]) for r in [header] + rows if not (show_urls and r[0].startswith("  ") and i == 0))
+              for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    for r in rows:
+        lines.append(r[0] if r[0].startswith("  ") else "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    lines.append(f"\n{len(ZOO)} rows, {sum(1 for e in ZOO if e.urls)} with weights. `densedet predict NAME zoo IMAGE` "
+                 f"or load_from: zoo:NAME downloads into {checkpoint_dir()}.")
+    return "\n".join(lines)
