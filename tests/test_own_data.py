@@ -217,7 +217,7 @@ def test_data_convert_cli(tmp_path, capsys) -> None:
     train = json.loads((tmp_path / "out" / "instances_train.json").read_text())
     assert len(train["images"]) == 3 and train["categories"][0] == {"id": 1, "name": "circle"}
     assert _snapshot(voc) == before
-    assert main(["data", "convert", "--from", "yolo", str(voc), "--out", str(tmp_path / "o2")]) == 2
+    assert main(["data", "convert", "--from", "yolo", str(voc), "--out", str(tmp_path / "o2")]) == 3  # a data error
     assert "expected a YOLO layout, found a VOC one" in capsys.readouterr().err
 
 
