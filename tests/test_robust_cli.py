@@ -63,6 +63,25 @@ def test_bad_config_value_exits_2_naming_key_and_value(override, shown, capsys) 
     assert f"command-line override: {shown}" in line
 
 
+@pytest.mark.parametrize("override, shown", [
+    # model sections are plain mappings: their values are checked against the component's annotations
+    ("model.bbox_head.num_classes=x", "model.bbox_head.num_classes='x': must be an integer (ATSSHead)"),
+    ("model.neck.out_channels=abc", "model.neck.out_channels='abc': must be an integer (FPN)"),
+    ("model.backbone.out_indices=[0,x]", "model.backbone.out_indices=[0, 'x']: must be a list of integers (ResNet)"),
+    ("model.bbox_head.loss_cls.gamma=[2]", "model.bbox_head.loss_cls.gamma=[2]: must be a number (FocalLoss)"),
+])
+def test_bad_model_value_exits_2_naming_key_and_value(override, shown, capsys) -> None:
+    assert main(["train", "atss_r18_fpn_synth", override]) == 2
+    assert f"command-line override: {shown}" in _one_line_error(capsys, 2, "config")
+
+
+def test_value_a_component_rejects_names_its_section(capsys) -> None:
+    # Right type, impossible value (a string where the anchor generator needs numbers): the constructor's own
+    # error, attributed to the section, as one line.
+    assert main(["train", "atss_r18_fpn_synth", "model.bbox_head.anchor_generator.ratios=fast"]) == 2
+    assert "model.bbox_head: ATSSHead rejected its config" in _one_line_error(capsys, 2, "config")
+
+
 def test_bad_value_in_a_config_file_names_the_file(tmp_path) -> None:
     cfg = tmp_path / "mine.yaml"
     cfg.write_text("_base_: " + str(Path(load_config("atss_r18_fpn_synth", validate_model=False).source))
