@@ -179,6 +179,20 @@ def test_predict_undecodable_file_error_or_counted_skip(tiny_ckpt, tmp_path, cap
     assert [Path(r["file"]).name for r in records] == ["good.png"]
 
 
+@pytest.mark.parametrize("content", [b"junk\n", b"PK\x03\x04" + bytes(range(256)) * 4, b""])
+@pytest.mark.parametrize("command", ["convert", "test"])
+def test_corrupt_checkpoint_file_is_one_line_exit_4(command, content, tmp_path, capsys) -> None:
+    # Garbage that is not a zip/pickle torch file makes torch.load raise KeyError/IndexError/EOFError depending on
+    # the bytes: every one is a checkpoint error naming the file, and convert writes nothing.
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)
+    args = (["convert", str(bad), str(tmp_path / "out.pth")] if command == "convert"
+            else ["test", "atss_r18_fpn_synth", str(bad)])
+    assert main(args) == 4
+    assert str(bad) in _one_line_error(capsys, 4, "checkpoint")
+    assert not (tmp_path / "out.pth").exists()
+
+
 def test_convert_checks_the_fit_before_writing(tiny_ckpt, tmp_path, capsys) -> None:
     state = torch.load(tiny_ckpt, weights_only=True)["state_dict"]
     release = tmp_path / "release.pth"

@@ -64,9 +64,9 @@ def load_checkpoint_file(path: str | Path, map_location: str | torch.device = "c
             name = match.group(1)
             refused.append(name)
             stubs.append((type(name.rsplit(".", 1)[-1], (RefusedObject,), {"qualname": name}), name))
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:  # a corrupt pickle stream raises anything (KeyError, IndexError, ...)
             raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): "
-                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                                  f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def strip_refused(obj: Any) -> Any:
