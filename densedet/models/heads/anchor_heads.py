@@ -26,6 +26,7 @@ from densedet.models.heads.dense_head import (
     DenseHead,
     flatten_levels,
     iou_class_targets,
+    level_kwargs,
     split_assigner_cfg,
 )
 from densedet.models.layers import Scale
@@ -92,12 +93,13 @@ class AnchorDenseHead(DenseHead):
         return torch.cat(per_level, 0), [p.shape[0] for p in per_level]
 
     def classification_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor, num_total: float,
-                            pos: Tensor, ious: Tensor | None) -> tuple[Tensor, Tensor | None]:
+                            pos: Tensor, ious: Tensor | None,
+                            num_per_level: list[int]) -> tuple[Tensor, Tensor | None]:
         """``loss_cls`` on labels, or (``ious`` given: the Varifocal path) on IoU-aware targets.
 
         Args:
             cls_flat: (B, N, C) logits; labels, label_weights, pos: (B, N); ious: (P,) IoU of each positive's
-                predicted box with its gt (``pos.nonzero()`` order) or None.
+                predicted box with its gt (``pos.nonzero()`` order) or None; num_per_level: priors per level.
 
         Returns:
             ``(loss, soft_targets)``: the (B, N, C) VFL targets, or None on the label path.
@@ -105,7 +107,11 @@ class AnchorDenseHead(DenseHead):
         c = self.num_classes
         soft = None if ious is None else iou_class_targets(pos, labels, ious, c)
         target = labels.reshape(-1) if soft is None else soft.reshape(-1, c)
-        return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total), soft
+        # GHM: one call per level, as the reference's loss_single (rows are image-major: level ids repeat per image)
+        per_level = level_kwargs(self.loss_cls, self.level_ids(num_per_level, pos.device).repeat(pos.shape[0]),
+                                 len(num_per_level))
+        return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total,
+                             **per_level), soft
 
     def assign_anchors(self, cls_scores: list[Tensor], targets: list[dict[str, Tensor]],
                        metas: list[dict[str, Any]]) -> AnchorTargets:
@@ -206,9 +212,12 @@ class RetinaHead(AnchorDenseHead):
             # at the gt class of each positive; ignored anchors keep their zero label weight
             ious = bbox_overlaps(self.bbox_coder.decode(pos_priors, pos_pred.detach()),
                                  self.bbox_coder.decode(pos_priors, target), is_aligned=True)
-        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious)
+        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious, per_level)
         if pos_pred.numel():
-            loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total)
+            # GHM-R: per level as the reference; the positives' rows keep their priors' levels
+            pos_levels = self.level_ids(per_level, pos.device).expand_as(pos)[pos]
+            loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total,
+                                       **level_kwargs(self.loss_bbox, pos_levels, len(per_level)))
         else:
             loss_bbox = bbox_flat.sum() * 0
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach(),
@@ -316,7 +325,7 @@ class ATSSHead(AnchorDenseHead):
             # negatives there; DenseDet keeps them out (as its focal path and VFNetHead do): a padded batch then
             # gives each image the loss it has alone. Unpadded images get the reference's value.
             ious = bbox_overlaps(decoded.detach(), pos_gt, is_aligned=True).clamp(min=1e-6)
-        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious)
+        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious, per_level)
         bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
                 "num_pos": pos.sum().float().detach(),
