@@ -189,9 +189,10 @@ def test_ghmc_stats_reproduce_the_step_loss_and_leave_its_state_alone() -> None:
         s = watched.loss(outs, TARGETS, METAS)
         assert torch.equal(plain.loss_cls.acc_sum, watched.loss_cls.acc_sum)
         assert torch.equal(a["loss_cls"], s["loss_cls"])
-        total = sum(s[f"lvl{i}_{q}_cls_loss"] * s[f"lvl{i}_{q}"] for i in range(2) for q in ("pos", "neg"))
-        elements = 2 * sum(s[f"lvl{i}_{q}"] for i in range(2) for q in ("pos", "neg"))  # tot = valid elements
-        assert (total / elements).item() == pytest.approx(s["loss_cls"].item(), rel=1e-4)
+        # GHM is computed per level (tot = that level's valid elements, 2 classes each), summed over levels
+        total = sum(sum(s[f"lvl{i}_{q}_cls_loss"] * s[f"lvl{i}_{q}"] for q in ("pos", "neg"))
+                    / (2 * sum(s[f"lvl{i}_{q}"] for q in ("pos", "neg"))) for i in range(2))
+        assert total.item() == pytest.approx(s["loss_cls"].item(), rel=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ trainer

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from densedet.models.heads.dense_head import DenseHead, flatten_levels
@@ -93,3 +94,44 @@ def test_valid_prior_mask_hand_computed() -> None:
     lvl1 = mask[:, 144:].reshape(2, 6, 6)
     assert lvl1[0, :4, :4].all() and lvl1[0].sum() == 16  # ceil(64/16) = 4
     assert lvl1[1, :4, :2].all() and lvl1[1].sum() == 8  # ceil(32/16) = 2
+
+
+def test_non_positive_nms_pre_and_max_per_img_keep_everything() -> None:
+    """mmdet: ``nms_pre <= 0`` skips the per-level top-k (2.10/2.14 ``if nms_pre > 0``) and ``max_per_img <= 0``
+    keeps every NMS survivor (``bbox_nms.multiclass_nms``: ``if max_num > 0``), with hard and soft NMS."""
+    n = 30
+    boxes = torch.stack([torch.tensor([i * 20.0, 0, i * 20.0 + 10, 10]) for i in range(n)])[None]
+    scores = torch.linspace(0.1, 0.99, n)[None, :, None]  # 30 disjoint boxes, all above score_thr
+    for nms in ({"type": "nms", "iou_threshold": 0.5}, {"type": "soft_nms", "iou_threshold": 0.3}):
+        for nms_pre, max_per_img in ((-1, -1), (0, 0), (-1, 1000), (1000, -1)):
+            out = _run(scores, boxes, cfg=HeadTestConfig(nms_pre=nms_pre, max_per_img=max_per_img, nms=nms))[0]
+            assert out["scores"].shape == (n,), (nms, nms_pre, max_per_img)
+            torch.testing.assert_close(out["scores"], scores[0, :, 0].flip(0))
+    top, idx, labels, valid = select_topk_candidates(scores, 0.05, -1)
+    assert idx.shape == (1, n) and valid.all()
+
+
+SYNTH_HEADS = ["retinanet_r18_fpn_synth", "atss_r18_fpn_synth", "fcos_r18_fpn_synth", "vfnet_r18_fpn_synth",
+               "fovea_r18_fpn_synth", "reppoints_r18_fpn_synth"]
+
+
+@pytest.mark.parametrize("name", SYNTH_HEADS)
+@torch.no_grad()
+def test_each_heads_predict_keeps_all_with_non_positive_limits(name: str) -> None:
+    """Every head's predict goes through the shared post-processing: -1 for ``nms_pre`` / ``max_per_img`` keeps as
+    much as limits larger than any count, and more than the default 100 detections."""
+    from densedet.config import load_config
+    from densedet.models.build import build_detector
+
+    torch.manual_seed(0)
+    cfg = load_config(name, ["model.test_cfg.score_thr=0.0", "model.test_cfg.nms={type: nms, iou_threshold: 1.0}"])
+    model = build_detector({**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}).eval()
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    metas = [{"img_shape": (64, 64), "pad_shape": (64, 64), "ori_shape": (64, 64), "scale_factor": (1.0, 1.0),
+              "flip": False}]
+    head = model.bbox_head
+    counts = []
+    for limit in (-1, 10**7):
+        head.test_cfg.nms_pre = head.test_cfg.max_per_img = limit
+        counts.append(len(model(images, None, metas, mode="predict")[0]["scores"]))
+    assert counts[0] == counts[1] > 100

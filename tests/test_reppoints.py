@@ -272,6 +272,15 @@ def test_losses_focal_closed_form():
     assert out["num_pos"] == 1
 
 
+def test_ghmc_is_computed_per_level_as_the_reference_loss_single():
+    """The reference calls loss_cls once per level (multi_apply over levels). With every logit 0 every valid element
+    has g = 0.5 (one bin), so each level's GHM-C is its mean BCE, ln 2, and the head's loss is 2 ln 2 for the two
+    levels (one call over all levels would give ln 2)."""
+    h = head(loss_cls={"type": "GHMC", "bins": 10, "momentum": 0.0, "use_sigmoid": True, "loss_weight": 1.0})
+    out = h.loss(example_outs(), GT, [META])
+    torch.testing.assert_close(out["loss_cls"], torch.tensor(2 * LN2))
+
+
 def test_losses_varifocal_target_is_iou_of_refined_box():
     h = head(use_vfl=True)
     q = 256 / 288  # IoU([8, 8, 24, 24], [8, 8, 26, 24])

@@ -130,7 +130,7 @@ def test_merge_is_the_union_of_the_views_mapped_back(model) -> None:
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     head = model.bbox_head
     old = head.test_cfg.nms, head.test_cfg.max_per_img
-    head.test_cfg.nms, head.test_cfg.max_per_img = {"type": "nms", "iou_threshold": 1.0}, 100000  # keep all
+    head.test_cfg.nms, head.test_cfg.max_per_img = {"type": "nms", "iou_threshold": 1.0}, -1  # keep all (mmdet)
     try:
         views, metas = _views(images)
         merged = model(views, None, metas, mode="predict_aug")

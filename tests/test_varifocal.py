@@ -82,3 +82,17 @@ def test_gradient_flows_through_negative_weight():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="IoU-aware"):
         varifocal_loss(torch.zeros(3, 2), torch.zeros(3))
+
+
+def test_column_weight_n_by_1_broadcasts_like_mmdet():
+    """VarifocalNet's anchor_head.loss_single passes ``label_weights.unsqueeze(1)`` (N, 1): mmdet's
+    weight_reduce_loss broadcasts it over the classes, the same as the (N,) row weight."""
+    pred, target = torch.tensor(LOGITS, dtype=torch.float64), torch.tensor(TARGET, dtype=torch.float64)
+    exp = torch.tensor(_expected(True), dtype=torch.float64)
+    col = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    got = VarifocalLoss()(pred, target, weight=col, avg_factor=4.0)
+    assert got.item() == pytest.approx((0.5 * exp[0].sum() + 2.0 * exp[1].sum()).item() / 4.0, rel=1e-6)
+    torch.testing.assert_close(varifocal_loss(pred, target, col, reduction="none"), exp * col)
+    torch.testing.assert_close(VarifocalLoss()(pred, target, weight=col[:, 0], avg_factor=4.0), got)
+    with pytest.raises(ValueError, match="does not fit"):
+        varifocal_loss(pred, target, torch.ones(2, 3, dtype=torch.float64))

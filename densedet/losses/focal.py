@@ -21,11 +21,17 @@ def labels_to_binary(labels: Tensor, num_classes: int, dtype: torch.dtype) -> Te
 
 
 def expand_row_weight(weight: Tensor | None, loss: Tensor) -> Tensor | None:
-    """Let a per-row weight ``(...)`` multiply a per-class loss ``(..., C)`` (mmdet views ``(N,)`` as ``(N, 1)``)."""
+    """Let a per-row weight ``(...)`` multiply a per-class loss ``(..., C)`` (mmdet views ``(N,)`` as ``(N, 1)``).
+
+    A weight that already broadcasts against the loss, e.g. the ``(N, 1)`` label weights VarifocalNet's
+    ``anchor_head.loss_single`` passes to ``VarifocalLoss``, is used as it is (mmdet ``weight_reduce_loss``
+    multiplies with broadcasting)."""
     if weight is None or weight.shape == loss.shape:
         return weight
     if weight.shape == loss.shape[:-1]:
         return weight.unsqueeze(-1)
+    if weight.dim() == loss.dim() and all(w in (1, n) for w, n in zip(weight.shape, loss.shape)):
+        return weight
     if weight.numel() == loss.numel():
         return weight.reshape(loss.shape)
     raise ValueError(f"weight of shape {tuple(weight.shape)} does not fit a loss of shape {tuple(loss.shape)}")

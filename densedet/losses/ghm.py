@@ -14,6 +14,10 @@ authors' ``libuyu/GHM_Detection`` ``mmdetection/mmdet/core/loss/ghm_loss.py``:
 - GHM-R: ASL1 ``sqrt(d^2 + mu^2) - mu``, ``g = |d| / sqrt(d^2 + mu^2)``; ``tot = max(sum of label weights, 1)``;
   loss ``sum(w * ASL1) / tot``. The last edge is 1e3 (GHM-C: 1 + 1e-6), as in both references.
 - The label weights only select the valid elements (and give GHM-R's ``tot``); they do not multiply the loss.
+- Per pyramid level: every reference head calls the loss once per level (mmdet 2.x ``AnchorHead.loss_single`` via
+  ``multi_apply``; ``configs/ghm`` uses the RetinaHead), so each level has its own histogram and ``tot``, the one
+  ``acc_sum`` buffer is updated once per level, level 0 first, and the head's loss is the sum over levels. The heads
+  pass ``level_ids`` (see ``per_level``), which gives exactly those calls in one batched pass.
 - The first step with momentum sees ``acc_sum = (1 - m) * count``, i.e. weights ``1 / (1 - m)`` times those
   without momentum, exactly as the references (the EMA starts from zeros).
 
@@ -30,6 +34,9 @@ Differences from the references, all without effect on the value of the default 
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,51 +57,91 @@ def asl1_loss(pred: Tensor, target: Tensor, mu: float = 0.02) -> Tensor:
 
 
 def ghm_weights(g: Tensor, valid: Tensor, edges: Tensor, tot: Tensor, acc_sum: Tensor | None = None,
-                momentum: float = 0.0) -> Tensor:
-    """Gradient-harmonizing weights of the elements of ``g``.
+                momentum: float = 0.0, groups: Tensor | None = None, num_groups: int = 1) -> Tensor:
+    """Gradient-harmonizing weights of the elements of ``g``, one histogram per group.
+
+    The references call the loss once per pyramid level (mmdet 2.x ``AnchorHead.loss_single`` through
+    ``multi_apply``), so every level has its own histogram and ``tot``, and the running densities are updated once
+    per level, level after level. ``groups`` reproduces those calls in one pass: group ``k`` gets exactly the weights
+    the ``k``-th call would give, with ``acc_sum`` updated for group 0, then 1, ... (a loop over the ``num_groups``
+    bin vectors only; the elements are histogrammed together).
 
     Args:
         g: gradient norms, any shape (detached).
         valid: bool mask of the same shape; invalid elements are not counted and get weight 0.
         edges: ``(bins + 1,)`` increasing bin edges; bin ``i`` is ``[edges[i], edges[i+1])``.
-        tot: scalar tensor, the numerator of the weights (the references' ``tot``).
+        tot: ``(num_groups,)`` (or scalar, one group) numerators of the weights (the references' ``tot``).
         acc_sum: ``(bins,)`` running bin densities, updated in place when ``momentum > 0``.
-        momentum: EMA momentum; 0 uses this batch's counts.
+        momentum: EMA momentum; 0 uses each group's counts.
+        groups: long tensor of ``g``'s shape, the group (pyramid level) of every element in ``[0, num_groups)``;
+            ``None``: one group.
+        num_groups: number of groups.
 
     Returns:
-        weights of ``g``'s shape: ``tot / (density of the bin * number of non-empty bins)``, 0 where invalid.
+        weights of ``g``'s shape: ``tot_k / (density of the bin * number of non-empty bins of group k)``, 0 where
+        invalid.
     """
     bins = edges.numel() - 1
     # bucketize(right=True) returns i with edges[i-1] <= g < edges[i]: the references' half-open bins.
     idx = torch.bucketize(g, edges, right=True) - 1
     inside = valid & (idx >= 0) & (idx < bins)
-    idx = torch.where(inside, idx, bins)  # park the others in an overflow slot dropped below
-    counts = torch.zeros(bins + 1, dtype=torch.long, device=g.device)
+    if groups is not None:
+        idx = idx + groups.to(idx.dtype) * bins
+    slots = num_groups * bins
+    idx = torch.where(inside, idx, slots)  # park the others in an overflow slot dropped below
+    counts = torch.zeros(slots + 1, dtype=torch.long, device=g.device)
     counts.scatter_add_(0, idx.reshape(-1), torch.ones_like(idx).reshape(-1))
-    counts = counts[:bins]
+    counts = counts[:slots].view(num_groups, bins)
     nonempty = counts > 0
-    num_nonempty = nonempty.sum().clamp(min=1).to(torch.float32)
+    num_nonempty = nonempty.sum(1, keepdim=True).clamp(min=1).to(torch.float32)
     if momentum > 0:
         if acc_sum is None:
             raise ValueError("ghm_weights: momentum > 0 needs the acc_sum buffer")
+        densities = []
         with torch.no_grad():
-            updated = momentum * acc_sum + (1 - momentum) * counts.to(acc_sum.dtype)
-            acc_sum.copy_(torch.where(nonempty, updated, acc_sum))
-        density = acc_sum.to(torch.float32)
+            for k in range(num_groups):  # the references' call order: level 0 first, each sees the previous update
+                updated = momentum * acc_sum + (1 - momentum) * counts[k].to(acc_sum.dtype)
+                acc_sum.copy_(torch.where(nonempty[k], updated, acc_sum))
+                densities.append(acc_sum.to(torch.float32, copy=True))
+        density = torch.stack(densities)
     else:
         density = counts.to(torch.float32)
-    per_bin = torch.where(nonempty, tot.to(torch.float32) / density.clamp(min=1e-12), 0.0) / num_nonempty
-    per_bin = torch.cat([per_bin, per_bin.new_zeros(1)])  # the overflow slot weighs 0
+    tot = tot.to(torch.float32).reshape(-1, 1)
+    per_bin = torch.where(nonempty, tot / density.clamp(min=1e-12), 0.0) / num_nonempty
+    per_bin = torch.cat([per_bin.reshape(-1), per_bin.new_zeros(1)])  # the overflow slot weighs 0
     return per_bin[idx]
 
 
-def _reduce(loss: Tensor, weights: Tensor, tot: Tensor, reduction: str) -> Tensor:
+def _group_totals(values: Tensor, groups: Tensor | None, num_groups: int) -> Tensor:
+    """``(num_groups,)`` sums of ``values`` per group (float32); one group when ``groups`` is None."""
+    values = values.to(torch.float32)
+    if groups is None:
+        return values.sum().reshape(1)
+    return values.new_zeros(num_groups).index_add_(0, groups.reshape(-1), values.reshape(-1))
+
+
+def _reduce(loss: Tensor, weights: Tensor, tot: Tensor, reduction: str, groups: Tensor | None,
+            num_groups: int) -> Tensor:
+    """``'mean'``: the sum over groups of ``sum(w * loss) / tot`` (mmdet ``weight_reduce_loss(avg_factor=tot)`` of
+    each per-level call, then mmdet's sum of the per-level loss list); ``'sum'``: ``sum(w * loss)``; ``'none'``:
+    ``w * loss``."""
     loss = loss * weights
     if reduction == "mean":
-        return loss.sum() / (tot + torch.finfo(torch.float32).eps)  # mmdet weight_reduce_loss(avg_factor=tot)
+        return (_group_totals(loss, groups, num_groups) / (tot + torch.finfo(torch.float32).eps)).sum()
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def _level_groups(level_ids: Tensor | None, num_levels: int | None, like: Tensor) -> tuple[Tensor | None, int]:
+    """Per-element groups of ``like`` (N, K) from per-row ``level_ids`` (N,), and their number."""
+    if level_ids is None:
+        return None, 1
+    if level_ids.shape != like.shape[:1]:
+        raise ValueError(f"level_ids of shape {tuple(level_ids.shape)} does not match the {like.shape[0]} rows")
+    if num_levels is None:
+        num_levels = int(level_ids.max().item()) + 1 if level_ids.numel() else 1
+    return level_ids.to(torch.long).reshape(-1, *([1] * (like.dim() - 1))).expand_as(like), num_levels
 
 
 class _GHMBase(nn.Module):
@@ -102,6 +149,8 @@ class _GHMBase(nn.Module):
 
     #: buffers a checkpoint may lack (MMDetection 1.x kept them as plain attributes); see the module docstring.
     optional_state_keys: tuple[str, ...] = ("edges", "acc_sum")
+    #: the heads pass ``level_ids`` / ``num_levels`` to losses that set this (GHM's value depends on the grouping)
+    per_level: bool = True
 
     def __init__(self, bins: int, momentum: float, last_edge: float | None, last_edge_offset: float,
                  loss_weight: float, reduction: str) -> None:
@@ -124,6 +173,27 @@ class _GHMBase(nn.Module):
             self.register_buffer("acc_sum", torch.zeros(bins))
         else:
             self.acc_sum = None
+
+    def _update_state(self) -> Tensor | None:
+        """``acc_sum`` to update in this call, after remembering its value for :meth:`replay_last_call`."""
+        if self.acc_sum is not None:
+            self._acc_sum_before_call = self.acc_sum.detach().clone()
+        return self.acc_sum
+
+    @contextlib.contextmanager
+    def replay_last_call(self) -> Iterator[None]:
+        """Within the block, the running densities are those the last call started from, so a second call with
+        the same inputs (e.g. the heads' per-prior statistics) gets that call's exact weights; the state after the
+        last call is restored on exit."""
+        before = getattr(self, "_acc_sum_before_call", None)
+        after = None if self.acc_sum is None else self.acc_sum.detach().clone()
+        if before is not None and after is not None:
+            self.acc_sum.copy_(before)
+        try:
+            yield
+        finally:
+            if after is not None:
+                self.acc_sum.copy_(after)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -171,7 +241,8 @@ class GHMC(_GHMBase):
         self.use_sigmoid = use_sigmoid
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
-                avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
+                avg_factor: float | Tensor | None = None, reduction_override: str | None = None,
+                level_ids: Tensor | None = None, num_levels: int | None = None) -> Tensor:
         """GHM-C loss.
 
         Args:
@@ -181,6 +252,10 @@ class GHMC(_GHMBase):
                 otherwise unused, as in MMDetection). ``None``: all valid.
             avg_factor: accepted for the heads' common call and ignored (the loss divides by its own ``tot``).
             reduction_override: ``'none'`` / ``'mean'`` / ``'sum'`` for this call.
+            level_ids: ``(N,)`` pyramid level of every row, or None (one level). The result is then that of one
+                reference call per level (own histogram, own ``tot``, ``acc_sum`` updated level after level),
+                summed over the levels, as mmdet sums the per-level loss list.
+            num_levels: number of levels (default: ``level_ids.max() + 1``, which costs a host sync).
 
         Returns:
             A scalar, or ``(N, C)`` with ``reduction='none'``. Updates ``acc_sum`` when ``momentum > 0``.
@@ -192,12 +267,14 @@ class GHMC(_GHMBase):
             raise ValueError(f"GHMC: target {tuple(target.shape)} fits neither pred {tuple(pred.shape)} nor its labels")
         target = target.to(torch.float32)
         valid = _full_weight(weight, pred) > 0
+        groups, num_groups = _level_groups(level_ids, num_levels, pred)
         x = pred.float()
         g = (x.detach().sigmoid() - target).abs()
-        tot = valid.sum().clamp(min=1).to(torch.float32)
-        weights = ghm_weights(g, valid, self.edges.float(), tot, self.acc_sum, self.momentum)
+        tot = _group_totals(valid, groups, num_groups).clamp(min=1)  # valid elements of each level
+        weights = ghm_weights(g, valid, self.edges.float(), tot, self._update_state(), self.momentum, groups,
+                              num_groups)
         loss = F.binary_cross_entropy_with_logits(x, target, reduction="none")
-        return self.loss_weight * _reduce(loss, weights, tot, reduction)
+        return self.loss_weight * _reduce(loss, weights, tot, reduction, groups, num_groups)
 
 
 @LOSSES.register()
@@ -220,7 +297,8 @@ class GHMR(_GHMBase):
         self.mu = mu
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
-                avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
+                avg_factor: float | Tensor | None = None, reduction_override: str | None = None,
+                level_ids: Tensor | None = None, num_levels: int | None = None) -> Tensor:
         """GHM-R loss.
 
         Args:
@@ -230,6 +308,8 @@ class GHMR(_GHMBase):
                 valid set and ``tot = 4 P`` as MMDetection's call with all anchors and 0/1 ``bbox_weights``).
             avg_factor: accepted and ignored, as in MMDetection.
             reduction_override: ``'none'`` / ``'mean'`` / ``'sum'`` for this call.
+            level_ids, num_levels: per-level computation, as :meth:`GHMC.forward`; ``tot`` is then each level's
+                sum of weights (``4 P_l`` in the RetinaHead).
 
         Returns:
             A scalar, or ``pred``'s shape with ``reduction='none'``. Updates ``acc_sum`` when ``momentum > 0``.
@@ -242,9 +322,11 @@ class GHMR(_GHMBase):
         loss = asl1_loss(x, t, self.mu)
         diff = (x - t).detach()
         g = diff.abs() / torch.sqrt(diff * diff + self.mu * self.mu)
-        tot = label_weight.sum().clamp(min=1)
-        weights = ghm_weights(g, label_weight > 0, self.edges.float(), tot, self.acc_sum, self.momentum)
-        return self.loss_weight * _reduce(loss, weights, tot, reduction)
+        groups, num_groups = _level_groups(level_ids, num_levels, pred)
+        tot = _group_totals(label_weight, groups, num_groups).clamp(min=1)
+        weights = ghm_weights(g, label_weight > 0, self.edges.float(), tot, self._update_state(), self.momentum,
+                              groups, num_groups)
+        return self.loss_weight * _reduce(loss, weights, tot, reduction, groups, num_groups)
 
     def extra_repr(self) -> str:
         return f"mu={self.mu}, " + super().extra_repr()

@@ -3,8 +3,10 @@
 RetinaHead follows mmdet/models/dense_heads/retina_head.py + anchor_head.py (MMDetection 2.x): max-IoU assignment,
 focal loss normalised by the number of positives (``max(pos, 1)`` per image, summed, *not* averaged across
 processes, as the reference does), box loss on encoded deltas (or on decoded boxes when ``reg_decoded_bbox``).
-ATSSHead follows mmdet/models/dense_heads/atss_head.py: ATSS assignment, focal loss over ``reduce_mean(num_pos)``,
-GIoU weighted by the centerness target and normalised by its cross-process mean sum, centerness BCE.
+ATSSHead follows mmdet/models/dense_heads/atss_head.py: ATSS assignment, focal loss and centerness BCE over
+``max(reduce_mean(sum over images of max(#pos, 1)), 1)`` (``get_targets`` counts every image as at least one positive),
+GIoU weighted by the centerness target and normalised by its cross-process mean sum, floored by ``centerness_norm``
+(see :func:`centerness_normaliser`).
 """
 
 from __future__ import annotations
@@ -26,11 +28,38 @@ from densedet.models.heads.dense_head import (
     DenseHead,
     flatten_levels,
     iou_class_targets,
+    level_kwargs,
     split_assigner_cfg,
 )
 from densedet.models.layers import Scale
 from densedet.registry import HEADS, ConfigError, check_kwargs
 from densedet.structures import AnchorGenerator, DeltaXYWHBBoxCoder, PaddedTargets, bbox_overlaps, pad_targets
+
+#: ``centerness_norm`` rules of the ATSS box-loss normaliser (the cross-process mean of the centerness-target sum):
+#: ``'eps'``: a sum below 1e-12 becomes 1, any other is kept (mmdet 2.10 ``atss_head.py``, ``EPS = 1e-12``: the
+#: VarifocalNet seed; the released mmdet ATSS weights predate any floor); ``'clamp1'``: ``max(sum, 1)`` (mmdet 2.14
+#: ``atss_head.py``, ``clamp_(min=1)``: the UMOP seed).
+CENTERNESS_NORMS = ("eps", "clamp1")
+
+
+def centerness_normaliser(total: float, rule: str) -> float:
+    """The ATSS box-loss divisor from the (process-averaged) centerness-target sum ``total`` under ``rule``."""
+    if rule == "clamp1":
+        return max(total, 1.0)
+    return 1.0 if total < 1e-12 else total
+
+
+def check_centerness_norm(rule: str) -> str:
+    if rule not in CENTERNESS_NORMS:
+        raise ConfigError(f"model.bbox_head.centerness_norm: one of {CENTERNESS_NORMS} ('eps': mmdet 2.10 / "
+                          f"VarifocalNet, 'clamp1': mmdet 2.14 / UMOP), got {rule!r}",
+                          path="model.bbox_head.centerness_norm")
+    return rule
+
+
+def images_at_least_one_positive(pos: Tensor) -> Tensor:
+    """mmdet ``get_targets``' ``num_total_pos``: the sum over images of ``max(#positives, 1)``. (B, N) bool -> 0-d."""
+    return pos.sum(1).clamp(min=1).sum().float()
 
 
 def _build_anchor_generator(cfg: dict[str, Any] | None, default: dict[str, Any]) -> AnchorGenerator:
@@ -92,12 +121,13 @@ class AnchorDenseHead(DenseHead):
         return torch.cat(per_level, 0), [p.shape[0] for p in per_level]
 
     def classification_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor, num_total: float,
-                            pos: Tensor, ious: Tensor | None) -> tuple[Tensor, Tensor | None]:
+                            pos: Tensor, ious: Tensor | None,
+                            num_per_level: list[int]) -> tuple[Tensor, Tensor | None]:
         """``loss_cls`` on labels, or (``ious`` given: the Varifocal path) on IoU-aware targets.
 
         Args:
             cls_flat: (B, N, C) logits; labels, label_weights, pos: (B, N); ious: (P,) IoU of each positive's
-                predicted box with its gt (``pos.nonzero()`` order) or None.
+                predicted box with its gt (``pos.nonzero()`` order) or None; num_per_level: priors per level.
 
         Returns:
             ``(loss, soft_targets)``: the (B, N, C) VFL targets, or None on the label path.
@@ -105,7 +135,11 @@ class AnchorDenseHead(DenseHead):
         c = self.num_classes
         soft = None if ious is None else iou_class_targets(pos, labels, ious, c)
         target = labels.reshape(-1) if soft is None else soft.reshape(-1, c)
-        return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total), soft
+        # GHM: one call per level, as the reference's loss_single (rows are image-major: level ids repeat per image)
+        per_level = level_kwargs(self.loss_cls, self.level_ids(num_per_level, pos.device).repeat(pos.shape[0]),
+                                 len(num_per_level))
+        return self.loss_cls(cls_flat.reshape(-1, c), target, label_weights.reshape(-1), avg_factor=num_total,
+                             **per_level), soft
 
     def assign_anchors(self, cls_scores: list[Tensor], targets: list[dict[str, Tensor]],
                        metas: list[dict[str, Any]]) -> AnchorTargets:
@@ -188,8 +222,8 @@ class RetinaHead(AnchorDenseHead):
         t = self.assign_anchors(cls_scores, targets, metas)
         priors, per_level, labels, gt_boxes, label_weights, pos = (
             t.priors, t.num_per_level, t.labels, t.gt_boxes, t.label_weights, t.pos)
-        # anchor_head.get_targets: sum over images of max(#pos, 1)
-        num_total = pos.sum(1).clamp(min=1).sum().float().item()
+        # anchor_head.get_targets: sum over images of max(#pos, 1), per process (RetinaNet does not reduce_mean)
+        num_total = images_at_least_one_positive(pos).item()
 
         cls_flat = flatten_levels(cls_scores, self.num_classes)
         bbox_flat = flatten_levels(bbox_preds, 4)
@@ -206,9 +240,12 @@ class RetinaHead(AnchorDenseHead):
             # at the gt class of each positive; ignored anchors keep their zero label weight
             ious = bbox_overlaps(self.bbox_coder.decode(pos_priors, pos_pred.detach()),
                                  self.bbox_coder.decode(pos_priors, target), is_aligned=True)
-        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious)
+        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious, per_level)
         if pos_pred.numel():
-            loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total)
+            # GHM-R: per level as the reference; the positives' rows keep their priors' levels
+            pos_levels = self.level_ids(per_level, pos.device).expand_as(pos)[pos]
+            loss_bbox = self.loss_bbox(pred, target, avg_factor=num_total,
+                                       **level_kwargs(self.loss_bbox, pos_levels, len(per_level)))
         else:
             loss_bbox = bbox_flat.sum() * 0
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "num_pos": pos.sum().float().detach(),
@@ -237,8 +274,8 @@ class ATSSHead(AnchorDenseHead):
                  anchor_generator: dict | None = None, bbox_coder: dict | None = None,
                  reg_decoded_bbox: bool = True, loss_cls: dict | None = None, loss_bbox: dict | None = None,
                  loss_centerness: dict | None = None, dcn_on_last_conv: bool = False, use_vfl: bool = False,
-                 use_gfl: bool = False, loss_cls_vgfl: dict | None = None, train_cfg: dict | None = None,
-                 test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
+                 use_gfl: bool = False, loss_cls_vgfl: dict | None = None, centerness_norm: str = "eps",
+                 train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
         if use_gfl:
             raise ConfigError("model.bbox_head.use_gfl: Generalized Focal Loss is not implemented in DenseDet "
                               "(use_vfl selects the Varifocal Loss)", path="model.bbox_head.use_gfl")
@@ -253,6 +290,7 @@ class ATSSHead(AnchorDenseHead):
                               "False is not supported", path="model.bbox_head.reg_decoded_bbox")
         self.bbox_coder = _build_delta_coder(bbox_coder, (0.1, 0.1, 0.2, 0.2))
         self.use_vfl = use_vfl
+        self.centerness_norm = check_centerness_norm(centerness_norm)
         self.loss_cls = _build_cls_loss(loss_cls, use_vfl, loss_cls_vgfl, "loss_cls_vgfl")
         self.loss_bbox = build_loss(loss_bbox or {"type": "GIoULoss", "loss_weight": 2.0},
                                     "model.bbox_head.loss_bbox")
@@ -294,7 +332,8 @@ class ATSSHead(AnchorDenseHead):
         t = self.assign_anchors(cls_scores, targets, metas)
         priors, per_level, labels, gt_boxes, label_weights, pos = (
             t.priors, t.num_per_level, t.labels, t.gt_boxes, t.label_weights, t.pos)
-        num_total = max(reduce_mean(pos.sum().float()).item(), 1.0)
+        # atss_head.loss: max(reduce_mean(num_total_pos), 1), each image counting at least one positive
+        num_total = max(reduce_mean(images_at_least_one_positive(pos)).item(), 1.0)
 
         cls_flat = flatten_levels(cls_scores, self.num_classes)
         bbox_flat = flatten_levels(bbox_preds, 4)
@@ -316,8 +355,8 @@ class ATSSHead(AnchorDenseHead):
             # negatives there; DenseDet keeps them out (as its focal path and VFNetHead do): a padded batch then
             # gives each image the loss it has alone. Unpadded images get the reference's value.
             ious = bbox_overlaps(decoded.detach(), pos_gt, is_aligned=True).clamp(min=1e-6)
-        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious)
-        bbox_avg = reduce_mean(ctr_targets.sum().detach()).clamp(min=1).item()
+        loss_cls, soft = self.classification_loss(cls_flat, labels, label_weights, num_total, pos, ious, per_level)
+        bbox_avg = centerness_normaliser(reduce_mean(ctr_targets.sum().detach().float()).item(), self.centerness_norm)
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
                 "num_pos": pos.sum().float().detach(),
                 **self.loss_level_stats(per_level, pos, t.neg, cls_flat, labels,

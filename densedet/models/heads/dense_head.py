@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from densedet.losses.focal import FocalLoss, labels_to_binary, sigmoid_focal_loss
-from densedet.losses.ghm import GHMC
 from densedet.models.heads.postprocess import (
     Candidates,
     TestConfig,
@@ -99,20 +98,29 @@ def split_assigner_cfg(cfg: TrainConfig, expected: str, fn: Any) -> dict[str, An
 def _stateless_call(loss_fn: nn.Module) -> Iterator[None]:
     """Call a loss a second time for statistics without changing its state (e.g. GHM-C's running bin densities).
 
-    GHM-C with momentum reads its densities through a momentum of 1 (the EMA keeps what the training call just
-    wrote), so the statistics see exactly the weights of this step; any other buffer is restored afterwards.
+    A loss with ``replay_last_call`` (GHM) is called from the state its training call of this step started from,
+    so the statistics see exactly the weights of this step; every buffer is restored afterwards.
     """
     saved = [(buf, buf.detach().clone()) for buf in loss_fn.buffers()]
-    momentum = getattr(loss_fn, "momentum", None)
-    if isinstance(loss_fn, GHMC) and momentum:
-        loss_fn.momentum = 1.0
+    replay = getattr(loss_fn, "replay_last_call", None)
     try:
-        yield
+        with replay() if replay is not None else contextlib.nullcontext():
+            yield
     finally:
-        if isinstance(loss_fn, GHMC) and momentum:
-            loss_fn.momentum = momentum
         for buf, value in saved:
             buf.copy_(value)
+
+
+def level_kwargs(loss_fn: nn.Module, level_ids: Tensor, num_levels: int) -> dict[str, Any]:
+    """The keyword arguments that make ``loss_fn`` compute one loss per pyramid level, as the references' per-level
+    ``loss_single`` calls do, for a loss whose value depends on that grouping (``per_level``: GHM-C / GHM-R, whose
+    histograms and normalisers are per call); ``{}`` for the others, whose per-level sum equals one call.
+
+    ``level_ids``: the level of every row the loss is given (e.g. ``(B*N,)`` for flattened ``(B, N, C)`` logits).
+    """
+    if getattr(loss_fn, "per_level", False):
+        return {"level_ids": level_ids, "num_levels": num_levels}
+    return {}
 
 
 class DenseHead(nn.Module):
@@ -241,14 +249,15 @@ class DenseHead(nn.Module):
 
     @torch.no_grad()
     def per_prior_cls_loss(self, cls_flat: Tensor, labels: Tensor, label_weights: Tensor | None = None,
-                           soft_targets: Tensor | None = None) -> Tensor:
+                           soft_targets: Tensor | None = None, level_ids: Tensor | None = None) -> Tensor:
         """The element-wise loss of ``self.loss_cls`` (loss_weight and label weights applied, before the
         ``avg_factor`` normalisation), summed over classes.
 
         Args:
             cls_flat: (B, N, C) logits; labels: (B, N) long, ``num_classes`` = background;
             label_weights: (B, N) or None; soft_targets: (B, N, C) float targets the loss is given instead of
-            ``labels`` (Varifocal Loss's IoU-aware scores), or None.
+            ``labels`` (Varifocal Loss's IoU-aware scores), or None; level_ids: (N,) level of every prior, which
+            a per-level loss (GHM) needs to give the training call's weights.
 
         Returns:
             (B, N) float32.
@@ -263,8 +272,9 @@ class DenseHead(nn.Module):
             elem = sigmoid_focal_loss(pred, labels_to_binary(lab, c, pred.dtype), weight, gamma=loss_fn.gamma,
                                       alpha=loss_fn.alpha, reduction="none") * loss_fn.loss_weight
         else:
+            extra = {} if level_ids is None else level_kwargs(loss_fn, level_ids.repeat(b), len(self.strides))
             with _stateless_call(loss_fn):
-                elem = loss_fn(pred, lab, weight, reduction_override="none")
+                elem = loss_fn(pred, lab, weight, reduction_override="none", **extra)
         if elem.dim() == 2:
             elem = elem.sum(-1)
         return elem.float().reshape(b, n)
@@ -277,8 +287,9 @@ class DenseHead(nn.Module):
         (heads trained with Varifocal Loss pass its ``soft_targets``)."""
         if not self.collect_level_stats:
             return {}
-        return self.level_stats(self.level_ids(num_per_level, pos.device), pos, neg,
-                                self.per_prior_cls_loss(cls_flat, labels, label_weights, soft_targets))
+        level_ids = self.level_ids(num_per_level, pos.device)
+        return self.level_stats(level_ids, pos, neg,
+                                self.per_prior_cls_loss(cls_flat, labels, label_weights, soft_targets, level_ids))
 
     @staticmethod
     def valid_prior_mask(featmap_sizes: list[tuple[int, int]], strides: list[int], num_base: int,

@@ -38,11 +38,11 @@ NMS_KWARGS: dict[str, Callable[..., None]] = {
 class TestConfig:
     """MMDetection's ``test_cfg`` for dense heads."""
 
-    nms_pre: int = 1000
+    nms_pre: int = 1000  # <= 0: every pair above score_thr (mmdet 2.10/2.14 ``if nms_pre > 0``)
     min_bbox_size: float = 0.0
     score_thr: float = 0.05
     nms: dict[str, Any] | None = None  # {"type": "nms", "iou_threshold": 0.5}
-    max_per_img: int = 100
+    max_per_img: int = 100  # <= 0: every detection NMS keeps (mmdet bbox_nms ``if max_num > 0``)
 
     def __post_init__(self) -> None:
         if self.nms is None:
@@ -60,6 +60,12 @@ class TestConfig:
             if float(self.nms.get("sigma", 0.5)) <= 0:
                 raise ConfigError(f"model.test_cfg.nms.sigma must be > 0, got {self.nms['sigma']!r}",
                                   path="model.test_cfg.nms.sigma")
+
+    @property
+    def max_per_img_limit(self) -> int | None:
+        """``max_per_img`` as a slice bound: None (keep all) when ``max_per_img <= 0``, as mmdet's
+        ``multiclass_nms(max_num)``; a plain ``[:max_per_img]`` would drop the last detection for -1."""
+        return self.max_per_img if self.max_per_img > 0 else None
 
     def nms_kwargs(self) -> dict[str, Any]:
         """``test_cfg.nms`` with its defaults filled in, without ``type``."""
@@ -88,7 +94,7 @@ def select_topk_candidates(scores: Tensor, score_thr: float, nms_pre: int) -> tu
     """
     b, n, c = scores.shape
     flat = scores.reshape(b, n * c)
-    k = min(nms_pre, n * c) if nms_pre > 0 else n * c
+    k = min(nms_pre, n * c) if nms_pre > 0 else n * c  # nms_pre <= 0 keeps all, as the references
     # Scores below the threshold are pushed below every valid score so top-k never prefers them.
     masked = torch.where(flat > score_thr, flat, flat.new_full((), -1.0))
     top, idx = masked.topk(k, dim=1)
@@ -122,7 +128,7 @@ def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid:
         boxes: (B, K, 4) xyxy; scores, labels, valid: (B, K).
     Returns:
         one dict per image: ``boxes`` (D, 4), ``scores`` (D,) (decayed scores with soft-NMS), ``labels`` (D,),
-        D <= ``max_per_img``, sorted by decreasing score.
+        D <= ``max_per_img`` (all survivors when ``max_per_img <= 0``), sorted by decreasing score.
     """
     b = boxes.shape[0]
     if cfg.min_bbox_size > 0:
@@ -134,14 +140,14 @@ def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid:
     groups = fi * num_classes + fl
     kwargs = cfg.nms_kwargs()
     if cfg.nms["type"] == "soft_nms":
-        keep, kept_scores = batched_soft_nms(fb, fs, groups, max_per_group=cfg.max_per_img, **kwargs)
+        keep, kept_scores = batched_soft_nms(fb, fs, groups, max_per_group=cfg.max_per_img_limit, **kwargs)
     else:
         keep = batched_nms(fb.float(), fs.float(), groups, float(kwargs["iou_threshold"]))
         kept_scores = fs[keep]
     out = []
     kept_img = fi[keep]
     for i in range(b):  # only splits the (already sorted) survivors per image
-        mine = (kept_img == i).nonzero(as_tuple=True)[0][: cfg.max_per_img]
+        mine = (kept_img == i).nonzero(as_tuple=True)[0][: cfg.max_per_img_limit]
         k = keep[mine]
         out.append({"boxes": fb[k], "scores": kept_scores[mine], "labels": fl[k]})
     return out

@@ -35,6 +35,7 @@ from densedet.models.heads.dense_head import (
     DenseHead,
     flatten_levels,
     iou_class_targets,
+    level_kwargs,
     parse_train_cfg,
 )
 from densedet.registry import HEADS, ConfigError, check_kwargs
@@ -294,7 +295,11 @@ class RepPointsHead(DenseHead):
             cls_target = self.vfl_targets(box_ref, labels, gt_ref, pos).reshape(-1, c)
         else:
             cls_target = labels.reshape(-1)
-        loss_cls = self.loss_cls(cls_flat.reshape(-1, c), cls_target, label_weights.reshape(-1), avg_factor=num_ref)
+        # GHM: one call per level, as the reference's loss_single (rows image-major: level ids repeat per image)
+        per_level_kw = level_kwargs(self.loss_cls, self.level_ids(per_level, device).repeat(cls_flat.shape[0]),
+                                    len(per_level))
+        loss_cls = self.loss_cls(cls_flat.reshape(-1, c), cls_target, label_weights.reshape(-1), avg_factor=num_ref,
+                                 **per_level_kw)
         out = {"loss_cls": loss_cls, "loss_pts_init": loss_init, "loss_pts_refine": loss_refine,
                "num_pos": pos.sum().float().detach()}
         out.update(self.loss_level_stats(per_level, pos, neg, cls_flat, labels, label_weights,

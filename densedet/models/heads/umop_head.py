@@ -6,12 +6,13 @@ loss is computed level by level with the progressive focal loss (:mod:`densedet.
 ``l`` gets its own ``gamma_l`` / ``alpha_l`` from the cross-entropy of its own positives at this step. Box (GIoU,
 centerness-weighted) and centerness losses are ATSS's.
 
-Normalisation, as the reference does it (``LRPHead.loss_single`` called by mmdet 2.x ``ATSSHead.loss``): every level's
-focal-loss sum is divided by the *same* ``num_total_samples = max(reduce_mean(positives of all levels), 1)`` and the
-per-level losses are summed (mmdet sums a loss list). Independence between levels is in the resampling (gamma_l,
-alpha_l depend only on level l), not in the normaliser. ``cls_norm='level'`` (not in the reference, opt-in) divides
-each level by ``max(reduce_mean(positives of that level), 1)`` instead, so one level's loss no longer depends on the
-other levels at all.
+Normalisation, as the reference does it (``LRPHead.loss_single`` called by mmdet 2.14 ``ATSSHead.loss``): every
+level's focal-loss sum is divided by the *same* ``num_total_samples = max(reduce_mean(sum over images of
+max(#positives, 1)), 1)`` and the per-level losses are summed (mmdet sums a loss list); the box loss by
+``max(reduce_mean(centerness-target sum), 1)`` (``centerness_norm='clamp1'``, this head's default). Independence
+between levels is in the resampling (gamma_l, alpha_l depend only on level l), not in the normaliser.
+``cls_norm='level'`` (not in the reference, opt-in) divides each level by ``max(reduce_mean(positives of that level),
+1)`` instead, so one level's loss no longer depends on the other levels at all.
 
 Logged statistics (detached 0-d tensors, not ``loss*`` keys): ``lvl{i}_gamma`` / ``lvl{i}_alpha``, the values used at
 this step (the same on every process), ``lvl{i}_loss_cls``, level i's normalised share of ``loss_cls``, and on the
@@ -29,7 +30,7 @@ from densedet.engine.dist import reduce_mean
 from densedet.losses.focal import labels_to_binary, sigmoid_focal_loss
 from densedet.losses.pfocal import ProgressiveFocalLoss, positive_ce_condition
 from densedet.models.detector import SingleStageDetector
-from densedet.models.heads.anchor_heads import ATSSHead
+from densedet.models.heads.anchor_heads import ATSSHead, centerness_normaliser, images_at_least_one_positive
 from densedet.models.heads.dense_head import flatten_levels
 from densedet.registry import DETECTORS, HEADS, ConfigError
 
@@ -48,19 +49,21 @@ class LRPHead(ATSSHead):
     """ATSS head with UMOP's level-wise progressive focal loss (see the module docstring).
 
     Args: those of :class:`ATSSHead` (``loss_cls`` must be a ``ProgressiveFocalLoss``, the default), plus
-    ``cls_norm``: ``'global'`` (reference: every level over all positives) or ``'level'`` (each level over its own).
+    ``cls_norm``: ``'global'`` (reference: every level over all positives) or ``'level'`` (each level over its own);
+    ``centerness_norm``: the box-loss normaliser's floor, ``'clamp1'`` by default (UMOP's mmdet 2.14).
     """
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, stacked_convs: int = 4,
                  conv_cfg: dict | None = None, norm_cfg: dict | None = None,
                  anchor_generator: dict | None = None, bbox_coder: dict | None = None,
                  reg_decoded_bbox: bool = True, loss_cls: dict | None = None, loss_bbox: dict | None = None,
-                 loss_centerness: dict | None = None, cls_norm: str = "global", train_cfg: dict | None = None,
-                 test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
+                 loss_centerness: dict | None = None, cls_norm: str = "global", centerness_norm: str = "clamp1",
+                 train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
         super().__init__(num_classes, in_channels, feat_channels, stacked_convs, conv_cfg=conv_cfg, norm_cfg=norm_cfg,
                          anchor_generator=anchor_generator, bbox_coder=bbox_coder, reg_decoded_bbox=reg_decoded_bbox,
                          loss_cls=loss_cls or PROGRESSIVE_FOCAL_LOSS, loss_bbox=loss_bbox,
-                         loss_centerness=loss_centerness, train_cfg=train_cfg, test_cfg=test_cfg, init_cfg=init_cfg)
+                         loss_centerness=loss_centerness, centerness_norm=centerness_norm, train_cfg=train_cfg,
+                         test_cfg=test_cfg, init_cfg=init_cfg)
         if not isinstance(self.loss_cls, ProgressiveFocalLoss):
             raise ConfigError(f"model.bbox_head.loss_cls.type: LRPHead sets a focusing parameter per level and needs "
                               f"ProgressiveFocalLoss, got {type(self.loss_cls).__name__}",
@@ -100,11 +103,12 @@ class LRPHead(ATSSHead):
         pos_gt = gt_boxes[pos]
         ctr_targets = self.centerness_target(pos_priors, pos_gt)
 
-        # One collective for everything averaged over processes: per-level conditions, per-level and total
-        # positives, the centerness-target sum (ATSS's box-loss normaliser); then one host sync.
+        # One collective for everything averaged over processes: per-level conditions, per-level positives, the
+        # total positives (each image counting at least one, as mmdet get_targets), the centerness-target sum
+        # (ATSS's box-loss normaliser); then one host sync.
         cond = torch.stack([positive_ce_condition(x, y, w) for x, y, w in zip(cls_levels, lab_levels, lw_levels)])
         pos_per_level = torch.zeros(num_levels, device=device).index_add_(0, level_ids, pos.sum(0).float())
-        packed = torch.cat([cond.to(device), pos_per_level, pos.sum().float()[None],
+        packed = torch.cat([cond.to(device), pos_per_level, images_at_least_one_positive(pos)[None],
                             ctr_targets.sum().detach().float()[None]])
         host = reduce_mean(packed).tolist()
         conds = host[:num_levels]
@@ -123,7 +127,7 @@ class LRPHead(ATSSHead):
         else:
             loss_bbox = bbox_flat.sum() * 0
             loss_ctr = ctr_flat.sum() * 0
-        bbox_avg = max(host[2 * num_levels + 1], 1.0)
+        bbox_avg = centerness_normaliser(host[2 * num_levels + 1], self.centerness_norm)
 
         gammas, alphas = self.loss_cls.gamma_alpha(torch.tensor(conds, device=device))
         out = {"loss_cls": loss_cls, "loss_bbox": loss_bbox / bbox_avg, "loss_centerness": loss_ctr,
