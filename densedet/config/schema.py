@@ -43,12 +43,14 @@ def _from_dict(cls: type, data: dict[str, Any] | None, where: str, origins: dict
 
 @dataclass
 class DatasetSplit:
-    """One split: COCO instances json + image folder + transform list (each a ``{'type': ...}`` dict)."""
+    """One split: COCO instances json + image folder + transform list (each a ``{'type': ...}`` dict).
+    ``with_mask``: load instance masks too (Mask R-CNN training)."""
 
     ann_file: str = ""
     img_dir: str = ""
     pipeline: list[dict[str, Any]] = field(default_factory=list)
     filter_empty_gt: bool = True
+    with_mask: bool = False
 
 
 @dataclass

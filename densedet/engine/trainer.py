@@ -250,7 +250,8 @@ class Trainer:
                 if not data.train.ann_file:
                     raise ConfigError("data.train.ann_file is empty", path="data.train.ann_file")
                 train_dataset = CocoDataset(train_ann, _resolve(data.root, data.train.img_dir), data.train.pipeline,
-                                            filter_empty_gt=data.train.filter_empty_gt, test_mode=False)
+                                            filter_empty_gt=data.train.filter_empty_gt, test_mode=False,
+                                            with_mask=data.train.with_mask)
             if val_dataset is None and self.cfg.runtime.val_interval > 0 and data.val.ann_file:
                 val_dataset = CocoDataset(_resolve(data.root, data.val.ann_file),
                                           _resolve(data.root, data.val.img_dir), data.val.pipeline,
