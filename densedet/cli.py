@@ -79,6 +79,9 @@ def cmd_test(args: argparse.Namespace) -> int:
     result = evaluate(model, loader, dataset, device, out_json=out / "results.bbox.json")
     print(format_metrics_table(result))
     print(format_per_class_table(result))
+    if result.segm is not None:  # a mask model: segm metrics beside bbox (results.segm.json)
+        print(format_metrics_table(result.segm))
+        print(format_per_class_table(result.segm))
     plot_pr_curves(result, dataset.classes, out / "pr_curves.png")
     (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     print(f"results: {out / 'results.bbox.json'}  metrics: {out / 'metrics.json'}  PR curves: {out / 'pr_curves.png'}")
@@ -99,7 +102,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         chunk = files[i:i + 4]
         for path, det in zip(chunk, predictor(chunk)):
             img = draw_detections(read_image(path), det["boxes"], det["scores"], det["labels"], predictor.classes,
-                                  score_thr=args.score_thr)
+                                  score_thr=args.score_thr, masks=det.get("masks"))
             img.save(out / f"{path.stem}.png")
             drawn.append(img)
             keep = det["scores"] > args.score_thr
@@ -107,6 +110,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c),
                  "class": predictor.classes[int(c)]}
                 for b, s, c in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]})
+            if "masks" in det:  # Mask R-CNN: each kept detection's mask as compressed COCO RLE
+                from densedet.evaluation.segm import encode_instance_masks
+
+                rles = encode_instance_masks(det["masks"].subset(keep.numpy()))
+                for rec, rle in zip(records[-1]["detections"], rles):
+                    rec["segmentation"] = rle
     (out / "predictions.json").write_text(json.dumps(records, indent=1))
     if drawn:
         save_detection_grid(drawn[:16], out / "grid.png")

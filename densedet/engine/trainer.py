@@ -550,6 +550,8 @@ class Trainer:
                         format_metrics_table(result))
             if result.per_class:
                 logger.info("per-class AP:\n%s", format_per_class_table(result))
+            if result.segm is not None:
+                logger.info("mask (segm) evaluation:\n%s", format_metrics_table(result.segm))
             if self.jsonl is not None:
                 ep = int(epoch) if epoch == int(epoch) else epoch
                 self.jsonl.log({"type": "val", "epoch": ep, "iter": self.iter, **metrics})
