@@ -4,12 +4,12 @@ metrics, and a resumed run continues bit-identically (the RoI samplers draw from
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from test_trainer import train_lines
 
 from densedet.config import config_from_dict, load_config
 from densedet.config.schema import Config
@@ -51,19 +51,6 @@ def make_cfg(root: Path, **sections: dict) -> Config:
     return config_from_dict(raw, name="tiny_mask_rcnn")
 
 
-def _train_lines(work: Path) -> list[dict]:
-    lines = [json.loads(s) for s in (work / "log.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["type"] == "train"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synth_masks")
@@ -76,7 +63,7 @@ def test_tiny_mask_rcnn_losses_fall_and_segm_is_evaluated(synth_root: Path, tmp_
     cfg = make_cfg(synth_root, schedule={"epochs": 10, "policy": "cosine", "min_lr_ratio": 0.1},
                    runtime={"val_interval": 10, "checkpoint_interval": 10})
     metrics = Trainer(cfg, tmp_path).train()
-    lines = _train_lines(tmp_path)
+    lines = train_lines(tmp_path)
     assert len(lines) == 20
     keys = ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask")
     for r in lines:
@@ -95,13 +82,13 @@ def test_resume_mid_run_is_exact(synth_root: Path, tmp_path: Path) -> None:
     three = {"epochs": 3}
     ref = Trainer(make_cfg(synth_root, schedule=three), tmp_path / "ref")
     ref.train()
-    ref_lines = _train_lines(tmp_path / "ref")
+    ref_lines = train_lines(tmp_path / "ref")
     torch.manual_seed(123)
     Trainer(make_cfg(synth_root, schedule={**three, "max_iters": 3}), tmp_path / "a").train()
     torch.manual_seed(7)  # another init and RNG state: everything must come from the checkpoint
     resumed = Trainer(make_cfg(synth_root, schedule=three), tmp_path / "b", resume=tmp_path / "a" / "iter_3.pth")
     resumed.train()
-    got = {r["iter"]: r for r in _train_lines(tmp_path / "b")}
+    got = {r["iter"]: r for r in train_lines(tmp_path / "b")}
     assert sorted(got) == [4, 5, 6]
     for r in ref_lines[3:]:
         for key in ("loss", "loss_rpn_cls", "loss_cls", "loss_mask", "acc"):

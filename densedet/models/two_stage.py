@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from densedet.models.detector import SingleStageDetector
+from densedet.models.detector import SingleStageDetector, default_metas
 from densedet.models.roi_heads import StandardRoIHead
-from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS, ConfigError
+from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS, ConfigError, check_kwargs
 
 __all__ = ["TwoStageDetector"]
 
@@ -55,8 +55,6 @@ class TwoStageDetector(nn.Module):
         roi = dict(roi_head)
         if roi.pop("type", "StandardRoIHead") != "StandardRoIHead":
             raise ConfigError("model.roi_head.type: only StandardRoIHead is available", path="model.roi_head.type")
-        from densedet.registry import check_kwargs
-
         check_kwargs(StandardRoIHead, roi, "model.roi_head")
         self.roi_head = StandardRoIHead(**roi, train_cfg=train.get("rcnn"), test_cfg=test.get("rcnn"))
         self.proposal_cfg = dict(train.get("rpn_proposal") or RPN_PROPOSAL)
@@ -92,9 +90,7 @@ class TwoStageDetector(nn.Module):
         rpn_outs = self.rpn_head(feats)
         if mode == "tensor":
             return rpn_outs
-        if metas is None:
-            h, w = images.shape[-2:]
-            metas = [{"img_shape": (h, w), "scale_factor": (1.0, 1.0)} for _ in range(images.shape[0])]
+        metas = metas if metas is not None else default_metas(images)
         if mode == "loss":
             if targets is None:
                 raise ValueError("mode='loss' needs targets")
