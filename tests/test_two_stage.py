@@ -224,3 +224,19 @@ def test_tiny_mask_rcnn_loss_and_predict() -> None:
         assert (det["boxes"][:, 2] <= w + 1e-3).all() and (det["boxes"][:, 3] <= h + 1e-3).all()
     with pytest.raises(NotImplementedError, match="two-stage"):
         model([imgs], None, [metas], mode="predict_aug")
+
+
+def test_build_model_num_classes_and_predictor_returns_masks() -> None:
+    import densedet
+
+    model = densedet.build_model("mask_rcnn_r18_fpn_synth", num_classes=5)
+    assert model.num_classes == 5 and model.roi_head.mask_head.conv_logits.out_channels == 5
+    torch.manual_seed(0)
+    predictor = densedet.Predictor("mask_rcnn_r18_fpn_synth", score_thr=0.0)
+    img = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
+    det = predictor(img)
+    assert len(det["masks"]) == len(det["boxes"]) > 0
+    assert (det["masks"].height, det["masks"].width) == (70, 90)
+    drawn = densedet.draw_detections(img, det["boxes"], det["scores"], det["labels"], predictor.classes,
+                                     score_thr=0.0, masks=det["masks"])
+    assert drawn.size == (90, 70)
