@@ -108,8 +108,13 @@ def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device |
             logger.warning("evaluation: the model produced no detections on %d images", len(dets))
         result = evaluate_coco(dataset.coco_gt_dict, results)
         if dets and all("segms" in d for d in dets):
-            result.segm = _evaluate_segm(dets, dataset, out_json)
-            result.metrics.update(result.segm.metrics)
+            anns = dataset.coco_gt_dict.get("annotations", [])
+            if all("segmentation" in a for a in anns):
+                result.segm = _evaluate_segm(dets, dataset, out_json)
+                result.metrics.update(result.segm.metrics)
+            else:
+                logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have no "
+                               "'segmentation'", sum("segmentation" not in a for a in anns), len(anns))
     return broadcast_object(result)
 
 
