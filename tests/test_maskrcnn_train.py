@@ -4,6 +4,7 @@ metrics, and a resumed run continues bit-identically (the RoI samplers draw from
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,21 @@ def test_resume_mid_run_is_exact(synth_root: Path, tmp_path: Path) -> None:
             assert got[r["iter"]][key] == r[key], (r["iter"], key)
     for k, v in resumed.model.state_dict().items():
         assert torch.equal(v, ref.model.state_dict()[k]), k
+
+
+def test_cli_test_and_predict_report_masks(synth_root: Path, tmp_path: Path) -> None:
+    from densedet.cli import main
+
+    torch.manual_seed(0)
+    Trainer(make_cfg(synth_root, schedule={"epochs": 1}), tmp_path / "w").train()
+    cfg_file = tmp_path / "w" / "config.yaml"
+    assert main(["test", str(cfg_file), str(tmp_path / "w"), "--out", str(tmp_path / "t")]) == 0
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert "bbox_mAP" in metrics and "segm_mAP" in metrics
+    segm = json.loads((tmp_path / "t" / "results.segm.json").read_text())
+    assert segm and all(set(r["segmentation"]) == {"size", "counts"} for r in segm)
+    assert main(["predict", str(cfg_file), str(tmp_path / "w"), str(synth_root / "val"), "--out",
+                 str(tmp_path / "p"), "--score-thr", "0.0", "--limit", "2"]) == 0
+    records = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    dets = [d for r in records for d in r["detections"]]
+    assert dets and all("segmentation" in d for d in dets)
