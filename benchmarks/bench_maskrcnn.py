@@ -4,6 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/bench_maskrcnn.py --threads 2 --iters 5 --warmup 1
     .venv/bin/python benchmarks/bench_maskrcnn.py --quick      # smaller images, 1 warm-up + 2 iterations
+    .venv/bin/python benchmarks/bench_maskrcnn.py --modes paste --threads 1   # mask paste + RLE only
 
 Training step: batch 2 at 512x512, the same 8 gt boxes and masks per image (ellipses filling their boxes), SGD with
 a tiny learning rate (every timed step sees the same weights). Inference: batch 1 at 800x1216 including
@@ -169,6 +170,34 @@ def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, floa
     return {lib: statistics.median(v) for lib, v in times.items()}
 
 
+def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
+    """Seconds to turn ``num`` 28x28 mask predictions into COCO RLEs on an 800x1216 image: DenseDet's box-only
+    paste + crop RLE, against torchvision's ``paste_masks_in_image`` (a ``num x H x W`` stack) + full-image
+    ``encode`` (what a torchvision user writing COCO results does)."""
+    from faster_coco_eval.core import mask as coco_mask
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from densedet.data.masks import InstanceMasks
+    from densedet.evaluation.segm import encode_instance_masks
+    from densedet.models.roi_heads import paste_masks_in_boxes
+
+    h, w = INFER_SIZE
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(num, 28, 28, generator=g)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    boxes = torch.cat([xy, xy + torch.rand(num, 2, generator=g) * 250 + 10], 1)
+    times: dict[str, list[float]] = {"densedet": [], "torchvision": []}
+    for _ in range(reps):
+        t = time.perf_counter()
+        encode_instance_masks(InstanceMasks(paste_masks_in_boxes(probs, boxes, h, w), h, w))
+        times["densedet"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        full = paste_masks_in_image(probs[:, None], boxes, (h, w))[:, 0] > 0.5
+        coco_mask.encode(np.asfortranarray(full.permute(1, 2, 0).numpy().astype(np.uint8)))
+        times["torchvision"].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -189,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--modes", nargs="*", default=["infer", "train"])
+    p.add_argument("--modes", nargs="*", default=["paste", "infer", "train"], help="paste, infer, train")
     p.add_argument("--memory-child", nargs=2, metavar=("LIB", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -199,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(*args.memory_child, args.quick)
         return 0
     rows = []
-    for mode in args.modes:
+    if "paste" in args.modes:
+        t = bench_paste_rle()
+        print(f"paste + RLE of 100 masks at {INFER_SIZE[0]}x{INFER_SIZE[1]}: DenseDet {t['densedet'] * 1e3:.1f} ms, "
+              f"torchvision {t['torchvision'] * 1e3:.1f} ms, ratio {t['torchvision'] / t['densedet']:.2f}")
+    for mode in [m for m in args.modes if m != "paste"]:
         t = time_both(mode, args.iters, args.warmup, args.quick)
         mem = {}
         for lib in ("densedet", "torchvision"):
@@ -207,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
             mem[lib] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
         rows.append((mode, t, mem))
+    if not rows:
+        return 0
     print(f"threads={args.threads} iters={args.iters} warmup={args.warmup} quick={args.quick} "
           f"torch={torch.__version__}")
     print("| mode | DenseDet s/iter | torchvision s/iter | speed ratio (tv / dd) | DenseDet peak MiB | "
