@@ -98,18 +98,35 @@ def test_rpn_loss_no_gt_and_only_crowd_images_are_all_negative() -> None:
     assert lower * 512 / 514 - 1e-6 <= losses["loss_rpn_cls"].item() <= upper * 512 / 514 + 1e-6
 
 
-def test_rpn_assignment_positives_follow_max_iou_thresholds() -> None:
+def test_rpn_assignment_and_loss_in_closed_form() -> None:
+    """RPN targets: positives are anchors with IoU >= 0.7 plus each gt's best anchors when that IoU is >= 0.3
+    (low-quality matches), negatives IoU < 0.3. With a sampler that takes every candidate the losses have a closed
+    form: sigmoid CE over positives (target 1) and negatives (target 0), L1 on the positives' encoded deltas, both
+    divided by #pos + #neg."""
     torch.manual_seed(0)
-    head = _rpn()
+    head = RPNHead(in_channels=8, feat_channels=8, train_cfg={
+        "sampler": {"type": "RandomSampler", "num": 10**7, "pos_fraction": 0.5, "neg_pos_ub": -1,
+                    "add_gt_as_proposals": False}})
     outs = _rpn_outs(head, 128, 128, b=1)
-    gt = [[16.0, 16.0, 48.0, 48.0]]  # a 32 px box: exactly an anchor of stride 4 (scale 8, ratio 1)
+    # gt 0 is an anchor exactly (stride 4, scale 8 -> 32 px); gt 1 (20 x 90) matches no anchor at 0.7
+    gt = torch.tensor([[16.0, 16.0, 48.0, 48.0], [70.0, 20.0, 90.0, 110.0]])
     priors, _, _ = head._priors(outs[0])
-    ious = bbox_overlaps(priors, torch.tensor(gt))[:, 0]
-    assert ious.max().item() == pytest.approx(1.0)
-    # the loss's bbox term is zero when the predicted deltas equal the targets of the perfectly matching anchors:
-    # set every prediction to 0 -> only anchors with nonzero target contribute; check it is finite and positive
-    losses = head.loss(outs, [_target(gt, [0])], [{"img_shape": (128, 128), "pad_shape": (128, 128)}])
-    assert torch.isfinite(losses["loss_rpn_bbox"]) and losses["loss_rpn_bbox"].item() > 0
+    ious = bbox_overlaps(priors, gt)  # (N, 2)
+    best = ious.max(1).values
+    low = (ious == ious.max(0).values) & (ious.max(0).values >= 0.3)  # each gt's best anchors
+    assert ious[:, 1].max().item() < 0.7 and low[:, 1].any()
+    pos = (best >= 0.7) | low.any(1)
+    neg = (best < 0.3) & ~pos
+    gt_idx = torch.where(low[:, 1], 1, torch.where(low[:, 0], 0, ious.argmax(1)))
+    logits = torch.cat([o.permute(0, 2, 3, 1).reshape(-1) for o in outs[0]])
+    deltas = torch.cat([o.permute(0, 2, 3, 1).reshape(-1, 4) for o in outs[1]])
+    norm = float(pos.sum() + neg.sum())
+    exp_cls = (F.softplus(-logits[pos]).sum() + F.softplus(logits[neg]).sum()) / norm
+    target = head.bbox_coder.encode(priors[pos], gt[gt_idx[pos]])
+    exp_box = (deltas[pos] - target).abs().sum() / norm
+    losses = head.loss(outs, [_target(gt.tolist(), [0, 1])], [{"img_shape": (128, 128), "pad_shape": (128, 128)}])
+    assert losses["loss_rpn_cls"].item() == pytest.approx(exp_cls.item(), rel=1e-5)
+    assert losses["loss_rpn_bbox"].item() == pytest.approx(exp_box.item(), rel=1e-5)
 
 
 def _roi_head() -> StandardRoIHead:
