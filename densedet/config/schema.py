@@ -194,12 +194,14 @@ def _check_range(section: str, key: str, value: Any, typed: Any, path: str, orig
 
 @dataclass
 class DatasetSplit:
-    """One split: COCO instances json + image folder + transform list (each a ``{'type': ...}`` dict)."""
+    """One split: COCO instances json + image folder + transform list (each a ``{'type': ...}`` dict).
+    ``with_mask``: load instance masks too (Mask R-CNN training)."""
 
     ann_file: str = ""
     img_dir: str = ""
     pipeline: list[dict[str, Any]] = field(default_factory=list)
     filter_empty_gt: bool = True
+    with_mask: bool = False
 
 
 @dataclass

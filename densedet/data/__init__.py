@@ -2,6 +2,7 @@
 
 from densedet.data.coco import CocoDataset, DataError, DataWarning, load_coco_json
 from densedet.data.collate import collate
+from densedet.data.masks import InstanceMasks
 from densedet.data.samplers import (
     DistributedGroupSampler,
     GroupSampler,
@@ -28,6 +29,7 @@ __all__ = [
     "DataError",
     "DataWarning",
     "DistributedGroupSampler",
+    "InstanceMasks",
     "GroupSampler",
     "InferenceSampler",
     "MultiScaleFlipAug",

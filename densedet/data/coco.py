@@ -88,6 +88,8 @@ class CocoDataset(torch.utils.data.Dataset):
         classes: category names to use, in label order; other categories' annotations are dropped. Default:
             every category, labels in ascending category-id order.
         min_box_size: boxes narrower or shorter than this (pixels) are skipped with a warning.
+        with_mask: also load instance masks (:mod:`densedet.data.mask_loading`); items then carry ``masks``.
+            Off: the loader does exactly what it does without mask support.
 
     Item ``i`` is a dict: ``img`` float32 ``(3, H, W)`` tensor; ``boxes`` float32 ``(n, 4)`` xyxy pixels of the
     transformed image; ``labels`` int64 ``(n,)`` in ``0..C-1``; ``ignore_boxes`` float32 ``(k, 4)`` xyxy (crowd);
@@ -109,6 +111,7 @@ class CocoDataset(torch.utils.data.Dataset):
         test_mode: bool = False,
         classes: list[str] | None = None,
         min_box_size: float = 1e-3,
+        with_mask: bool = False,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
@@ -121,6 +124,11 @@ class CocoDataset(torch.utils.data.Dataset):
         self._load_categories(classes)
         images = self._load_images()
         per_image = self._load_annotations(images)
+        self.with_mask = bool(with_mask)
+        if self.with_mask:
+            from densedet.data.mask_loading import attach_segmentations
+
+            per_image = attach_segmentations(self, images, per_image)
         keep = [
             i
             for i in range(len(images))
@@ -416,6 +424,10 @@ class CocoDataset(torch.utils.data.Dataset):
                 "flip": False,
             },
         }
+        if self.with_mask:
+            from densedet.data.mask_loading import sample_masks
+
+            sample["masks"] = sample_masks(self, i, h, w)
         sample = self.pipeline(sample, rng=rng)
         if "views" in sample:  # MultiScaleFlipAug (test-time augmentation): one tensor sample per view
             return {"views": [_to_tensors(v) for v in sample["views"]]}
@@ -436,10 +448,13 @@ def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     meta["img_shape"] = tuple(int(v) for v in meta["img_shape"])
     meta["scale_factor"] = tuple(float(v) for v in meta["scale_factor"])
     meta["flip"] = bool(meta["flip"])
-    return {
+    out = {
         "img": img,
         "boxes": torch.as_tensor(np.asarray(sample["boxes"], dtype=np.float32)).reshape(-1, 4),
         "labels": torch.as_tensor(np.asarray(sample["labels"], dtype=np.int64)),
         "ignore_boxes": torch.as_tensor(np.asarray(sample["ignore_boxes"], dtype=np.float32)).reshape(-1, 4),
         "meta": meta,
     }
+    if "masks" in sample:  # densedet.data.masks.InstanceMasks, one per box
+        out["masks"] = sample["masks"]
+    return out

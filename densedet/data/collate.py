@@ -25,7 +25,8 @@ def collate(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, 
     Returns:
         ``images``: ``(B, 3, Hp, Wp)`` tensor, each image at the top-left, zero-padded bottom/right, where
         ``Hp, Wp`` are the largest height/width in the batch rounded up to ``size_divisor``;
-        ``targets``: list of ``{"boxes", "labels", "ignore_boxes"}`` (boxes ``xyxy`` pixels, unchanged by padding);
+        ``targets``: list of ``{"boxes", "labels", "ignore_boxes"}`` (boxes ``xyxy`` pixels, unchanged by padding),
+        plus ``masks`` (:class:`~densedet.data.masks.InstanceMasks`) when the dataset loads masks;
         ``metas``: list of meta dicts (copies) with ``pad_shape`` = the image's own ``(h, w)`` rounded up to
         ``size_divisor`` (as MMDetection's ``Pad``, used for anchor valid flags) and ``batch_input_shape`` =
         ``(Hp, Wp)``.
@@ -48,6 +49,8 @@ def collate(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, 
         h, w = s["img"].shape[1:]
         images[i, :, :h, :w] = s["img"]  # one copy per image: sizes differ, nothing to vectorise
         targets.append({"boxes": s["boxes"], "labels": s["labels"], "ignore_boxes": s["ignore_boxes"]})
+        if "masks" in s:  # InstanceMasks in image pixels: bottom/right padding leaves them as they are
+            targets[-1]["masks"] = s["masks"]
         meta = dict(s["meta"])
         meta["pad_shape"] = (_round_up(int(h), size_divisor), _round_up(int(w), size_divisor))
         meta["batch_input_shape"] = (hp, wp)

@@ -4,8 +4,9 @@ Each image has a smooth random background (low-frequency colour field + linear g
 1-8 filled shapes of three classes (circle, square, triangle) whose sizes are log-uniform between 8 px and half
 the image side, so every FPN level P3-P7 sees objects. Shapes get a colour far from the background under them;
 later shapes are drawn over earlier ones, and an annotation whose shape is more than 70% hidden is dropped (the
-shape stays in the image). Boxes are the full extent of the drawn shape. About 5% of validation images have no
-objects. Everything is drawn with numpy + Pillow from one seed: same seed, same bytes.
+shape stays in the image). Boxes are the full extent of the drawn shape; every annotation has a ``segmentation``
+(polygons for squares and triangles, RLE for circles and partly hidden shapes, see ``_segmentation``). About 5% of
+validation images have no objects. Everything is drawn with numpy + Pillow from one seed: same seed, same bytes.
 
 Writing is guarded so that a user's data can never be overwritten: the set is written only into a folder that does
 not exist, is empty, or holds exactly a previous synthetic set (every file listed, with its SHA-256, in the marker
@@ -115,7 +116,9 @@ def _render(
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         bx, by = x0 + int(cols[0]), y0 + int(rows[0])
         bw, bh = int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1)
-        objects.append({"category_id": cls + 1, "bbox": [float(bx), float(by), float(bw), float(bh)], "area": visible})
+        segm = _segmentation(cls, x0, y0, side, mask, owner[y0 : y0 + side, x0 : x0 + side] == k, size)
+        objects.append({"category_id": cls + 1, "bbox": [float(bx), float(by), float(bw), float(bh)], "area": visible,
+                        "segmentation": segm})
     return out, objects
 
 
@@ -147,6 +150,33 @@ def _write_marker(root: Path, params: dict[str, Any], files: dict[str, str | Non
     tmp = root / (SYNTH_MARKER + ".tmp")
     tmp.write_text(json.dumps(body, indent=0))
     os.replace(tmp, root / SYNTH_MARKER)
+
+
+def _segmentation(cls: int, x0: int, y0: int, side: int, mask: np.ndarray, on_top: np.ndarray,
+                  size: int) -> list[list[float]] | dict[str, Any]:
+    """COCO segmentation of one drawn shape (pixel-corner coordinates).
+
+    A fully visible square is its exact polygon; a fully visible triangle is the polygon through the corners of the
+    pixels at its vertices (it covers the drawn pixels up to the rasterisation of the slanted edges); a circle is
+    the compressed RLE of exactly its drawn pixels; a partly hidden shape is the uncompressed RLE of exactly its
+    visible pixels (what COCO annotates).
+    """
+    from densedet.data.masks import BitmapCrop
+    from densedet.evaluation.segm import crop_rle_counts, encode_crop_rle
+
+    visible = mask & on_top
+    if visible.sum() < mask.sum():
+        crop = BitmapCrop(x0, y0, visible.astype(np.uint8))
+        return {"size": [size, size], "counts": crop_rle_counts(crop, size, size)}
+    x1, y1 = float(x0 + side), float(y0 + side)
+    if cls == 1:
+        return [[float(x0), float(y0), x1, float(y0), x1, y1, float(x0), y1]]
+    if cls == 2:
+        xm = x0 + side / 2
+        if mask[-1, 0]:  # apex up (see _shape_mask)
+            return [[float(x0), y1, x1, y1, xm, float(y0)]]
+        return [[float(x0), float(y0), x1, float(y0), xm, y1]]
+    return encode_crop_rle(BitmapCrop(x0, y0, mask.astype(np.uint8)), size, size)
 
 
 def _write_split(
@@ -275,7 +305,8 @@ def make_synthetic_coco(
 
     Layout: ``out_dir/train/*.png``, ``out_dir/val/*.png``, ``out_dir/annotations/instances_{train,val}.json``
     (categories 1..3 = circle, square, triangle; ``bbox`` = ``[x, y, w, h]`` of the whole shape; ``area`` =
-    visible pixels) and the marker ``out_dir/.densedet_synthetic.json``. Deterministic in ``seed``.
+    visible pixels; ``segmentation`` = polygon or RLE of the shape, see ``_segmentation``) and the marker
+    ``out_dir/.densedet_synthetic.json``. Deterministic in ``seed``.
 
     ``out_dir`` must not exist, be empty, or hold exactly a previous synthetic set (whose files are then replaced);
     anything else raises :class:`~densedet.data.DataError` without writing, unless ``force`` (then colliding files

@@ -6,6 +6,8 @@ Every transform is a callable on a *sample* dict and returns it (modified in pla
   so it comes last);
 - ``boxes``: ``(n, 4)`` float32 numpy array, ``xyxy`` absolute pixels of the current image;
 - ``labels``: ``(n,)`` int64 numpy array; ``ignore_boxes``: ``(k, 4)`` float32 numpy array, ``xyxy``;
+- ``masks`` (only when the dataset loads masks): :class:`~densedet.data.masks.InstanceMasks`, one per box; Resize,
+  RandomFlip and RandomCrop move them with the boxes;
 - ``meta``: dict with ``ori_shape`` (h, w), ``img_shape`` (h, w), ``scale_factor`` (w_scale, h_scale), ``flip``.
 
 Randomness. A transform draws from the ``rng`` argument (a ``numpy.random.Generator``) when given, else from a
@@ -174,6 +176,8 @@ class Resize:
                 boxes[:, 0::2] = boxes[:, 0::2].clip(0, new_w)
                 boxes[:, 1::2] = boxes[:, 1::2].clip(0, new_h)
             sample[key] = boxes.astype(np.float32)
+        if "masks" in sample and (new_w, new_h) != (w, h):
+            sample["masks"] = sample["masks"].resize(new_h, new_w)
         meta = sample["meta"]
         ori_h, ori_w = meta["ori_shape"]
         meta["img_shape"] = (new_h, new_w)
@@ -233,6 +237,8 @@ class RandomFlip:
             shape = img.shape[:2]
             sample["boxes"] = flip_boxes(sample["boxes"], shape, self.direction)
             sample["ignore_boxes"] = flip_boxes(sample["ignore_boxes"], shape, self.direction)
+            if "masks" in sample:
+                sample["masks"] = sample["masks"].flip(self.direction)
         return sample
 
     def __repr__(self) -> str:
@@ -395,6 +401,8 @@ class RandomCrop:
         sample["img"] = np.ascontiguousarray(img[y1:y1 + crop_h, x1:x1 + crop_w])
         sample["boxes"] = boxes[keep]
         sample["labels"] = sample["labels"][keep]
+        if "masks" in sample:
+            sample["masks"] = sample["masks"].crop(x1, y1, crop_w, crop_h).subset(keep)
         ignore, keep_ignore = self.crop_boxes(sample["ignore_boxes"], x1, y1, crop_w, crop_h, self.bbox_clip_border)
         sample["ignore_boxes"] = ignore[keep_ignore]
         sample["meta"]["img_shape"] = tuple(sample["img"].shape[:2])
@@ -409,7 +417,8 @@ class RandomCrop:
 class CutOut:
     """Fill random rectangles of the image with a constant (Cutout, DeVries & Taylor 2017, arXiv:1708.04552).
 
-    MMDetection 2.x ``CutOut`` with the ``cutout_p`` of VarifocalNet's fork. Boxes are left as they are.
+    MMDetection 2.x ``CutOut`` with the ``cutout_p`` of VarifocalNet's fork. Boxes (and masks, as mmdet) are left
+    as they are.
 
     Args:
         n_holes: number of holes, or ``(min, max)`` drawn uniformly (inclusive) per image.

@@ -47,7 +47,8 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
 
     Returns:
         One dict per image, over all processes, ordered by image id: ``{"image_id": int, "boxes": (K, 4) xyxy
-        original-image pixels, "scores": (K,), "labels": (K,) int64}``, tensors on CPU.
+        original-image pixels, "scores": (K,), "labels": (K,) int64}``, tensors on CPU; for a mask model also
+        ``"segms"``: K compressed COCO RLE dicts.
     """
     device = torch.device(device)
     net = unwrap_model(model)
@@ -69,6 +70,10 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
                 local.append({"image_id": int(meta["image_id"]), "boxes": det["boxes"].detach().float().cpu(),
                               "scores": det["scores"].detach().float().cpu(),
                               "labels": det["labels"].detach().long().cpu()})
+                if "masks" in det:  # instance masks travel as compact RLE (encoded from their box crops)
+                    from densedet.evaluation.segm import encode_instance_masks
+
+                    local[-1]["segms"] = encode_instance_masks(det["masks"])
     finally:
         net.train(was_training)
 
@@ -81,7 +86,8 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
 
 def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device | str,
              out_json: str | Path | None = None) -> Any:
-    """Run :func:`run_inference` and COCO bbox evaluation.
+    """Run :func:`run_inference` and COCO bbox evaluation (plus ``segm`` for a mask model: its metrics join
+    ``result.metrics`` and its :class:`EvalResult` is ``result.segm``).
 
     Args:
         dataset: has ``label2cat`` (contiguous label -> category id) and ``coco_gt_dict`` (COCO ground truth).
@@ -101,4 +107,25 @@ def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device |
         if not results:
             logger.warning("evaluation: the model produced no detections on %d images", len(dets))
         result = evaluate_coco(dataset.coco_gt_dict, results)
+        if dets and all("segms" in d for d in dets):
+            anns = dataset.coco_gt_dict.get("annotations", [])
+            if all("segmentation" in a for a in anns):
+                result.segm = _evaluate_segm(dets, dataset, out_json)
+                result.metrics.update(result.segm.metrics)
+            else:
+                logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have no "
+                               "'segmentation'", sum("segmentation" not in a for a in anns), len(anns))
     return broadcast_object(result)
+
+
+def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, out_json: str | Path | None) -> Any:
+    """``segm`` evaluation of mask detections; results go beside ``out_json`` as ``*.segm.json``."""
+    from densedet.evaluation.coco_eval import evaluate_coco, save_results_json
+    from densedet.evaluation.segm import detections_to_segm_results
+
+    results = detections_to_segm_results(dets, [d["image_id"] for d in dets], dataset.label2cat)
+    if out_json is not None:
+        path = Path(out_json)
+        name = path.name[: -len(".bbox.json")] if path.name.endswith(".bbox.json") else path.stem
+        save_results_json(results, path.with_name(f"{name}.segm.json"))
+    return evaluate_coco(dataset.coco_gt_dict, results, iou_type="segm")

@@ -263,7 +263,8 @@ class Trainer:
                 if not data.train.ann_file:
                     raise ConfigError("data.train.ann_file is empty", path="data.train.ann_file")
                 train_dataset = CocoDataset(train_ann, _resolve(data.root, data.train.img_dir), data.train.pipeline,
-                                            filter_empty_gt=data.train.filter_empty_gt, test_mode=False)
+                                            filter_empty_gt=data.train.filter_empty_gt, test_mode=False,
+                                            with_mask=data.train.with_mask)
             if val_dataset is None and self.cfg.runtime.val_interval > 0 and data.val.ann_file:
                 val_dataset = CocoDataset(_resolve(data.root, data.val.ann_file),
                                           _resolve(data.root, data.val.img_dir), data.val.pipeline,
@@ -590,6 +591,8 @@ class Trainer:
                         format_metrics_table(result))
             if result.per_class:
                 logger.info("per-class AP:\n%s", format_per_class_table(result))
+            if result.segm is not None:
+                logger.info("mask (segm) evaluation:\n%s", format_metrics_table(result.segm))
             if self.jsonl is not None:
                 ep = int(epoch) if epoch == int(epoch) else epoch
                 self.jsonl.log({"type": "val", "epoch": ep, "iter": self.iter, **metrics})

@@ -66,6 +66,7 @@ class EvalResult:
     cat_ids: list[int] = field(default_factory=list)
     max_dets: tuple[int, ...] = (1, 10, 100)
     iou_type: str = "bbox"
+    segm: EvalResult | None = None  # the mask evaluation of a Mask R-CNN run, beside this bbox one
 
 
 def _to_numpy(x: Any) -> np.ndarray:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from densedet.errors import DataError
+from densedet.evaluation.segm import encode_instance_masks
 from densedet.inference.predictor import Predictor, list_images, read_image
 from densedet.inference.visualize import draw_detections, save_detection_grid
 
@@ -102,7 +103,8 @@ def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Pa
     """Predict ``items`` and write ``out/NAME.png`` (at the image's own size), ``out/grid.png`` (the first
     ``min(len(items), grid_tiles)`` images, each drawn at ``tile_side`` on its longer side, 4 per row; none when
     ``grid_tiles`` is 0) and ``out/predictions.json`` (per image: ``file``, ``image_id`` when from an annotation
-    file, and the detections above ``score_thr`` with ``box_xyxy`` in image pixels).
+    file, and the detections above ``score_thr`` with ``box_xyxy`` in image pixels and, for a mask model,
+    ``segmentation`` as compressed COCO RLE).
 
     With ``skip_undecodable`` (a folder of images) a file that cannot be decoded is skipped with a warning line on
     stderr and listed in ``skipped``; otherwise its :class:`~densedet.errors.DataError` propagates.
@@ -121,10 +123,10 @@ def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Pa
             continue
         for item, arr, det in zip(chunk, arrays, predictor(arrays)):
             args = (det["boxes"], det["scores"], det["labels"], predictor.classes)
-            draw_detections(arr, *args, score_thr=score_thr, gt_boxes=item.gt_boxes).save(out / f"{item.name}.png")
+            kw = {"score_thr": score_thr, "gt_boxes": item.gt_boxes, "masks": det.get("masks")}
+            draw_detections(arr, *args, **kw).save(out / f"{item.name}.png")
             if len(tiles) < grid_tiles:
-                tiles.append(draw_detections(arr, *args, score_thr=score_thr, gt_boxes=item.gt_boxes,
-                                             display_side=tile_side))
+                tiles.append(draw_detections(arr, *args, **kw, display_side=tile_side))
             keep = det["scores"] > score_thr
             record: dict[str, Any] = {"file": item.source}
             if item.image_id is not None:
@@ -133,6 +135,10 @@ def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Pa
                 {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c),
                  "class": predictor.classes[int(c)]}
                 for b, s, c in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]
+            if "masks" in det:  # Mask R-CNN: each kept detection's mask as compressed COCO RLE
+                rles = encode_instance_masks(det["masks"].subset(keep.numpy()))
+                for rec, rle in zip(record["detections"], rles):
+                    rec["segmentation"] = rle
             records.append(record)
     (out / "predictions.json").write_text(json.dumps(records, indent=1))
     if tiles:

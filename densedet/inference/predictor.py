@@ -55,7 +55,8 @@ class Predictor:
     """Detector + test pipeline + class names.
 
     ``Predictor("atss_r18_fpn_synth", "work_dirs/demo")(images)`` returns, per image, a dict with ``boxes`` (K, 4)
-    xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names).
+    xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names); a Mask R-CNN
+    adds ``masks`` (:class:`~densedet.data.masks.InstanceMasks`, box-cropped, in that image's pixels).
 
     ``checkpoint`` is a checkpoint file or a training work dir, resolved as ``densedet test/predict`` do
     (:func:`densedet.engine.checkpoint.resolve_checkpoint`: the SWA average of a finished SWA run, else the latest
@@ -88,7 +89,8 @@ class Predictor:
         self.model.to(self.device).eval()
         self.model.use_channels_last(self.cfg.runtime.channels_last)
         if score_thr is not None:
-            self.model.bbox_head.test_cfg.score_thr = score_thr
+            head = getattr(self.model, "roi_head", None) or self.model.bbox_head  # two-stage: the R-CNN stage
+            head.test_cfg.score_thr = score_thr
         n = self.model.num_classes
         names = list(classes or meta.get("classes") or [f"class_{i}" for i in range(n)])
         if len(names) != n:
@@ -132,7 +134,7 @@ class Predictor:
             else:
                 dets = self.model(batch["images"].to(self.device), metas=batch["metas"], mode="predict")
             for d in dets:
-                d = {k: v.cpu() for k, v in d.items()}
+                d = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in d.items()}
                 d["class_names"] = [self.classes[int(c)] for c in d["labels"]]
                 out.append(d)
         return out[0] if single else out

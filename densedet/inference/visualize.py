@@ -75,6 +75,26 @@ def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: Sequence[float], width: in
             )
 
 
+def _draw_masks(img: Image.Image, masks: Any, indices: np.ndarray, labels: np.ndarray) -> Image.Image:
+    """Blend each selected instance's mask (from its box crop only) into ``img`` and outline it."""
+    if (masks.height, masks.width) != (img.height, img.width):
+        raise ValueError(f"draw_detections: masks are {masks.width}x{masks.height}, the image {img.width}x{img.height}")
+    arr = np.asarray(img).copy()
+    for i, label in zip(indices.tolist(), labels.tolist()):
+        c = masks.crop_of(int(i))
+        h, w = c.bits.shape
+        if h == 0 or w == 0:
+            continue
+        on = c.bits.astype(bool)
+        region = arr[c.y0:c.y0 + h, c.x0:c.x0 + w]
+        color = np.asarray(class_color(int(label)), dtype=np.float32)
+        region[on] = (0.5 * region[on] + 0.5 * color).astype(np.uint8)
+        padded = np.pad(on, 1)  # a mask pixel with a background 4-neighbour is on the outline
+        inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+        region[on & ~inner] = color.astype(np.uint8)
+    return Image.fromarray(arr)
+
+
 def draw_detections(
     image: Image.Image | np.ndarray,
     boxes: Any,
@@ -84,6 +104,7 @@ def draw_detections(
     score_thr: float = 0.3,
     gt_boxes: Any | None = None,
     display_side: int | None = None,
+    masks: Any | None = None,
 ) -> Image.Image:
     """Draw detections with class-coloured boxes and ``"name 0.87"`` labels on a copy of ``image``.
 
@@ -99,6 +120,8 @@ def draw_detections(
             and the boxes are scaled with it: a small image is enlarged before drawing, so its labels get a
             readable size instead of being drawn at 10 px on a thumbnail (the overview grid of ``densedet
             predict`` draws every tile so).
+        masks: optional :class:`~densedet.data.masks.InstanceMasks` aligned with ``boxes``: each drawn instance's
+            mask gets a translucent fill (50 %) and a one-pixel outline in its class colour.
 
     Returns:
         A new RGB PIL image (``display_side`` on its longer side when given). Outline width and font size scale
@@ -106,14 +129,6 @@ def draw_detections(
     """
     img = _to_pil(image)
     b = _as_array(boxes, "boxes", 4)
-    scale = 1.0
-    if display_side is not None:
-        if display_side < 1:
-            raise ValueError(f"draw_detections: display_side must be >= 1, got {display_side}")
-        scale = display_side / max(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(size, Image.Resampling.BILINEAR)
-        b = b * scale
     s = _as_array(scores, "scores", None)
     lab = _as_array(labels, "labels", None).astype(np.int64)
     if not (len(b) == len(s) == len(lab)):
@@ -125,6 +140,18 @@ def draw_detections(
         )
     keep = s > score_thr
     order = np.argsort(s[keep], kind="stable")  # ascending: the most confident box ends on top
+    if masks is not None:  # in the image's own pixels, before any display resize
+        if len(masks) != len(keep):
+            raise ValueError(f"draw_detections: {len(masks)} masks for {len(keep)} boxes")
+        img = _draw_masks(img, masks, np.flatnonzero(keep)[order], lab[keep][order])
+    scale = 1.0
+    if display_side is not None:
+        if display_side < 1:
+            raise ValueError(f"draw_detections: display_side must be >= 1, got {display_side}")
+        scale = display_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        b = b * scale
     b, s, lab = b[keep][order], s[keep][order], lab[keep][order]
 
     w_img, h_img = img.size

@@ -10,6 +10,7 @@ import densedet.models.backbones  # noqa: F401  (registers backbones)
 import densedet.models.detector  # noqa: F401  (registers detectors)
 import densedet.models.heads  # noqa: F401  (registers heads)
 import densedet.models.necks  # noqa: F401  (registers necks)
+import densedet.models.two_stage  # noqa: F401  (registers two-stage detectors)
 from densedet.registry import DETECTORS
 
 

@@ -10,6 +10,12 @@ from torch import Tensor, nn
 from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS
 
 
+def default_metas(images: Tensor) -> list[dict[str, Any]]:
+    """Metas of unresized, unpadded images: ``img_shape`` = the batch's ``(H, W)``, scale factor 1."""
+    h, w = images.shape[-2:]
+    return [{"img_shape": (h, w), "scale_factor": (1.0, 1.0)} for _ in range(images.shape[0])]
+
+
 @DETECTORS.register()
 class SingleStageDetector(nn.Module):
     """A one-stage detector. ``train_cfg`` / ``test_cfg`` are handed to the head, as in MMDetection.
@@ -68,9 +74,7 @@ class SingleStageDetector(nn.Module):
         outs = self.bbox_head(self.extract_feat(images))
         if mode == "tensor":
             return outs
-        if metas is None:
-            h, w = images.shape[-2:]
-            metas = [{"img_shape": (h, w), "scale_factor": (1.0, 1.0)} for _ in range(images.shape[0])]
+        metas = metas if metas is not None else default_metas(images)
         if mode == "loss":
             if targets is None:
                 raise ValueError("mode='loss' needs targets")

@@ -1,0 +1,257 @@
+"""Speed and memory of DenseDet's Mask R-CNN R50-FPN against torchvision's ``maskrcnn_resnet50_fpn`` (run by hand).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_maskrcnn.py --threads 2 --iters 5 --warmup 1
+    .venv/bin/python benchmarks/bench_maskrcnn.py --quick      # smaller images, 1 warm-up + 2 iterations
+    .venv/bin/python benchmarks/bench_maskrcnn.py --modes paste --threads 1   # mask paste + RLE only
+
+Training step: batch 2 at 512x512, the same 8 gt boxes and masks per image (ellipses filling their boxes), SGD with
+a tiny learning rate (every timed step sees the same weights). Inference: batch 1 at 800x1216 including
+post-processing, mask paste and (for the masks) COCO RLE encoding of every detection, as ``densedet test`` and a
+torchvision user writing COCO results both have to do. ``score_thr`` is 0 for both: random weights give near-uniform
+class scores, so the usual 0.05 would leave no detection and no mask work.
+
+Both models are built the same way: ResNet-50 with frozen BatchNorm statistics and stem + layer1 frozen (torchvision
+``FrozenBatchNorm2d`` + ``trainable_layers=3``; DenseDet's config ``frozen_stages=1, norm_eval=True``), FPN,
+81-way classifier, RPN 2000/1000 pre-NMS proposals per level and 1000 kept for training/testing, 256 RPN and 512
+R-CNN samples, NMS 0.5 and 100 detections. torchvision's transform gets ``min_size``/``max_size`` equal to the
+input so it never rescales. Timing alternates the two models' iterations (A B A B ...) in one process so both see
+the same background load; medians are reported. Peak memory: each (library, mode) runs alone in a fresh
+subprocess: peak RSS (``ru_maxrss``) minus the RSS after building the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+TRAIN_SIZE, INFER_SIZE = (512, 512), (800, 1216)
+TRAIN_BATCH, INFER_BATCH, NUM_CLASSES, BOXES = 2, 1, 80, 8
+
+
+def _inputs(mode: str, quick: bool) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    h, w = TRAIN_SIZE if mode == "train" else INFER_SIZE
+    if quick:
+        h, w = h // 2, w // 2
+    b = TRAIN_BATCH if mode == "train" else INFER_BATCH
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(b, 3, h, w, generator=g) * 255
+    targets = []
+    for _ in range(b):
+        xy = torch.rand(BOXES, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = torch.rand(BOXES, 2, generator=g) * torch.tensor([w * 0.3, h * 0.3]) + 16
+        boxes = torch.cat([xy, xy + wh], 1).floor()
+        masks = np.zeros((BOXES, h, w), np.uint8)
+        yy, xx = np.mgrid[:h, :w]
+        for k, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+            cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            masks[k] = ((xx + 0.5 - cx) / rx) ** 2 + ((yy + 0.5 - cy) / ry) ** 2 <= 1
+        targets.append({"boxes": boxes, "labels": torch.randint(0, NUM_CLASSES, (BOXES,), generator=g),
+                        "masks": masks})
+    return images, targets
+
+
+def build_densedet(mode: str) -> Any:
+    from densedet.config import load_config
+    from densedet.data.masks import InstanceMasks, decode_segmentation
+    from densedet.models.build import build_detector
+
+    cfg = load_config("mask_rcnn_r50_fpn_1x_coco")
+    model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
+    model_cfg["test_cfg"] = {**model_cfg["test_cfg"], "rcnn": {**model_cfg["test_cfg"]["rcnn"], "score_thr": 0.0}}
+    model = build_detector(model_cfg)
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+    def prepare(images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
+        h, w = images.shape[-2:]
+        metas = [{"img_shape": (h, w), "pad_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)}
+                 for _ in range(images.shape[0])]
+        tgts = []
+        for t in targets:
+            # the dataset's form: each mask decoded from an RLE into its box crop
+            from densedet.data.masks import BitmapCrop
+            from densedet.evaluation.segm import encode_crop_rle
+
+            rles = [encode_crop_rle(BitmapCrop(0, 0, m), h, w) for m in t["masks"]]
+            tgts.append({"boxes": t["boxes"], "labels": t["labels"], "ignore_boxes": torch.zeros(0, 4),
+                         "masks": InstanceMasks([decode_segmentation(r, h, w) for r in rles], h, w)})
+        return metas, tgts, None
+
+    def train_step(images: torch.Tensor, metas: Any, tgts: Any) -> None:
+        losses = model((images - mean) / std, tgts, metas, mode="loss")
+        return sum(v for k, v in losses.items() if k.startswith("loss"))
+
+    def infer(images: torch.Tensor, metas: Any) -> Any:
+        from densedet.evaluation.segm import encode_instance_masks
+
+        dets = model((images - mean) / std, None, metas, mode="predict")
+        return [encode_instance_masks(d["masks"]) for d in dets]
+
+    return model, prepare, train_step, infer
+
+
+def build_torchvision(mode: str, size: tuple[int, int]) -> Any:
+    from faster_coco_eval.core import mask as coco_mask
+    from torchvision.models import resnet50
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+
+    backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3)
+    model = MaskRCNN(backbone, num_classes=NUM_CLASSES + 1, min_size=min(size), max_size=max(size),
+                     rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
+                     rpn_post_nms_top_n_test=1000, box_score_thresh=0.0)
+
+    def prepare(images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
+        tgts = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": torch.from_numpy(t["masks"])}
+                for t in targets]
+        return None, tgts, None
+
+    def train_step(images: torch.Tensor, metas: Any, tgts: Any) -> None:
+        losses = model(list(images / 255.0), tgts)
+        return sum(losses.values())
+
+    def infer(images: torch.Tensor, metas: Any) -> Any:
+        out = model(list(images / 255.0))
+        # the full-image (N, 1, H, W) probability stack torchvision returns, thresholded and encoded for COCO
+        return [coco_mask.encode(np.asfortranarray((o["masks"][:, 0] > 0.5).permute(1, 2, 0).numpy().astype(np.uint8)))
+                for o in out]
+
+    return model, prepare, train_step, infer
+
+
+def _variant(lib: str, mode: str, quick: bool) -> Any:
+    images, targets = _inputs(mode, quick)
+    size = tuple(images.shape[-2:])
+    model, prepare, train_step, infer = build_densedet(mode) if lib == "densedet" else build_torchvision(mode, size)
+    metas, tgts, _ = prepare(images, targets)
+    if mode == "train":
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-5, momentum=0.9, weight_decay=1e-4)
+
+        def step() -> None:
+            loss = train_step(images, metas, tgts)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    else:
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                infer(images, metas)
+    return step
+
+
+def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, float]:
+    steps = {lib: _variant(lib, mode, quick) for lib in ("densedet", "torchvision")}
+    for _ in range(warmup):
+        for s in steps.values():
+            s()
+    times: dict[str, list[float]] = {lib: [] for lib in steps}
+    order = list(steps)
+    for i in range(iters):
+        for lib in order[i % 2:] + order[:i % 2]:
+            t = time.perf_counter()
+            steps[lib]()
+            times[lib].append(time.perf_counter() - t)
+    return {lib: statistics.median(v) for lib, v in times.items()}
+
+
+def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
+    """Seconds to turn ``num`` 28x28 mask predictions into COCO RLEs on an 800x1216 image: DenseDet's box-only
+    paste + crop RLE, against torchvision's ``paste_masks_in_image`` (a ``num x H x W`` stack) + full-image
+    ``encode`` (what a torchvision user writing COCO results does)."""
+    from faster_coco_eval.core import mask as coco_mask
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from densedet.data.masks import InstanceMasks
+    from densedet.evaluation.segm import encode_instance_masks
+    from densedet.models.roi_heads import paste_masks_in_boxes
+
+    h, w = INFER_SIZE
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(num, 28, 28, generator=g)
+    xy = torch.rand(num, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    boxes = torch.cat([xy, xy + torch.rand(num, 2, generator=g) * 250 + 10], 1)
+    times: dict[str, list[float]] = {"densedet": [], "torchvision": []}
+    for _ in range(reps):
+        t = time.perf_counter()
+        encode_instance_masks(InstanceMasks(paste_masks_in_boxes(probs, boxes, h, w), h, w))
+        times["densedet"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        full = paste_masks_in_image(probs[:, None], boxes, (h, w))[:, 0] > 0.5
+        coco_mask.encode(np.asfortranarray(full.permute(1, 2, 0).numpy().astype(np.uint8)))
+        times["torchvision"].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def memory_child(lib: str, mode: str, quick: bool) -> None:
+    step = _variant(lib, mode, quick)
+    base = _rss()
+    for _ in range(2):
+        step()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_mib": (peak - base) / 2**20}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--modes", nargs="*", default=["paste", "infer", "train"], help="paste, infer, train")
+    p.add_argument("--memory-child", nargs=2, metavar=("LIB", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.iters, args.warmup = 2, 1
+    if args.memory_child:
+        memory_child(*args.memory_child, args.quick)
+        return 0
+    rows = []
+    if "paste" in args.modes:
+        t = bench_paste_rle()
+        print(f"paste + RLE of 100 masks at {INFER_SIZE[0]}x{INFER_SIZE[1]}: DenseDet {t['densedet'] * 1e3:.1f} ms, "
+              f"torchvision {t['torchvision'] * 1e3:.1f} ms, ratio {t['torchvision'] / t['densedet']:.2f}")
+    for mode in [m for m in args.modes if m != "paste"]:
+        t = time_both(mode, args.iters, args.warmup, args.quick)
+        mem = {}
+        for lib in ("densedet", "torchvision"):
+            cmd = [sys.executable, __file__, "--threads", str(args.threads), "--memory-child", lib, mode]
+            out = subprocess.run(cmd + (["--quick"] if args.quick else []), capture_output=True, text=True, check=True)
+            mem[lib] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+        rows.append((mode, t, mem))
+    if not rows:
+        return 0
+    print(f"threads={args.threads} iters={args.iters} warmup={args.warmup} quick={args.quick} "
+          f"torch={torch.__version__}")
+    print("| mode | DenseDet s/iter | torchvision s/iter | speed ratio (tv / dd) | DenseDet peak MiB | "
+          "torchvision peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for mode, t, mem in rows:
+        print(f"| {mode} | {t['densedet']:.3f} | {t['torchvision']:.3f} | {t['torchvision'] / t['densedet']:.2f} | "
+              f"{mem['densedet']:.0f} | {mem['torchvision']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Region Proposal Network head (Ren et al. 2015), MMDetection 2.x ``RPNHead`` semantics
+(mmdet/models/dense_heads/rpn_head.py + anchor_head.py, configs/_base_/models/mask_rcnn_r50_fpn.py).
+
+A dense head built from DenseDet's anchor machinery: :class:`~densedet.structures.AnchorGenerator`, batched
+:func:`~densedet.assigners.max_iou_assign` (0.7 / 0.3, low-quality matches >= 0.3), the batched
+:func:`~densedet.models.roi_heads.sampler.random_sample` (256 per image, half positive),
+:class:`~densedet.structures.DeltaXYWHBBoxCoder` and the valid-prior rule of :class:`DenseHead`. Loss: sigmoid CE on
+the sampled anchors + L1 on the positives' deltas, both over ``sum_i max(#pos_i, 1) + max(#neg_i, 1)`` (mmdet
+``num_total_samples`` with sampling). Proposals: per level the ``nms_pre`` best anchors, decoded and clipped, boxes
+with ``w, h <= min_bbox_size`` dropped, NMS per level (mmdet ``batched_nms`` with level ids), ``max_per_img`` kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densedet.assigners import max_iou_assign
+from densedet.losses import build_loss
+from densedet.models.heads.anchor_heads import _build_anchor_generator, _build_delta_coder
+from densedet.models.heads.dense_head import DenseHead, flatten_levels, parse_train_cfg
+from densedet.models.heads.postprocess import multiclass_nms_batched, parse_test_cfg
+from densedet.models.roi_heads.sampler import random_sample, sampling_generator
+from densedet.registry import HEADS, ConfigError, check_kwargs
+from densedet.structures import pad_targets
+
+__all__ = ["RPNHead"]
+
+RPN_ANCHORS = {"scales": [8], "ratios": [0.5, 1.0, 2.0], "strides": [4, 8, 16, 32, 64]}
+RPN_ASSIGNER = {"type": "MaxIoUAssigner", "pos_iou_thr": 0.7, "neg_iou_thr": 0.3, "min_pos_iou": 0.3,
+                "match_low_quality": True, "ignore_iof_thr": -1}
+RPN_SAMPLER = {"type": "RandomSampler", "num": 256, "pos_fraction": 0.5, "neg_pos_ub": -1,
+               "add_gt_as_proposals": False}
+
+
+@HEADS.register()
+class RPNHead(nn.Module):
+    """``rpn_conv`` (3x3 + ReLU) -> ``rpn_cls`` (1x1, one sigmoid logit per anchor) / ``rpn_reg`` (1x1, 4 per anchor).
+
+    ``train_cfg`` is mmdet's ``train_cfg.rpn`` (assigner, sampler, allowed_border, pos_weight, debug); ``test_cfg``
+    is ``test_cfg.rpn`` (nms_pre, max_per_img, nms, min_bbox_size); the detector passes ``train_cfg.rpn_proposal``
+    to :meth:`proposals` during training.
+    """
+
+    def __init__(self, in_channels: int, feat_channels: int = 256, num_classes: int = 1,
+                 anchor_generator: dict | None = None, bbox_coder: dict | None = None,
+                 reg_decoded_bbox: bool = False, loss_cls: dict | None = None, loss_bbox: dict | None = None,
+                 num_convs: int = 1, train_cfg: dict | None = None, test_cfg: dict | None = None,
+                 init_cfg: dict | None = None) -> None:
+        super().__init__()
+        if num_classes != 1 or num_convs != 1 or reg_decoded_bbox:
+            raise ConfigError("model.rpn_head: only num_classes=1, num_convs=1, reg_decoded_bbox=false (mmdet's "
+                              "RPN) are available", path="model.rpn_head")
+        self.anchor_generator = _build_anchor_generator(anchor_generator, RPN_ANCHORS)
+        self.bbox_coder = _build_delta_coder(bbox_coder, (1.0, 1.0, 1.0, 1.0))
+        loss_cls = loss_cls or {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}
+        if not loss_cls.get("use_sigmoid", False):
+            raise ConfigError("model.rpn_head.loss_cls: the RPN classifier is a sigmoid (use_sigmoid: true)",
+                              path="model.rpn_head.loss_cls")
+        self.loss_cls = build_loss(loss_cls, "model.rpn_head.loss_cls")
+        self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "loss_weight": 1.0}, "model.rpn_head.loss_bbox")
+        self.strides = [int(s[0]) for s in self.anchor_generator.strides]
+        self.num_base_priors = self.anchor_generator.num_base_priors[0]
+        cfg = dict(train_cfg or {})
+        sampler = dict(cfg.pop("sampler", None) or RPN_SAMPLER)
+        self.train_cfg = parse_train_cfg({**cfg, "assigner": cfg.get("assigner") or RPN_ASSIGNER})
+        a = dict(self.train_cfg.assigner or RPN_ASSIGNER)
+        if a.pop("type", "MaxIoUAssigner") != "MaxIoUAssigner":
+            raise ConfigError("model.train_cfg.rpn.assigner.type: only MaxIoUAssigner is available")
+        check_kwargs(max_iou_assign, a, "model.train_cfg.rpn.assigner")
+        self.assigner_kwargs = a
+        if sampler.pop("type", "RandomSampler") != "RandomSampler" or sampler.pop("add_gt_as_proposals", False):
+            raise ConfigError("model.train_cfg.rpn.sampler: only RandomSampler without add_gt_as_proposals")
+        check_kwargs(lambda num, pos_fraction, neg_pos_ub=-1: None, sampler, "model.train_cfg.rpn.sampler")
+        self.sampler_kwargs = sampler
+        self.test_cfg = parse_test_cfg(test_cfg or {"nms_pre": 1000, "max_per_img": 1000,
+                                                    "nms": {"type": "nms", "iou_threshold": 0.7},
+                                                    "min_bbox_size": 0})
+        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        self.rpn_cls = nn.Conv2d(feat_channels, self.num_base_priors, 1)
+        self.rpn_reg = nn.Conv2d(feat_channels, self.num_base_priors * 4, 1)
+
+    def init_weights(self) -> None:
+        """Normal(0, 0.01) convs, zero biases (mmdet ``RPNHead`` init_cfg)."""
+        for m in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, feats: tuple[Tensor, ...] | list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level ``(B, A, H, W)`` objectness logits and ``(B, 4A, H, W)`` deltas."""
+        if len(feats) != len(self.strides):
+            raise ValueError(f"RPNHead: got {len(feats)} feature levels for {len(self.strides)} anchor strides")
+        cls, reg = [], []
+        for x in feats:
+            x = F.relu(self.rpn_conv(x))
+            cls.append(self.rpn_cls(x))
+            reg.append(self.rpn_reg(x))
+        return cls, reg
+
+    def _priors(self, maps: list[Tensor]) -> tuple[Tensor, list[int], list[tuple[int, int]]]:
+        sizes = [tuple(m.shape[-2:]) for m in maps]
+        per_level = self.anchor_generator.grid_priors(sizes, dtype=torch.float32, device=maps[0].device)
+        return torch.cat(per_level, 0), [p.shape[0] for p in per_level], sizes
+
+    def loss(self, outs: tuple[list[Tensor], list[Tensor]], targets: list[dict[str, Any]],
+             metas: list[dict[str, Any]]) -> dict[str, Tensor]:
+        """``loss_rpn_cls`` and ``loss_rpn_bbox`` of a batch."""
+        cls_scores, bbox_preds = outs
+        priors, _, sizes = self._priors(cls_scores)
+        device = priors.device
+        valid = DenseHead.valid_prior_mask(sizes, self.strides, self.num_base_priors, metas, device)
+        gt = pad_targets(targets, device=device)
+        with torch.no_grad():
+            assign = max_iou_assign(priors, gt, prior_valid=valid, **self.assigner_kwargs)
+            pos, neg = random_sample(assign.pos_mask & valid, assign.neg_mask & valid,
+                                     generator=sampling_generator(), **self.sampler_kwargs)
+            # mmdet anchor_head.get_targets with sampling: sum over images of max(#pos, 1) + max(#neg, 1)
+            num_total = float((pos.sum(1).clamp(min=1) + neg.sum(1).clamp(min=1)).sum())
+            labels = torch.where(pos, 0, 1)  # class 0 = object, 1 = background (one-hot row of zeros)
+            weights = (pos | neg).float()
+        cls_flat = flatten_levels(cls_scores, 1)
+        bbox_flat = flatten_levels(bbox_preds, 4)
+        loss_cls = self.loss_cls(cls_flat.reshape(-1, 1).float(), labels.reshape(-1), weights.reshape(-1),
+                                 avg_factor=num_total)
+        if bool(pos.any()):
+            idx = assign.gt_inds.clamp(min=0)
+            matched = torch.gather(gt.gt_boxes, 1, idx[..., None].expand(-1, -1, 4))[pos]
+            target = self.bbox_coder.encode(priors.expand(pos.shape[0], -1, -1)[pos], matched)
+            pred = bbox_flat[pos].float()
+            loss_bbox = self.loss_bbox(pred, target, torch.ones_like(pred), avg_factor=num_total)
+        else:
+            loss_bbox = bbox_flat.sum() * 0
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
+
+    @torch.no_grad()
+    def proposals(self, outs: tuple[list[Tensor], list[Tensor]], metas: list[dict[str, Any]],
+                  cfg: dict | None = None) -> list[Tensor]:
+        """Per image ``(P_i, 5)`` proposals ``(x1, y1, x2, y2, score)`` in input pixels, ``P_i <= max_per_img``,
+        sorted by decreasing score. ``cfg``: an mmdet ``rpn_proposal`` / ``test_cfg.rpn`` dict (default: the
+        head's ``test_cfg``)."""
+        tc = parse_test_cfg(cfg) if cfg is not None else self.test_cfg
+        cls_scores, bbox_preds = outs
+        priors, per_level, _ = self._priors(cls_scores)
+        b = cls_scores[0].shape[0]
+        img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=priors.device, dtype=torch.float32)
+        boxes, scores, levels = [], [], []
+        start = 0
+        for lvl, (cls, reg) in enumerate(zip(cls_scores, bbox_preds)):
+            n = per_level[lvl]
+            s = cls.detach().permute(0, 2, 3, 1).reshape(b, -1).float().sigmoid()
+            d = reg.detach().permute(0, 2, 3, 1).reshape(b, -1, 4).float()
+            k = min(tc.nms_pre, n) if tc.nms_pre > 0 else n
+            top, idx = s.topk(k, dim=1)
+            pri = priors[start:start + n][idx]
+            deltas = d.gather(1, idx[..., None].expand(-1, -1, 4))
+            boxes.append(self.bbox_coder.decode(pri, deltas, max_shape=img_shapes))
+            scores.append(top)
+            levels.append(torch.full_like(idx, lvl))
+            start += n
+        boxes_t, scores_t, levels_t = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(levels, 1)
+        wh = boxes_t[..., 2:] - boxes_t[..., :2]
+        valid = (wh > tc.min_bbox_size).all(-1)  # mmdet 2.x drops w, h <= min_bbox_size even at 0
+        nms_cfg = parse_test_cfg({"nms": tc.nms, "max_per_img": tc.max_per_img, "min_bbox_size": 0})
+        dets = multiclass_nms_batched(boxes_t, scores_t, levels_t, valid, len(per_level), nms_cfg)
+        return [torch.cat([d["boxes"], d["scores"][:, None]], 1) for d in dets]
