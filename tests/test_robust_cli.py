@@ -69,6 +69,12 @@ def test_bad_config_value_exits_2_naming_key_and_value(override, shown, capsys) 
     ("model.neck.out_channels=abc", "model.neck.out_channels='abc': must be an integer (FPN)"),
     ("model.backbone.out_indices=[0,x]", "model.backbone.out_indices=[0, 'x']: must be a list of integers (ResNet)"),
     ("model.bbox_head.loss_cls.gamma=[2]", "model.bbox_head.loss_cls.gamma=[2]: must be a number (FocalLoss)"),
+    # train_cfg / test_cfg: checked at load, not at the first assignment or the first validation an epoch later
+    ("model.train_cfg.assigner.topk=0", "model.train_cfg.assigner.topk=0: must be >= 1"),
+    ("model.train_cfg.assigner.topk=x", "model.train_cfg.assigner.topk='x': must be an integer (atss_assign)"),
+    ("model.test_cfg.score_thr=high", "model.test_cfg.score_thr='high': must be a number (TestConfig)"),
+    ("model.test_cfg.max_per_img=1.5", "model.test_cfg.max_per_img=1.5: must be an integer (TestConfig)"),
+    ("model.test_cfg.nms.iou_threshold=abc", "model.test_cfg.nms.iou_threshold='abc': must be a number"),
 ])
 def test_bad_model_value_exits_2_naming_key_and_value(override, shown, capsys) -> None:
     assert main(["train", "atss_r18_fpn_synth", override]) == 2

@@ -26,7 +26,7 @@ from densedet.models.heads.postprocess import (
     select_candidates,
 )
 from densedet.models.layers import ConvModule
-from densedet.registry import ConfigError, check_kwargs
+from densedet.registry import ConfigError, check_kwargs, check_types
 
 # Default loss configs of the reference heads (mmdet 2.x RetinaHead / FCOSHead / ATSSHead).
 FOCAL_LOSS = {"type": "FocalLoss", "use_sigmoid": True, "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0}
@@ -80,6 +80,7 @@ class TrainConfig:
 def parse_train_cfg(cfg: dict[str, Any] | None) -> TrainConfig:
     cfg = dict(cfg or {})
     check_kwargs(TrainConfig, cfg, "model.train_cfg")
+    check_types(TrainConfig, cfg, "model.train_cfg")
     return TrainConfig(**cfg)
 
 
@@ -91,6 +92,10 @@ def split_assigner_cfg(cfg: TrainConfig, expected: str, fn: Any) -> dict[str, An
         raise ConfigError(f"model.train_cfg.assigner.type: this head uses '{expected}', got '{kind}'",
                           path="model.train_cfg.assigner.type")
     check_kwargs(fn, a, "model.train_cfg.assigner")
+    check_types(fn, a, "model.train_cfg.assigner")
+    if "topk" in a and a["topk"] < 1:  # checked here, when the config loads, not at the first assignment
+        raise ConfigError(f"model.train_cfg.assigner.topk={a['topk']!r}: must be >= 1",
+                          path="model.train_cfg.assigner.topk")
     return a
 
 

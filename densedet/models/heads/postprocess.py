@@ -25,7 +25,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from densedet.models.heads.soft_nms import SOFT_NMS_METHODS, batched_soft_nms
-from densedet.registry import ConfigError, check_kwargs
+from densedet.registry import ConfigError, check_kwargs, check_types
 
 # Keyword arguments (and defaults) of each ``test_cfg.nms.type``: torchvision/mmcv ``nms`` and mmcv ``soft_nms``.
 NMS_KWARGS: dict[str, Callable[..., None]] = {
@@ -52,6 +52,11 @@ class TestConfig:
             raise ConfigError(f"model.test_cfg.nms.type: '{kind}' is not available (one of {sorted(NMS_KWARGS)})",
                               path="model.test_cfg.nms.type")
         check_kwargs(NMS_KWARGS[kind], self.nms, "model.test_cfg.nms")
+        for key in ("iou_threshold", "sigma", "min_score"):  # numbers, checked at load rather than at validation
+            value = self.nms.get(key, 0.5)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"model.test_cfg.nms.{key}={value!r}: must be a number",
+                                  path=f"model.test_cfg.nms.{key}")
         if kind == "soft_nms":
             method = self.nms.get("method", "linear")
             if method not in SOFT_NMS_METHODS:
@@ -80,6 +85,7 @@ class TestConfig:
 def parse_test_cfg(cfg: dict[str, Any] | None) -> TestConfig:
     cfg = dict(cfg or {})
     check_kwargs(TestConfig, cfg, "model.test_cfg")
+    check_types(TestConfig, cfg, "model.test_cfg")
     return TestConfig(**cfg)
 
 
