@@ -141,6 +141,12 @@ class RuntimeConfig:
     find_unused_parameters: bool = False
     device: str = "auto"  # auto | cpu | cuda
     channels_last: bool = True  # NHWC weights/activations: same results, faster convolutions on CPU and GPU
+    precision: str = "fp32"  # inference: fp32 | bf16 (autocast backbone/neck/head; decode + NMS in fp32)
+
+    def check(self, where: str, origins: dict[str, str]) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{origins.get(where + '.precision', 'config')}: {where}.precision must be fp32 or "
+                              f"bf16, got {self.precision!r}", f"{where}.precision")
 
 
 @dataclass

@@ -57,11 +57,15 @@ class Predictor:
     Test-time augmentation follows the config's ``data.val.pipeline`` (a ``MultiScaleFlipAug`` there merges its
     views' detections); ``tta=False`` tests at its first scale only, ``tta=True`` adds horizontal-flip TTA to a
     plain pipeline (:func:`densedet.data.tta.tta_pipeline`).
+
+    ``fuse`` folds BatchNorm into convs (same detections to float rounding); ``precision`` ``'bf16'`` runs
+    backbone/neck/head under bfloat16 autocast with decoding and NMS in float32 (default ``runtime.precision``).
     """
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
                  score_thr: float | None = None, classes: Sequence[str] | None = None,
-                 overrides: list[str] | None = None, tta: bool | None = None) -> None:
+                 overrides: list[str] | None = None, tta: bool | None = None, precision: str | None = None,
+                 fuse: bool = True) -> None:
         from densedet.engine.checkpoint import load_checkpoint, load_model_weights
 
         self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -77,6 +81,10 @@ class Predictor:
             meta = ckpt.get("meta", {}) or {}
         self.model.to(self.device).eval()
         self.model.use_channels_last(self.cfg.runtime.channels_last)
+        # inference speed-ups that keep the detections: BN folding, and bf16 autocast if asked (runtime.precision)
+        self.model.set_precision(precision or self.cfg.runtime.precision)
+        if fuse:
+            self.model.fuse()
         if score_thr is not None:
             self.model.bbox_head.test_cfg.score_thr = score_thr
         n = self.model.num_classes
