@@ -71,6 +71,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     model.to(device).use_channels_last(cfg.runtime.channels_last)
+    _apply_inference_options(model, cfg, args)
     dataset = _build_eval_dataset(cfg, args.split, args.tta)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
@@ -85,12 +86,27 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_inference_options(model: Any, cfg: Any, args: argparse.Namespace) -> None:
+    """--precision (default runtime.precision) and BN folding (unless --no-fuse)."""
+    model.set_precision(args.precision or cfg.runtime.precision)
+    if args.fuse:
+        model.fuse()
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="inference precision of backbone/neck/head (default: runtime.precision); decode and NMS "
+                        "stay fp32")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold BatchNorm into the preceding convs (default on; same detections to float rounding)")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from densedet.inference.predictor import Predictor, list_images, read_image
     from densedet.inference.visualize import draw_detections, save_detection_grid
 
     predictor = Predictor(args.config, _resolve_checkpoint(args.checkpoint), device=args.device,
-                          overrides=args.overrides, tta=args.tta)
+                          overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse)
     files = list_images(args.input)[: args.limit or None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    _add_inference_options(e)
     e.set_defaults(fn=cmd_test)
 
     r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
@@ -200,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    _add_inference_options(r)
     r.set_defaults(fn=cmd_predict)
 
     d = sub.add_parser("data", help="dataset tools")
