@@ -130,6 +130,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from densedet.export.command import cmd_export as run
+
+    return run(args, _resolve_checkpoint)
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from densedet.data.synth import make_synthetic_coco
 
@@ -219,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
     _add_inference_options(r)
     r.set_defaults(fn=cmd_predict)
+
+    from densedet.export.command import add_export_parser
+
+    add_export_parser(sub, EPILOG).set_defaults(fn=cmd_export)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
