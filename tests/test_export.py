@@ -159,9 +159,15 @@ def test_export_without_optional_dependencies_prints_the_install_hint(tmp_path, 
 def test_compare_detections_matches_by_label_and_tolerance():
     ref = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32), "scores": np.array([0.9, 0.8]),
            "labels": np.array([0, 1])}
-    got = {"boxes": ref["boxes"][::-1] + np.float32(0.005), "scores": ref["scores"][::-1], "labels": ref["labels"][::-1]}
+    got = {k: v[::-1] for k, v in ref.items()}  # same detections, other order, boxes 5e-4 px off
+    got["boxes"] = got["boxes"] + np.float32(5e-4)
     r = compare_detections(ref, got)
-    assert r["ok"] and r["matched"] == 2 and r["max_box_rel_diff"] == pytest.approx(0.005, rel=1e-3)
+    assert r["ok"] and r["matched"] == 2 and r["max_box_rel_diff"] == pytest.approx(5e-4, rel=1e-2)
+    got["boxes"][0, 0] += 0.01  # 1e-2 px off on a coordinate of 20 (relative 5e-4 -> ok) ...
+    assert compare_detections(ref, got)["ok"]
+    got["boxes"][1, 0] += 0.01  # ... but on a coordinate of 0 it is 1e-2 relative to 1 px: fails
+    assert not compare_detections(ref, got)["ok"]
+    got = {k: v[::-1] for k, v in ref.items()}
     got["labels"] = np.array([0, 1])  # labels swapped between the two boxes: no longer a match
     assert not compare_detections(ref, got)["ok"]
     got = {k: v[:1] for k, v in ref.items()}
