@@ -62,16 +62,20 @@ def cmd_test(args: argparse.Namespace) -> int:
     from densedet.engine import evaluate
     from densedet.engine.checkpoint import load_checkpoint, load_model_weights
     from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
+    from densedet.export.runtime import is_onnx_path, load_onnx_model
     from densedet.models.build import build_detector
 
     cfg = load_config(args.config, args.overrides)
     ckpt_path = _resolve_checkpoint(args.checkpoint)
-    model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
-    model = build_detector(model_cfg, init=False)
-    load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    model.to(device).use_channels_last(cfg.runtime.channels_last)
-    _apply_inference_options(model, cfg, args)
+    if args.backend == "onnxruntime" or (args.backend == "auto" and is_onnx_path(ckpt_path)):
+        model, device, args.tta = load_onnx_model(cfg, ckpt_path), torch.device("cpu"), False
+    else:
+        model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
+        model = build_detector(model_cfg, init=False)
+        load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
+        device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+        model.to(device).use_channels_last(cfg.runtime.channels_last)
+        _apply_inference_options(model, cfg, args)
     dataset = _build_eval_dataset(cfg, args.split, args.tta)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
@@ -97,6 +101,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="inference precision of backbone/neck/head (default: runtime.precision); decode and NMS "
                         "stay fp32")
+    p.add_argument("--backend", choices=["auto", "eager", "onnxruntime"], default="auto",
+                   help="onnxruntime: run an exported .onnx file (a .pth is exported first); auto: onnxruntime for "
+                        ".onnx checkpoints, else eager PyTorch")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fold BatchNorm into the preceding convs (default on; same detections to float rounding)")
 
@@ -106,7 +113,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densedet.inference.visualize import draw_detections, save_detection_grid
 
     predictor = Predictor(args.config, _resolve_checkpoint(args.checkpoint), device=args.device,
-                          overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse)
+                          overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse,
+                          backend=args.backend)
     files = list_images(args.input)[: args.limit or None]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     from densedet.export.command import add_export_parser
 
     add_export_parser(sub, EPILOG).set_defaults(fn=cmd_export)
+    from densedet.bench import add_bench_parser, cmd_bench
+
+    add_bench_parser(sub, EPILOG).set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

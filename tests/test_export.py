@@ -70,23 +70,37 @@ def test_dcn_backbone_exports_as_deformconv(tmp_path):
     assert len(nodes) > 3 and any(len(n.input) == 5 for n in nodes)  # v2: the mask input is wired
 
 
-def test_dynamic_export_runs_at_two_sizes(tmp_path):
+def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
+    """One dynamic export: exact at two input sizes (one no multiple of 32: padded inside the graph), and the
+    Predictor running the .onnx file gives the eager Predictor's detections on an image."""
     _need_export_deps()
+    from densedet.api import build_model
     from densedet.config import load_config
     from densedet.export import OnnxDetector, check_onnx, export
     from densedet.export.onnx_export import build_deploy_module, load_eval_model
+    from densedet.inference.predictor import Predictor
 
     torch.manual_seed(0)
+    ckpt = tmp_path / "random.pth"
+    torch.save({"state_dict": build_model("atss_r18_fpn_synth").state_dict()}, ckpt)
     cfg = load_config("atss_r18_fpn_synth", LOW_THR)
-    res = export(cfg, None, tmp_path / "d.onnx", dynamic=True, size=(96, 128), check=False)
+    res = export(cfg, ckpt, tmp_path / "d.onnx", dynamic=True, size=(96, 128), check=False)
     assert OnnxDetector(res.path).dynamic
-    torch.manual_seed(0)  # the same random weights as the exported model
-    deploy = build_deploy_module(cfg, load_eval_model(cfg, None))
+    deploy = build_deploy_module(cfg, load_eval_model(cfg, ckpt))
     rng = np.random.default_rng(0)
-    for shape in [(1, 3, 96, 128), (1, 3, 150, 70)]:  # the second is no multiple of 32: padded inside the graph
-        images = rng.integers(0, 256, shape, dtype=np.uint8)
-        r = check_onnx(res.path, deploy, images)
+    for shape in [(1, 3, 96, 128), (1, 3, 150, 70)]:
+        r = check_onnx(res.path, deploy, rng.integers(0, 256, shape, dtype=np.uint8))
         assert r["ok"] and r["eager"] > 0, (shape, r)
+
+    image = rng.integers(0, 256, (90, 200, 3), dtype=np.uint8)  # resized by the test pipeline to 144x320
+    eager = Predictor(cfg, ckpt, device="cpu")(image)
+    onnx_pred = Predictor(cfg, res.path)
+    assert type(onnx_pred.model).__name__ == "OnnxRuntimeModel"
+    got = onnx_pred(image)
+    r = compare_detections({k: eager[k].numpy() for k in ("boxes", "scores", "labels")},
+                           {k: got[k].numpy() for k in ("boxes", "scores", "labels")})
+    assert r["ok"] and r["eager"] > 0, r
+    assert got["class_names"] == eager["class_names"]
 
 
 def test_padded_output_contract_with_and_without_detections(tmp_path):

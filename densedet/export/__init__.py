@@ -9,7 +9,7 @@ from densedet.export.onnx_export import (
     export,
     require_export_deps,
 )
-from densedet.export.runtime import OnnxDetector
+from densedet.export.runtime import OnnxDetector, OnnxRuntimeModel, load_onnx_model
 
-__all__ = ["EXPORT_INSTALL_HINT", "ExportDependencyError", "ExportResult", "OnnxDetector", "build_deploy_module",
-           "check_onnx", "export", "require_export_deps"]
+__all__ = ["EXPORT_INSTALL_HINT", "ExportDependencyError", "ExportResult", "OnnxDetector", "OnnxRuntimeModel",
+           "build_deploy_module", "check_onnx", "export", "load_onnx_model", "require_export_deps"]
