@@ -6,12 +6,14 @@ Public API::
     model = densedet.build_model("atss_r50_fpn_1x_coco", num_classes=3)
     predictor = densedet.Predictor("atss_r18_fpn_synth", "work_dirs/demo")
     dets = predictor("image.jpg")   # {"boxes" (K,4) xyxy, "scores", "labels", "class_names"}
+    densedet.export("atss_r18_fpn_synth", "work_dirs/demo/latest.pth", "model.onnx")  # needs densedet[export]
 """
 
 from densedet.api import build_model
 from densedet.compat.mmdet import convert_mmdet_checkpoint
 from densedet.config import Config, ConfigError, list_configs, load_config
 from densedet.data import CocoDataset, DataError, build_dataloader, make_synthetic_coco
+from densedet.deploy import ExportDependencyError, OnnxDetector, export
 from densedet.engine import Trainer, evaluate, load_checkpoint, load_model_weights, train
 from densedet.evaluation import EvalResult, evaluate_coco
 from densedet.inference.predictor import Predictor
@@ -21,8 +23,9 @@ from densedet.models.build import build_detector
 __version__ = "0.1.0"
 
 __all__ = [
-    "CocoDataset", "Config", "ConfigError", "DataError", "EvalResult", "Predictor", "Trainer", "__version__",
+    "CocoDataset", "Config", "ConfigError", "DataError", "EvalResult", "ExportDependencyError", "OnnxDetector",
+    "Predictor", "Trainer", "__version__",
     "build_dataloader", "build_detector", "build_model", "convert_mmdet_checkpoint", "draw_detections", "evaluate",
-    "evaluate_coco", "list_configs", "load_checkpoint", "load_config", "load_model_weights", "make_synthetic_coco",
-    "train",
+    "evaluate_coco", "export", "list_configs", "load_checkpoint", "load_config", "load_model_weights",
+    "make_synthetic_coco", "train",
 ]

@@ -114,7 +114,7 @@ class BenchResult:
 
 def _densedet_variant(cfg: Any, checkpoint: str | None, mode: str, images: torch.Tensor, targets: list[dict],
                       precision: str, fused: bool, channels_last: bool, compile_: bool) -> Callable[[], Any]:
-    from densedet.export.onnx_export import normalize_params
+    from densedet.deploy.onnx_export import normalize_params
     from densedet.models.build import build_detector
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def _densedet_variant(cfg: Any, checkpoint: str | None, mode: str, images: torch
 
 
 def _onnx_variant(cfg: Any, checkpoint: str | None, images: torch.Tensor, workdir: Path) -> Callable[[], Any]:
-    from densedet.export import OnnxDetector, export
+    from densedet.deploy import OnnxDetector, export
 
     torch.manual_seed(0)
     b, _, h, w = images.shape
@@ -302,7 +302,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def add_bench_parser(sub: Any, epilog: str) -> Any:
-    from densedet.export.command import parse_size
+    from densedet.deploy.command import parse_size
 
     b = sub.add_parser("bench", help="time inference/training options side by side (and torchvision's peer)",
                        epilog=epilog)
@@ -328,7 +328,7 @@ def add_bench_parser(sub: Any, epilog: str) -> Any:
 
 
 def cmd_bench(args: Any) -> int:
-    from densedet.export.onnx_export import ExportDependencyError
+    from densedet.deploy.onnx_export import ExportDependencyError
 
     try:
         report = run_bench(args.config, args.checkpoint, size=args.size, batch=args.batch, mode=args.mode,

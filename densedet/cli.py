@@ -59,10 +59,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     from densedet.config import load_config
     from densedet.data import build_dataloader
+    from densedet.deploy.runtime import is_onnx_path, load_onnx_model
     from densedet.engine import evaluate
     from densedet.engine.checkpoint import load_checkpoint, load_model_weights
     from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
-    from densedet.export.runtime import is_onnx_path, load_onnx_model
     from densedet.models.build import build_detector
 
     cfg = load_config(args.config, args.overrides)
@@ -139,7 +139,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from densedet.export.command import cmd_export as run
+    from densedet.deploy.command import cmd_export as run
 
     return run(args, _resolve_checkpoint)
 
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(r)
     r.set_defaults(fn=cmd_predict)
 
-    from densedet.export.command import add_export_parser
+    from densedet.deploy.command import add_export_parser
 
     add_export_parser(sub, EPILOG).set_defaults(fn=cmd_export)
     from densedet.bench import add_bench_parser, cmd_bench

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densedet.cli import main
-from densedet.export.onnx_export import EXPORT_INSTALL_HINT, compare_detections
+from densedet.deploy.onnx_export import EXPORT_INSTALL_HINT, compare_detections
 
 # Tiny R-18 overrides for the COCO-sized R-50 configs (random weights; scores of a fresh head are ~0.01, so a low
 # score_thr keeps candidates and NMS has real work).
@@ -39,7 +39,7 @@ def test_export_matches_eager_in_onnxruntime(config, extra, tmp_path):
     _need_export_deps()
     import onnx
 
-    from densedet.export import export
+    from densedet.deploy import export
 
     torch.manual_seed(0)
     res = export(config, None, tmp_path / "m.onnx", size=SIZES.get(config, (96, 128)), overrides=extra + LOW_THR)
@@ -57,7 +57,7 @@ def test_dcn_backbone_exports_as_deformconv(tmp_path):
     _need_export_deps()
     import onnx
 
-    from densedet.export import export
+    from densedet.deploy import export
 
     torch.manual_seed(0)
     over = ["model.backbone.base_channels=8", "model.neck.in_channels=[32,64,128,256]", "model.neck.out_channels=32",
@@ -76,8 +76,8 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
     _need_export_deps()
     from densedet.api import build_model
     from densedet.config import load_config
-    from densedet.export import OnnxDetector, check_onnx, export
-    from densedet.export.onnx_export import build_deploy_module, load_eval_model
+    from densedet.deploy import OnnxDetector, check_onnx, export
+    from densedet.deploy.onnx_export import build_deploy_module, load_eval_model
     from densedet.inference.predictor import Predictor
 
     torch.manual_seed(0)
@@ -105,7 +105,7 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
 
 def test_padded_output_contract_with_and_without_detections(tmp_path):
     _need_export_deps()
-    from densedet.export import OnnxDetector, export
+    from densedet.deploy import OnnxDetector, export
 
     torch.manual_seed(0)
     res = export("atss_r18_fpn_synth", None, tmp_path / "p.onnx", size=(64, 64), max_det=20, check=False,
@@ -130,8 +130,8 @@ def test_padded_output_contract_with_and_without_detections(tmp_path):
 def test_no_nms_returns_the_eager_candidates(tmp_path):
     _need_export_deps()
     from densedet.config import load_config
-    from densedet.export import OnnxDetector, export
-    from densedet.export.onnx_export import load_eval_model
+    from densedet.deploy import OnnxDetector, export
+    from densedet.deploy.onnx_export import load_eval_model
 
     cfg = load_config("fcos_r18_fpn_synth", LOW_THR)
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ class Predictor:
     ``fuse`` folds BatchNorm into convs (same detections to float rounding); ``precision`` ``'bf16'`` runs
     backbone/neck/head under bfloat16 autocast with decoding and NMS in float32 (default ``runtime.precision``).
     ``backend``: ``'onnxruntime'`` runs an exported file (``checkpoint`` ending in ``.onnx``, or a ``.pth`` exported
-    on the fly); ``'auto'`` picks it for ``.onnx`` paths (:class:`densedet.export.runtime.OnnxRuntimeModel`).
+    on the fly); ``'auto'`` picks it for ``.onnx`` paths (:class:`densedet.deploy.runtime.OnnxRuntimeModel`).
     """
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
@@ -75,13 +75,13 @@ class Predictor:
         model_cfg["backbone"] = {**model_cfg["backbone"], "pretrained": None}  # the checkpoint has all weights
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
-        from densedet.export.runtime import is_onnx_path
+        from densedet.deploy.runtime import is_onnx_path
 
         if backend not in ("auto", "eager", "onnxruntime"):
             raise ValueError(f"backend must be auto, eager or onnxruntime, got {backend!r}")
         meta: dict[str, Any] = {}
         if backend == "onnxruntime" or (backend == "auto" and is_onnx_path(checkpoint)):
-            from densedet.export.runtime import load_onnx_model
+            from densedet.deploy.runtime import load_onnx_model
 
             self.model = load_onnx_model(self.cfg, checkpoint)  # an exported graph; .pth files are exported first
             self.device, tta, fuse = torch.device("cpu"), False, False

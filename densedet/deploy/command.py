@@ -40,7 +40,7 @@ def add_export_parser(sub: argparse._SubParsersAction, epilog: str) -> argparse.
 
 
 def cmd_export(args: argparse.Namespace, resolve_checkpoint) -> int:
-    from densedet.export.onnx_export import ExportDependencyError, export
+    from densedet.deploy.onnx_export import ExportDependencyError, export
 
     if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
         args.overrides, args.checkpoint = [args.checkpoint, *(args.overrides or [])], None  # an override, no weights

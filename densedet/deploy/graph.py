@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densedet.export.ops import nms_keep
+from densedet.deploy.ops import nms_keep
 
 __all__ = ["DeployDetector"]
 

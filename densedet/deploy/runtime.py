@@ -15,7 +15,7 @@ __all__ = ["OnnxDetector", "OnnxRuntimeModel", "is_onnx_path", "load_onnx_model"
 
 
 class OnnxDetector:
-    """An onnxruntime session of a file written by :func:`densedet.export.export`.
+    """An onnxruntime session of a file written by :func:`densedet.deploy.export`.
 
     ``run(images)``: ``images`` (B, 3, H, W) uint8 (or float 0..255) RGB at network resolution -> dict of numpy
     arrays named as the graph's outputs (``boxes``, ``scores``, ``labels``, ``num_dets`` with NMS). A static graph
@@ -23,7 +23,7 @@ class OnnxDetector:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from densedet.export.onnx_export import require_export_deps
+        from densedet.deploy.onnx_export import require_export_deps
 
         require_export_deps(("onnxruntime",))
         import onnxruntime as ort
@@ -130,7 +130,7 @@ def is_onnx_path(path: str | Path | None) -> bool:
 def load_onnx_model(cfg: Any, checkpoint: str | Path | None) -> OnnxRuntimeModel:
     """An :class:`OnnxRuntimeModel` for ``cfg`` from an ``.onnx`` file, or from a PyTorch checkpoint exported now
     (dynamic height/width, into a temporary folder)."""
-    from densedet.export.onnx_export import export, normalize_params
+    from densedet.deploy.onnx_export import export, normalize_params
 
     if not is_onnx_path(checkpoint):
         import tempfile

@@ -69,9 +69,9 @@ def default_size(cfg: Config) -> tuple[int, int]:
 
 
 def build_deploy_module(cfg: Config, model: nn.Module, nms: bool = True, max_det: int | None = None) -> nn.Module:
-    """:class:`~densedet.export.graph.DeployDetector` around ``model`` (eval, fused) with the config's
+    """:class:`~densedet.deploy.graph.DeployDetector` around ``model`` (eval, fused) with the config's
     normalisation and size divisor."""
-    from densedet.export.graph import DeployDetector
+    from densedet.deploy.graph import DeployDetector
 
     mean, std, to_rgb = normalize_params(cfg)
     return DeployDetector(model, mean, std, to_rgb=to_rgb, size_divisor=int(cfg.data.size_divisor or 1), nms=nms,
@@ -218,7 +218,7 @@ def format_check(check: dict[str, Any]) -> str:
 def check_onnx(path: str | Path, deploy: nn.Module, images: np.ndarray, rtol: float = 1e-3) -> dict[str, Any]:
     """Run ``path`` in onnxruntime and ``deploy``'s detector eagerly (its own ``predict``, NMS included) on
     ``images`` ((B, 3, H, W) uint8) and compare image by image (:func:`compare_detections`)."""
-    from densedet.export.runtime import OnnxDetector
+    from densedet.deploy.runtime import OnnxDetector
 
     outs = OnnxDetector(path).run(images)
     x = torch.from_numpy(images).float()
@@ -264,7 +264,7 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
         :class:`ExportResult` (``summary()`` prints what was written and the check).
     """
     require_export_deps()
-    from densedet.export.ops import OPSET, custom_translation_table
+    from densedet.deploy.ops import OPSET, custom_translation_table
     from densedet.inference.predictor import read_image
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
