@@ -186,3 +186,16 @@ def test_compare_detections_matches_by_label_and_tolerance():
     assert not compare_detections(ref, got)["ok"]
     got = {k: v[:1] for k, v in ref.items()}
     assert not compare_detections(ref, got)["ok"]  # a missing detection fails
+
+
+def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does():
+    from densedet.config import load_config
+    from densedet.deploy.onnx_export import _graph_notes
+    from densedet.models.build import build_detector
+
+    cfg = load_config("vfnet_r18_fpn_synth_mstest", ["model.test_cfg.nms={type: soft_nms, iou_threshold: 0.4}"])
+    notes = _graph_notes(cfg, build_detector(cfg.model, init=False))
+    assert any("soft-NMS" in n and "plain NMS" in n and "0.4" in n for n in notes), notes
+    assert any("MultiScaleFlipAug" in n and "one view" in n for n in notes), notes
+    plain = load_config("atss_r18_fpn_synth")
+    assert _graph_notes(plain, build_detector(plain.model, init=False)) == []
