@@ -255,7 +255,8 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
         nms: graph with NMS and fixed-shape outputs ``boxes (B, max_det, 4)``, ``scores (B, max_det)``, ``labels
             (B, max_det)`` (-1 padding), ``num_dets (B,)``; False: pre-NMS candidates ``boxes, scores, labels``.
         dynamic: dynamic height and width (the batch size stays ``batch``; the graph is traced at ``size``).
-        size: (H, W) input size (default: the config's test scale, rounded up to ``data.size_divisor``).
+        size: (H, W) input size (default: the config's test scale, rounded up to ``data.size_divisor``; dynamic
+            graphs are traced at 320x448 - pick a non-square size whose levels stay > 1 if you give one).
         max_det: detections per image (default ``test_cfg.max_per_img``).
         check / check_image: run the file in onnxruntime on an image (default: the first val image, or a
             synthetic one) and compare with eager PyTorch (boxes within 1e-3 relative, same labels).
@@ -270,7 +271,9 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     model = load_eval_model(cfg, checkpoint)
     deploy = build_deploy_module(cfg, model, nms=nms, max_det=max_det)
-    h, w = size or default_size(cfg)
+    # A dynamic graph is traced at a size whose pyramid levels are all > 1 and never square (320x448 gives
+    # 40x56 ... 3x4): torch.export would otherwise bake equal or size-1 level dims into the graph as constraints.
+    h, w = size or ((320, 448) if dynamic else default_size(cfg))
     example = torch.zeros(batch, 3, h, w, dtype=torch.uint8)
     dynamic_shapes = None
     if dynamic:
