@@ -82,7 +82,8 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
 
     torch.manual_seed(0)
     ckpt = tmp_path / "random.pth"
-    torch.save({"state_dict": build_model("atss_r18_fpn_synth").state_dict()}, ckpt)
+    names = ["disc", "box", "wedge"]
+    torch.save({"state_dict": build_model("atss_r18_fpn_synth").state_dict(), "meta": {"classes": names}}, ckpt)
     cfg = load_config("atss_r18_fpn_synth", LOW_THR)
     res = export(cfg, ckpt, tmp_path / "d.onnx", dynamic=True, size=(192, 288), check=False)
     assert OnnxDetector(res.path).dynamic
@@ -100,7 +101,8 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
     r = compare_detections({k: eager[k].numpy() for k in ("boxes", "scores", "labels")},
                            {k: got[k].numpy() for k in ("boxes", "scores", "labels")})
     assert r["ok"] and r["eager"] > 0, r
-    assert got["class_names"] == eager["class_names"]
+    assert got["class_names"] == eager["class_names"]  # the class names travel in the ONNX metadata
+    assert onnx_pred.classes == names
 
 
 def test_padded_output_contract_with_and_without_detections(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -124,6 +125,18 @@ def _graph_notes(cfg: Config, model: nn.Module) -> list[str]:
     if find_tta(cfg.data.val.pipeline) is not None:
         notes.append("the config tests with MultiScaleFlipAug (TTA); the graph runs one view at the input size")
     return notes
+
+
+CLASSES_KEY = "densedet.classes"
+
+
+def _checkpoint_classes(checkpoint: str | Path | None) -> list[str] | None:
+    if checkpoint is None:
+        return None
+    from densedet.engine.checkpoint import load_checkpoint
+
+    classes = (load_checkpoint(checkpoint).get("meta") or {}).get("classes")
+    return [str(c) for c in classes] if classes else None
 
 
 def load_eval_model(cfg: Config, checkpoint: str | Path | None) -> nn.Module:
@@ -290,6 +303,13 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
                                     verbose=False)
     tmp = out.with_name(out.name + ".tmp")
     program.save(str(tmp))
+    classes = _checkpoint_classes(checkpoint)
+    if classes:  # so that Predictor / predict name the classes of an exported file
+        import onnx
+
+        proto = onnx.load(str(tmp))
+        proto.metadata_props.add(key=CLASSES_KEY, value=json.dumps(classes))
+        onnx.save(proto, str(tmp))
     tmp.replace(out)  # atomic: a failed save never leaves a half-written model behind
     result = ExportResult(out, (batch, 3, h, w), dynamic, nms, _graph_notes(cfg, model))
     if check and nms:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,8 @@ class OnnxDetector:
         self.input_name = inp.name
         self.input_shape: list[Any] = list(inp.shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        names = self.session.get_modelmeta().custom_metadata_map.get("densedet.classes")
+        self.classes: list[str] | None = json.loads(names) if names else None  # written by export()
 
     @property
     def dynamic(self) -> bool:
@@ -76,6 +79,7 @@ class OnnxRuntimeModel(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.to_rgb = to_rgb
         self.num_classes = num_classes
+        self.classes = self.session.classes
         self.path = Path(path)
 
     def forward(self, images: Any, targets: Any = None, metas: list[dict[str, Any]] | None = None,

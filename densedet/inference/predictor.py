@@ -85,6 +85,7 @@ class Predictor:
 
             self.model = load_onnx_model(self.cfg, checkpoint)  # an exported graph; .pth files are exported first
             self.device, tta, fuse = torch.device("cpu"), False, False
+            meta = {"classes": self.model.classes} if self.model.classes else {}
         else:
             self.model = build_detector(model_cfg, init=checkpoint is None)
         if checkpoint is not None and not hasattr(self.model, "session"):
