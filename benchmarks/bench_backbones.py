@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from densedet.bench import cpu_name
+
 INPUT_SIZE = (800, 1344)  # (H, W): 800x1333 padded to a multiple of 32, as the detectors' collate does
 
 # name -> (DenseDet config to take the backbone from, overrides of that backbone dict, timm model or None,
@@ -227,17 +229,6 @@ def measure_memory(name: str, lib: str, threads: int, channels_last: bool, iters
 
 
 # --------------------------------------------------------------------------------------------------- driver
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def spawn(args: argparse.Namespace, job: str) -> Any:

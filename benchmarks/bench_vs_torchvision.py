@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from densedet.bench import cpu_name, peak_rss_bytes, rss_bytes
 
 DD_CONFIGS = {"retinanet": "retinanet_r50_fpn_1x_coco", "fcos": "fcos_r50_caffe_fpn_gn-head_1x_coco"}
 TRAIN_SIZE = (512, 512)  # (H, W), batch 2
@@ -129,19 +130,10 @@ def build_densedet(model: str, timer: PartTimer) -> Any:
 
 def build_torchvision(model: str, mode: str, timer: PartTimer) -> Any:
     """torchvision's pretrained-recipe architecture (FrozenBN, trainable_layers=3), without weights."""
-    from torchvision.models.detection import FCOS, RetinaNet
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-    from torchvision.ops.misc import FrozenBatchNorm2d
+    from densedet.bench import build_torchvision_detector
 
-    h, w = TRAIN_SIZE if mode == "train" else INFER_SIZE
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d,
-                                   trainable_layers=3, returned_layers=[2, 3, 4],
-                                   extra_blocks=LastLevelP6P7(256, 256))
-    common = {"min_size": min(h, w), "max_size": max(h, w), "score_thresh": 0.0, "nms_thresh": 0.5,
-              "detections_per_img": 100, "topk_candidates": 1000}
-    cls = RetinaNet if model == "retinanet" else FCOS
-    m = cls(backbone, NUM_CLASSES, **common)
+    m = build_torchvision_detector(model, NUM_CLASSES, TRAIN_SIZE if mode == "train" else INFER_SIZE,
+                                   score_thresh=0.0, nms_thresh=0.5, detections=100, topk=1000)
     timer.wrap(m.transform, "forward", "transform (normalise+resize+batch)")
     timer.wrap(m.backbone.body, "forward", "backbone")
     timer.wrap(m.backbone.fpn, "forward", "neck (FPN)")
@@ -154,16 +146,6 @@ def build_torchvision(model: str, mode: str, timer: PartTimer) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- one case
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss is KiB on Linux
 
 
 def make_step(lib: str, model_name: str, mode: str, m: Any, timer: PartTimer,
@@ -308,17 +290,6 @@ def measure_memory(lib: str, model_name: str, mode: str, threads: int, channels_
 
 
 # --------------------------------------------------------------------------------------------------- driver
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
 
 
 def spawn(args: argparse.Namespace, job: str) -> Any:

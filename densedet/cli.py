@@ -86,6 +86,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     import torch
 
     from densedet.data import build_dataloader
+    from densedet.deploy.runtime import is_onnx_path, load_onnx_model
     from densedet.engine import evaluate
     from densedet.engine.checkpoint import load_checkpoint, load_model_weights
     from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
@@ -94,11 +95,15 @@ def cmd_test(args: argparse.Namespace) -> int:
     _zoo_row_config(args)
     cfg = _load_cfg(args)
     ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
-    model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
-    model = build_detector(model_cfg, init=False)
-    load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-    model.to(device).use_channels_last(cfg.runtime.channels_last)
+    if args.backend == "onnxruntime" or (args.backend == "auto" and is_onnx_path(ckpt_path)):
+        model, device, args.tta = load_onnx_model(cfg, ckpt_path), torch.device("cpu"), False
+    else:
+        model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
+        model = build_detector(model_cfg, init=False)
+        load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
+        device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+        model.to(device).use_channels_last(cfg.runtime.channels_last)
+        _apply_inference_options(model, cfg, args)
     dataset = _build_eval_dataset(cfg, args.split, args.tta)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
@@ -118,6 +123,24 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _apply_inference_options(model: Any, cfg: Any, args: argparse.Namespace) -> None:
+    """--precision (default runtime.precision) and BN folding (unless --no-fuse)."""
+    model.set_precision(args.precision or cfg.runtime.precision)
+    if args.fuse:
+        model.fuse()
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="inference precision of backbone/neck/head (default: runtime.precision); decode and NMS "
+                        "stay fp32")
+    p.add_argument("--backend", choices=["auto", "eager", "onnxruntime"], default="auto",
+                   help="onnxruntime: run an exported .onnx file (a .pth is exported first); auto: onnxruntime for "
+                        ".onnx checkpoints, else eager PyTorch")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="fold BatchNorm into the preceding convs (default on; same detections to float rounding)")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from densedet.inference import draw_predictions as dp
     from densedet.inference.predictor import Predictor
@@ -131,7 +154,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _zoo_row_config(args)
     config = _load_cfg(args) if (args.data or args.img_size) else args.config
     predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
-                          overrides=args.overrides, tta=args.tta)
+                          overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse,
+                          backend=args.backend)
     if args.split:
         items = dp.coco_images(*dp.split_files(predictor.cfg, args.split), limit=args.limit)
     elif args.ann:
@@ -149,6 +173,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"warning: skipped {len(skipped)} of {len(items)} files that could not be decoded: "
               f"{', '.join(Path(p).name for p in skipped[:10])}{' ...' if len(skipped) > 10 else ''}", file=sys.stderr)
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from densedet.deploy.command import cmd_export as run
+
+    return run(args, _resolve_checkpoint)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -259,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
     _add_data_args(e)
+    _add_inference_options(e)
     e.set_defaults(fn=cmd_test)
 
     r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
@@ -281,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
     _add_data_args(r)
+    _add_inference_options(r)
     r.set_defaults(fn=cmd_predict)
+
+    from densedet.deploy.command import add_export_parser
+
+    add_export_parser(sub, EPILOG).set_defaults(fn=cmd_export)
+    from densedet.bench import add_bench_parser, cmd_bench
+
+    add_bench_parser(sub, EPILOG).set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

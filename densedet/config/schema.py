@@ -297,6 +297,12 @@ class RuntimeConfig:
     # Mixed precision: an optimizer step whose gradients hold NaN/inf is skipped (counted in the log); after this
     # many consecutive skipped steps training stops with an error instead.
     max_consecutive_skips: int = 20
+    precision: str = "fp32"  # inference: fp32 | bf16 (autocast backbone/neck/head; decode + NMS in fp32)
+
+    def check(self, where: str, origins: dict[str, str]) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"{origins.get(where + '.precision', 'config')}: {where}.precision must be fp32 or "
+                              f"bf16, got {self.precision!r}", f"{where}.precision")
 
 
 @dataclass

@@ -67,11 +67,17 @@ class Predictor:
     Test-time augmentation follows the config's ``data.val.pipeline`` (a ``MultiScaleFlipAug`` there merges its
     views' detections); ``tta=False`` tests at its first scale only, ``tta=True`` adds horizontal-flip TTA to a
     plain pipeline (:func:`densedet.data.tta.tta_pipeline`).
+
+    ``fuse`` folds BatchNorm into convs (same detections to float rounding); ``precision`` ``'bf16'`` runs
+    backbone/neck/head under bfloat16 autocast with decoding and NMS in float32 (default ``runtime.precision``).
+    ``backend``: ``'onnxruntime'`` runs an exported file (``checkpoint`` ending in ``.onnx``, or a ``.pth`` exported
+    on the fly); ``'auto'`` picks it for ``.onnx`` paths (:class:`densedet.deploy.runtime.OnnxRuntimeModel`).
     """
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
                  score_thr: float | None = None, classes: Sequence[str] | None = None,
-                 overrides: list[str] | None = None, tta: bool | None = None) -> None:
+                 overrides: list[str] | None = None, tta: bool | None = None, precision: str | None = None,
+                 fuse: bool = True, backend: str = "auto") -> None:
         from densedet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 
         self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -80,18 +86,36 @@ class Predictor:
         model_cfg["backbone"] = {**model_cfg["backbone"], "pretrained": None}  # the checkpoint has all weights
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
-        self.model = build_detector(model_cfg, init=self.checkpoint is None)
+        from densedet.deploy.runtime import is_onnx_path
+
+        if backend not in ("auto", "eager", "onnxruntime"):
+            raise ValueError(f"backend must be auto, eager or onnxruntime, got {backend!r}")
         meta: dict[str, Any] = {}
-        if self.checkpoint is not None:
+        if backend == "onnxruntime" or (backend == "auto" and is_onnx_path(self.checkpoint)):
+            from densedet.deploy.runtime import load_onnx_model
+
+            # an exported graph (a .pth file is exported first)
+            self.model = load_onnx_model(self.cfg, self.checkpoint)
+            self.device, tta, fuse = torch.device("cpu"), False, False
+            meta = {"classes": self.model.classes} if self.model.classes else {}
+        else:
+            self.model = build_detector(model_cfg, init=self.checkpoint is None)
+        if self.checkpoint is not None and not hasattr(self.model, "session"):
             ckpt = load_checkpoint(self.checkpoint)
             load_model_weights(self.model, ckpt, strict=True, source=str(self.checkpoint))
             meta = ckpt.get("meta", {}) or {}
         self.model.to(self.device).eval()
         self.model.use_channels_last(self.cfg.runtime.channels_last)
+        # inference speed-ups that keep the detections: BN folding, and bf16 autocast if asked (runtime.precision)
+        self.model.set_precision(precision or self.cfg.runtime.precision)
+        if fuse:
+            self.model.fuse()
+        if score_thr is not None and hasattr(self.model, "session"):
+            raise ValueError("score_thr is part of an exported graph: export with model.test_cfg.score_thr=...")
         if score_thr is not None:
             head = getattr(self.model, "roi_head", None) or self.model.bbox_head  # two-stage: the R-CNN stage
             head.test_cfg.score_thr = score_thr
-        n = self.model.num_classes
+        n = int(self.model.num_classes)
         names = list(classes or meta.get("classes") or [f"class_{i}" for i in range(n)])
         if len(names) != n:
             raise ValueError(f"{len(names)} class names for a model with {n} classes")

@@ -33,6 +33,8 @@ class SingleStageDetector(nn.Module):
         self.neck = NECKS.build(neck, "model.neck") if neck is not None else None
         self.bbox_head = HEADS.build(bbox_head, "model.bbox_head", train_cfg=train_cfg, test_cfg=test_cfg)
         self.channels_last = False
+        self.precision = "fp32"  # inference precision of backbone/neck/head (set_precision)
+        self.fused = False
 
     def use_channels_last(self, enable: bool = True) -> SingleStageDetector:
         """Store weights and run convolutions in NHWC (``torch.channels_last``); inputs are converted in
@@ -40,6 +42,40 @@ class SingleStageDetector(nn.Module):
         (docs/benchmarks.md). Call before wrapping in DDP."""
         self.channels_last = enable
         return self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
+
+    def fuse(self) -> SingleStageDetector:
+        """Fold eval-mode and frozen BatchNorm layers into their preceding convs for inference, in place
+        (:func:`densedet.models.fuse.fuse_conv_bn`); puts the model in eval mode. Same detections to float rounding.
+        A fused model cannot train again (``train()`` raises): fuse after loading weights, never before saving."""
+        from densedet.models.fuse import fuse_conv_bn
+
+        self.eval()
+        fuse_conv_bn(self)
+        self.fused = True
+        return self
+
+    def train(self, mode: bool = True) -> SingleStageDetector:
+        if mode and getattr(self, "fused", False):
+            raise RuntimeError("this detector was fused for inference (BatchNorm folded into convs); build a new one "
+                               "from the checkpoint to train")
+        return super().train(mode)
+
+    def set_precision(self, precision: str) -> SingleStageDetector:
+        """``'fp32'`` or ``'bf16'``: with bf16, backbone, neck and head run under ``torch.autocast`` (bfloat16) in
+        ``predict`` / ``tensor`` modes, and their outputs are cast back to float32 before decoding and NMS, so
+        boxes, scores and all box arithmetic are float32. Training is not affected (see ``runtime.amp``)."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
+        return self
+
+    def _head_outputs(self, images: Tensor) -> Any:
+        """Backbone, neck and head; under bf16 autocast when ``precision == 'bf16'`` (outputs cast to float32)."""
+        if self.precision != "bf16" or self.training:
+            return self.bbox_head(self.extract_feat(images))
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
+            outs = self.bbox_head(self.extract_feat(images))
+        return _to_float32(outs)
 
     def init_weights(self) -> None:
         """Head/neck initialisation, then the backbone's (which loads ``pretrained`` weights when given)."""
@@ -71,7 +107,7 @@ class SingleStageDetector(nn.Module):
             from densedet.models.tta import aug_predict
 
             return aug_predict(self, images, metas)
-        outs = self.bbox_head(self.extract_feat(images))
+        outs = self._head_outputs(images)
         if mode == "tensor":
             return outs
         metas = metas if metas is not None else default_metas(images)
@@ -82,6 +118,17 @@ class SingleStageDetector(nn.Module):
         if mode == "predict":
             return self.bbox_head.predict(outs, metas, rescale=True)
         raise ValueError(f"unknown mode '{mode}' (loss | predict | predict_aug | tensor)")
+
+
+def _to_float32(obj: Any) -> Any:
+    """Floating tensors inside nested tuples / lists / dicts -> float32."""
+    if isinstance(obj, Tensor):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_float32(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_float32(v) for k, v in obj.items()}
+    return obj
 
 
 # MMDetection config names of the detectors (all are single-stage detectors differing only by head).

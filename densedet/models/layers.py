@@ -18,11 +18,13 @@ from densedet.registry import ConfigError
 __all__ = [
     "CONV_LAYERS",
     "ConvModule",
+    "FrozenBatchNorm2d",
     "Scale",
     "build_activation_layer",
     "build_conv_layer",
     "build_norm_layer",
     "constant_init",
+    "freeze_batchnorms",
     "kaiming_init",
     "run_conv",
     "xavier_init",
@@ -270,3 +272,54 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
+
+
+class FrozenBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with fixed statistics: ``y = x * s + t``, ``s = weight / sqrt(running_var + eps)``,
+    ``t = bias - running_mean * s``, in train and eval mode alike (an eval-mode BN that cannot be switched back).
+
+    It is a ``BatchNorm2d`` subclass so that the state dict keeps every key of an mmdet BN, ``num_batches_tracked``
+    included (checkpoints load strictly both ways), and code that looks for BN layers (norm decay, ``norm_eval``,
+    :func:`densedet.models.fuse.fuse_conv_bn`) still finds it. Why it exists: ``F.batch_norm`` saves its input for
+    backward even when nothing of the BN is trained; with a frozen ``weight`` this affine map saves nothing but
+    ``s`` (per channel), which is the training-memory saving measured in docs/benchmarks.md. With a trainable
+    ``weight`` (norm_eval with ``requires_grad=True``) it still saves ``x``, like BN.
+
+    Shapes: ``(B, C, H, W) -> (B, C, H, W)``. Reference semantics: torchvision ``ops.misc.FrozenBatchNorm2d``, which
+    however drops ``num_batches_tracked`` (read, not copied).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+        """A frozen copy sharing ``bn``'s Parameter and buffer objects (an optimizer built before still owns the
+        same ``weight`` / ``bias``)."""
+        if not bn.affine or not bn.track_running_stats:
+            raise ValueError("FrozenBatchNorm2d needs an affine BatchNorm2d with running statistics")
+        frozen = cls.__new__(cls)
+        nn.Module.__init__(frozen)
+        frozen.num_features, frozen.eps, frozen.momentum = bn.num_features, bn.eps, bn.momentum
+        frozen.affine, frozen.track_running_stats = True, True
+        frozen.weight, frozen.bias = bn.weight, bn.bias
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            frozen.register_buffer(name, getattr(bn, name))
+        frozen.train(False)
+        return frozen
+
+
+def freeze_batchnorms(module: nn.Module, only_without_grad: bool = False, recurse: bool = True) -> int:
+    """Replace every ``nn.BatchNorm2d`` below ``module`` (not SyncBN, not already frozen) by a
+    :class:`FrozenBatchNorm2d` sharing its tensors; with ``only_without_grad`` only those whose ``weight`` does not
+    require grad; ``recurse=False``: direct children only. Returns how many were replaced. Idempotent."""
+    count = 0
+    for parent in list(module.modules()) if recurse else [module]:
+        for name, child in list(parent.named_children()):
+            if (type(child) is nn.BatchNorm2d and child.affine and child.track_running_stats
+                    and not (only_without_grad and child.weight.requires_grad)):
+                setattr(parent, name, FrozenBatchNorm2d.from_batchnorm(child))
+                count += 1
+    return count

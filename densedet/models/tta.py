@@ -79,6 +79,6 @@ def aug_predict(detector: nn.Module, images: list[Tensor],
     head = detector.bbox_head
     parts = []
     for view_images, view_metas in zip(images, metas):  # views differ in size: one forward each
-        cand = head.predict_candidates(head(detector.extract_feat(view_images)), view_metas)
+        cand = head.predict_candidates(detector._head_outputs(view_images), view_metas)
         parts.append(cand._replace(boxes=bbox_mapping_back(cand.boxes, view_metas)))
     return multiclass_nms_batched(*Candidates.cat(parts), head.num_classes, head.test_cfg)

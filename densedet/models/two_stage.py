@@ -59,10 +59,25 @@ class TwoStageDetector(nn.Module):
         self.roi_head = StandardRoIHead(**roi, train_cfg=train.get("rcnn"), test_cfg=test.get("rcnn"))
         self.proposal_cfg = dict(train.get("rpn_proposal") or RPN_PROPOSAL)
         self.channels_last = False
+        self.fused = False
 
     # the backbone/neck plumbing is the single-stage detector's (plain functions of backbone, neck, channels_last)
     use_channels_last = SingleStageDetector.use_channels_last
     extract_feat = SingleStageDetector.extract_feat
+    fuse = SingleStageDetector.fuse  # BatchNorm folding is model-agnostic (densedet.models.fuse)
+
+    def train(self, mode: bool = True) -> TwoStageDetector:
+        if mode and self.fused:
+            raise RuntimeError("this detector was fused for inference (BatchNorm folded into convs); build a new one "
+                               "from the checkpoint to train")
+        return super().train(mode)
+
+    def set_precision(self, precision: str) -> TwoStageDetector:
+        """Only ``'fp32'``: bf16 inference (``runtime.precision``) is implemented for single-stage detectors only."""
+        if precision != "fp32":
+            raise ConfigError(f"precision {precision!r}: bf16 inference is not implemented for two-stage detectors "
+                              "(Mask R-CNN) yet; use fp32", path="runtime.precision")
+        return self
 
     def init_weights(self) -> None:
         for m in (self.neck, self.rpn_head, self.roi_head, self.backbone):

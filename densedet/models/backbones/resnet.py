@@ -20,7 +20,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from densedet.errors import CheckpointError, CheckpointNotFoundError
-from densedet.models.layers import build_conv_layer, build_norm_layer, constant_init, kaiming_init
+from densedet.models.layers import (
+    build_conv_layer,
+    build_norm_layer,
+    constant_init,
+    freeze_batchnorms,
+    kaiming_init,
+)
 from densedet.registry import BACKBONES, ConfigError
 
 __all__ = ["BasicBlock", "Bottleneck", "ResLayer", "ResNet", "ResNetV1d", "load_checkpoint_to", "read_checkpoint"]
@@ -443,6 +449,14 @@ class ResNet(nn.Module):
             m.eval()
             for p in m.parameters():
                 p.requires_grad = False
+        # BNs that never update (frozen stages; with norm_eval, those whose affine is not trained either) become
+        # FrozenBatchNorm2d: same keys and values, no saved activations in backward.
+        if self.norm_eval:
+            freeze_batchnorms(self, only_without_grad=True)
+        elif self.frozen_stages >= 0:
+            freeze_batchnorms(self.stem if self.deep_stem else self, only_without_grad=True, recurse=self.deep_stem)
+            for i in range(1, self.frozen_stages + 1):
+                freeze_batchnorms(getattr(self, f"layer{i}"))
 
     def train(self, mode: bool = True) -> ResNet:
         """Set train/eval mode, keeping frozen stages in eval and, with ``norm_eval``, every BN layer in eval."""
