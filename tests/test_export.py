@@ -202,3 +202,11 @@ def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does():
     assert any("MultiScaleFlipAug" in n and "one view" in n for n in notes), notes
     plain = load_config("atss_r18_fpn_synth")
     assert _graph_notes(plain, build_detector(plain.model, init=False)) == []
+
+
+def test_two_stage_export_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    _need_export_deps()
+    rc = main(["export", "mask_rcnn_r18_fpn_synth", "--out", str(tmp_path / "m.onnx"), "--no-check"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "two-stage" in err and "not implemented" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densedet.config import Config, load_config
+from densedet.errors import ConfigError
 
 __all__ = ["EXPORT_INSTALL_HINT", "ExportDependencyError", "ExportResult", "build_deploy_module", "check_onnx",
            "export", "require_export_deps"]
@@ -283,6 +284,10 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     model = load_eval_model(cfg, checkpoint)
+    if not hasattr(model, "bbox_head"):  # the graph wraps a dense head's decode + NMS
+        raise ConfigError(f"{cfg.name}: ONNX export is implemented for single-stage (dense-head) detectors only; "
+                          f"{type(model).__name__} (two-stage, Mask R-CNN) export is not implemented yet",
+                          path="model.type")
     deploy = build_deploy_module(cfg, model, nms=nms, max_det=max_det)
     # A dynamic graph is traced at a size whose pyramid levels are all > 1 and never square (320x448 gives
     # 40x56 ... 3x4): torch.export would otherwise bake equal or size-1 level dims into the graph as constraints.
