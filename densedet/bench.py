@@ -214,12 +214,16 @@ def run_bench(config: Any, checkpoint: str | None = None, size: tuple[int, int] 
     """Build the variants, warm each up, time them alternately; returns ``{"header", "results", "loads", ...}``
     (see the module doc). ``config``: name, YAML path or :class:`~densedet.config.Config`."""
     from densedet.config import Config, load_config
+    from densedet.errors import ConfigError
 
     if mode not in ("infer", "train"):
         raise ValueError(f"mode must be infer or train, got {mode!r}")
     if threads:
         torch.set_num_threads(threads)
     extra = list(overrides or [])
+    if not isinstance(config, Config) and "bbox_head" not in load_config(config, extra, validate_model=False).model:
+        raise ConfigError(f"densedet bench times single-stage (dense-head) detectors; {config} is two-stage: "
+                          "use benchmarks/bench_maskrcnn.py for Mask R-CNN", path="model")
     if checkpoint is None:  # random weights score ~0.01: no threshold, so decode and NMS do their full work
         extra += ["model.test_cfg.score_thr=0.0"]
     cfg = config if isinstance(config, Config) else load_config(config, extra)

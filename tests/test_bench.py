@@ -38,3 +38,8 @@ def test_bench_train_mode_with_torchvision_peer(capsys):
     rows = _rows(out)
     assert list(rows) == ["densedet fp32", "torchvision retinanet fp32"]
     assert abs(float(rows["densedet fp32"][3]) - 2000.0 / float(rows["densedet fp32"][0])) < 0.05  # batch 2
+
+
+def test_bench_of_a_two_stage_config_points_to_its_benchmark(capsys):
+    assert main(["bench", "mask_rcnn_r18_fpn_synth", "--size", "64x64"]) == 2
+    assert "benchmarks/bench_maskrcnn.py" in capsys.readouterr().err
