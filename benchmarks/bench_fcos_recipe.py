@@ -351,8 +351,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=Path("work_dirs/bench_fcos_recipe"))
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 5 iterations, seed 0")
     p.add_argument("--out", type=Path, help="write every number to this JSON file")
+    p.add_argument("--collect", nargs="+", type=Path, metavar="DIR",
+                   help="only rebuild the table (and --out) from the result.json files of earlier runs under DIRs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.collect:
+        found = sorted(f for d in args.collect for f in d.glob("*_s*/result.json"))
+        if not found:
+            p.error(f"no */result.json under {[str(d) for d in args.collect]}")
+        results = [json.loads(f.read_text()) for f in found]
+        order = {v: i for i, v in enumerate(VARIANTS)}
+        results.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
+        print(markdown(results))
+        if args.out:
+            args.out.write_text(json.dumps({"meta": {"collected_from": [str(f) for f in found]},
+                                            "results": results}, indent=2))
+        return 0
     if args.quick:
         args.epochs, args.max_iters, args.seeds = 1, 5, "0"
     data_root = (args.work_dir / "synth").resolve()
