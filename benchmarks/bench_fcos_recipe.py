@@ -45,19 +45,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-# name -> (library, DenseDet config overrides, description). The overrides apply to the DenseDet config for
-# every variant (the ``tv`` model takes only backbone/neck/data/optimizer/schedule from it).
+# The two head recipes, spelled out so that a variant does not depend on what the config currently says:
+# mmdet's (``fcos_r18_fpn_synth`` before issue 13) and torchvision's (the config since).
+HEAD = "model.bbox_head."
+MMDET_HEAD = {HEAD + "bbox_loss_weighting": "centerness", HEAD + "scale_per_level": True,
+              HEAD + "norm_cfg": {"type": "GN", "num_groups": 16, "requires_grad": True}}
+TV_HEAD = {HEAD + "bbox_loss_weighting": "uniform", HEAD + "scale_per_level": False,
+           HEAD + "norm_cfg": {"type": "GN", "num_groups": 32, "requires_grad": True}}
+# name -> (library, DenseDet config overrides, description). The ``tv`` model takes only backbone, neck, data,
+# optimizer and schedule from the config.
 VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "tv": ("torchvision", {}, "torchvision FCOS head, assignment, losses"),
-    "dd_config": ("densedet", {}, "the config as it was (mmdet GIoU variant: centerness-weighted GIoU, Scale)"),
-    "dd_uniform": ("densedet", {"model.bbox_head.bbox_loss_weighting": "uniform"},
-                   "GIoU averaged over positives (torchvision)"),
-    "dd_noscale": ("densedet", {"model.bbox_head.scale_per_level": False}, "no per-level Scale (torchvision)"),
-    "dd_tv": ("densedet", {"model.bbox_head.bbox_loss_weighting": "uniform", "model.bbox_head.scale_per_level": False,
-                           "model.bbox_head.norm_cfg": {"type": "GN", "num_groups": 32, "requires_grad": True}},
-              "uniform GIoU + no Scale + GN(32) (torchvision's head recipe)"),
+    "dd_mmdet": ("densedet", MMDET_HEAD, "mmdet recipe: centerness-weighted GIoU, per-level Scale, GN(16)"),
+    "dd_uniform": ("densedet", {**MMDET_HEAD, HEAD + "bbox_loss_weighting": "uniform"},
+                   "mmdet recipe with GIoU averaged over positives (torchvision)"),
+    "dd_noscale": ("densedet", {**MMDET_HEAD, HEAD + "scale_per_level": False},
+                   "mmdet recipe without the per-level Scale (torchvision)"),
+    "dd_tv": ("densedet", TV_HEAD, "torchvision's recipe: uniform GIoU, no Scale, GN(32) (= fcos_r18_fpn_synth now)"),
 }
-DEFAULT_VARIANTS = "tv,dd_config,dd_tv,dd_uniform,dd_noscale"
+# results written before the variants were spelled out (same runs, then named after the config they ran)
+LEGACY_NAMES = {"dd_config": "dd_mmdet"}
+DEFAULT_VARIANTS = "tv,dd_mmdet,dd_tv,dd_uniform,dd_noscale"
 TV_TEST = {"score_thresh": 0.2, "nms_thresh": 0.6, "topk_candidates": 1000, "detections_per_img": 100}
 METRICS = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l")
 
@@ -360,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         if not found:
             p.error(f"no */result.json under {[str(d) for d in args.collect]}")
         results = [json.loads(f.read_text()) for f in found]
+        for r in results:
+            if r["variant"] in LEGACY_NAMES:
+                r["ran_as"], r["variant"] = r["variant"], LEGACY_NAMES[r["variant"]]
         order = {v: i for i, v in enumerate(VARIANTS)}
         results.sort(key=lambda r: (order.get(r["variant"], len(order)), r["seed"]))
         print(markdown(results))
