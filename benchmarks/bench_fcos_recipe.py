@@ -61,6 +61,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
                    "mmdet recipe with GIoU averaged over positives (torchvision)"),
     "dd_noscale": ("densedet", {**MMDET_HEAD, HEAD + "scale_per_level": False},
                    "mmdet recipe without the per-level Scale (torchvision)"),
+    "dd_uniform_noscale": ("densedet", {**TV_HEAD, HEAD + "norm_cfg": MMDET_HEAD[HEAD + "norm_cfg"]},
+                           "uniform GIoU + no Scale, GN(16): torchvision's recipe but the GN groups"),
     "dd_tv": ("densedet", TV_HEAD, "torchvision's recipe: uniform GIoU, no Scale, GN(32) (= fcos_r18_fpn_synth now)"),
 }
 # results written before the variants were spelled out (same runs, then named after the config they ran)
