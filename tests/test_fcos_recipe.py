@@ -47,8 +47,8 @@ def one_box_case() -> tuple[tuple, list, list, float, float]:
     losses, weights = [], []
     for y in (4.0, 12.0):
         for x in (4.0, 12.0, 20.0, 28.0):
-            l, t, r, b = x - gt[0], y - gt[1], gt[2] - x, gt[3] - y
-            weights.append(math.sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)))
+            left, t, r, b = x - gt[0], y - gt[1], gt[2] - x, gt[3] - y
+            weights.append(math.sqrt(min(left, r) / max(left, r) * min(t, b) / max(t, b)))
             losses.append(giou_loss_by_hand((x - 6, y - 6, x + 6, y + 6), gt))
     weighted = sum(w * v for w, v in zip(weights, losses)) / sum(weights)
     uniform = sum(losses) / len(losses)
