@@ -4,6 +4,10 @@ Points at ``(j + 0.5) * stride``; targets by regress ranges with optional center
 normalised by the stride (``norm_on_bbox``, predictions ReLU-ed instead of exp-ed); focal loss over
 ``max(reduce_mean(num_pos), 1)``; IoU/GIoU loss weighted by the centerness target and normalised by its
 cross-process mean sum; centerness BCE.
+
+Two options, off by default so the MMDetection configs keep the reference semantics, give torchvision's FCOS recipe
+(torchvision/models/detection/fcos.py): ``bbox_loss_weighting="uniform"`` (every positive weighs 1 in the IoU/GIoU
+loss, normalised by the number of positives) and ``scale_per_level=False`` (no learnable ``Scale`` on the distances).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ class FCOSHead(DenseHead):
                  strides: tuple[int, ...] | list[int] = (8, 16, 32, 64, 128),
                  regress_ranges: tuple | list = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF)),
                  center_sampling: bool = False, center_sample_radius: float = 1.5, norm_on_bbox: bool = False,
-                 centerness_on_reg: bool = False, dcn_on_last_conv: bool = False, conv_bias: bool | str = "auto",
+                 centerness_on_reg: bool = False, bbox_loss_weighting: str = "centerness",
+                 scale_per_level: bool = True, dcn_on_last_conv: bool = False, conv_bias: bool | str = "auto",
                  conv_cfg: dict | None = None, norm_cfg: dict | None = None, loss_cls: dict | None = None,
                  loss_bbox: dict | None = None, loss_centerness: dict | None = None,
                  train_cfg: dict | None = None, test_cfg: dict | None = None, init_cfg: dict | None = None) -> None:
@@ -44,6 +49,13 @@ class FCOSHead(DenseHead):
 
             raise ConfigError("model.bbox_head.dcn_on_last_conv: deformable head convs are not available yet",
                               path="model.bbox_head.dcn_on_last_conv")
+        if bbox_loss_weighting not in ("centerness", "uniform"):
+            from densedet.registry import ConfigError
+
+            raise ConfigError(f"model.bbox_head.bbox_loss_weighting must be 'centerness' or 'uniform', got "
+                              f"'{bbox_loss_weighting}'", path="model.bbox_head.bbox_loss_weighting")
+        # "centerness": mmdet (weight = centerness target, avg over its sum); "uniform": torchvision (avg over num_pos)
+        self.bbox_loss_weighting = bbox_loss_weighting
         # FCOS configs carry an unused MaxIoUAssigner in train_cfg; accept and ignore it like the reference.
         self.train_cfg_raw = train_cfg
         self.regress_ranges = [tuple(float(v) for v in r) for r in regress_ranges]
@@ -62,7 +74,8 @@ class FCOSHead(DenseHead):
         self.conv_cls = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.conv_reg = nn.Conv2d(feat_channels, 4, 3, padding=1)
         self.conv_centerness = nn.Conv2d(feat_channels, 1, 3, padding=1)
-        self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
+        # torchvision's FCOS has no per-level scale: distances are relu(conv) * stride (norm_on_bbox).
+        self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides]) if scale_per_level else None
 
     def classifier(self) -> nn.Conv2d:
         return self.conv_cls
@@ -70,7 +83,8 @@ class FCOSHead(DenseHead):
     def forward_level(self, x: Tensor, level: int) -> tuple[Tensor, Tensor, Tensor]:
         c, r = self.towers(x)
         centerness = self.conv_centerness(r if self.centerness_on_reg else c)
-        bbox = self.scales[level](self.conv_reg(r)).float()
+        bbox = self.conv_reg(r)
+        bbox = (self.scales[level](bbox) if self.scales is not None else bbox).float()
         if self.norm_on_bbox:
             bbox = bbox.clamp(min=0)
             if not self.training:
@@ -122,7 +136,10 @@ class FCOSHead(DenseHead):
         if pos_points.numel():
             pred_boxes = self.bbox_coder.decode(pos_points, bbox_flat[pos])
             target_boxes = self.bbox_coder.decode(pos_points, pos_ltrb)
-            loss_bbox = self.loss_bbox(pred_boxes, target_boxes, weight=ctr_targets, avg_factor=ctr_denorm)
+            if self.bbox_loss_weighting == "centerness":
+                loss_bbox = self.loss_bbox(pred_boxes, target_boxes, weight=ctr_targets, avg_factor=ctr_denorm)
+            else:
+                loss_bbox = self.loss_bbox(pred_boxes, target_boxes, avg_factor=num_pos)
             loss_ctr = self.loss_centerness(ctr_flat[pos], ctr_targets, avg_factor=num_pos)
         else:
             loss_bbox = bbox_flat.sum() * 0
