@@ -37,7 +37,8 @@ def test_bench_train_mode_with_torchvision_peer(capsys):
     assert rc == 0, out
     rows = _rows(out)
     assert list(rows) == ["densedet fp32", "torchvision retinanet fp32"]
-    assert abs(float(rows["densedet fp32"][3]) - 2000.0 / float(rows["densedet fp32"][0])) < 0.05  # batch 2
+    ips, med = float(rows["densedet fp32"][3]), float(rows["densedet fp32"][0])
+    assert abs(ips - 2000.0 / med) <= 0.02 * ips + 0.01  # batch 2: images/s = 2/median (median printed rounded)
 
 
 def test_bench_of_a_two_stage_config_points_to_its_benchmark(capsys):

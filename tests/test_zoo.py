@@ -43,12 +43,13 @@ class _Server:
                     self.send_response(416)
                     self.end_headers()
                     return
+                # recorded before the body goes out: the client may return as soon as it has read it
+                outer.requests.append((self.path, rng, len(body) - start))
                 self.send_response(206 if start else 200)
                 self.send_header("Content-Type", "application/octet-stream")
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
                 self.wfile.write(body[start:])
-                outer.requests.append((self.path, rng, len(body) - start))
 
             def log_message(self, *args) -> None:
                 pass
