@@ -20,6 +20,7 @@ __all__ = [
     "DataError",
     "DenseDetError",
     "NonFiniteError",
+    "NotImplementedConfigError",
 ]
 
 
@@ -63,6 +64,11 @@ class CheckpointError(DenseDetError, RuntimeError):
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """The checkpoint file does not exist (also a ``FileNotFoundError`` for callers that expect one)."""
+
+
+class NotImplementedConfigError(ConfigError, NotImplementedError):
+    """The config asks for something DenseDet does not implement (yet), e.g. test-time augmentation of a two-stage
+    detector: a config error (exit 2) that is also a ``NotImplementedError``."""
 
 
 class NonFiniteError(DenseDetError, FloatingPointError):

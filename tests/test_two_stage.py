@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from densedet.data.masks import InstanceMasks, PolygonMask
+from densedet.errors import ConfigError
 from densedet.models.build import build_detector
 from densedet.models.heads.rpn_head import RPNHead
 from densedet.models.roi_heads import (
@@ -239,8 +240,9 @@ def test_tiny_mask_rcnn_loss_and_predict() -> None:
         assert (det["masks"].height, det["masks"].width) == meta["ori_shape"]
         h, w = meta["ori_shape"]
         assert (det["boxes"][:, 2] <= w + 1e-3).all() and (det["boxes"][:, 3] <= h + 1e-3).all()
-    with pytest.raises(NotImplementedError, match="two-stage"):
+    with pytest.raises(NotImplementedError, match="two-stage") as info:  # a config error: one line, exit 2
         model([imgs], None, [metas], mode="predict_aug")
+    assert isinstance(info.value, ConfigError) and info.value.exit_code == 2
 
 
 def test_build_model_num_classes_and_predictor_returns_masks() -> None:

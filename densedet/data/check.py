@@ -36,6 +36,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from densedet.errors import NotImplementedConfigError
 from densedet.evaluation.coco_eval import atomic_write
 
 __all__ = ["AssignmentReport", "DatasetStats", "assign_gt", "assignment_report", "data_check", "dataset_stats",
@@ -203,7 +204,7 @@ def assign_gt(head: Any, sizes: list[tuple[int, int]], targets: list[dict[str, t
         valid = head.valid_prior_mask(sizes, head.strides, 1, metas, dev)
         return head.init_targets(points, strides, gt, valid).gt_inds.masked_fill(~valid, -1), per_level
     else:
-        raise NotImplementedError(f"data check: no assignment analysis for {name}")
+        raise NotImplementedConfigError(f"data check: no assignment analysis for {name}")
     strides = torch.repeat_interleave(torch.tensor(head.strides, dtype=torch.float32), torch.tensor(per_level))
     ranges = expand_regress_ranges(head.regress_ranges, per_level)
     res, _ = fcos_assign(points, strides, ranges, gt, center_sampling=head.center_sampling,

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from densedet.errors import NotImplementedConfigError
 from densedet.models.detector import SingleStageDetector, default_metas
 from densedet.models.roi_heads import StandardRoIHead
 from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS, ConfigError, check_kwargs
@@ -99,8 +100,8 @@ class TwoStageDetector(nn.Module):
         and, for Mask R-CNN, ``masks`` (:class:`~densedet.data.masks.InstanceMasks` in the original image).
         ``mode="tensor"``: the RPN's per-level outputs."""
         if mode == "predict_aug":
-            raise NotImplementedError("test-time augmentation (MultiScaleFlipAug) is not implemented for two-stage "
-                                      "detectors; use a single-scale test pipeline")
+            raise NotImplementedConfigError("test-time augmentation (MultiScaleFlipAug) is not implemented for "
+                                            "two-stage detectors; use a single-scale test pipeline")
         feats = self.extract_feat(images)
         rpn_outs = self.rpn_head(feats)
         if mode == "tensor":
