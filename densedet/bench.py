@@ -129,7 +129,7 @@ def _densedet_variant(cfg: Any, checkpoint: str | None, mode: str, images: torch
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
     h, w = images.shape[-2:]
     metas = [{"img_shape": (h, w), "scale_factor": (1.0, 1.0)} for _ in range(images.shape[0])]
-    if compile_:  # backbone + neck + head on the static padded shape; decode and NMS stay eager
+    if compile_ and mode == "train":  # training: plain torch.compile of the network (weights change each step)
         model.extract_feat = torch.compile(model.extract_feat, dynamic=False)
         model.bbox_head.forward = torch.compile(model.bbox_head.forward, dynamic=False)
 
@@ -141,6 +141,7 @@ def _densedet_variant(cfg: Any, checkpoint: str | None, mode: str, images: torch
         model.eval().set_precision(precision)
         if fused:
             model.fuse()
+        model.set_compile(compile_)  # inference: what --compile does in predict/test (frozen weights)
 
         def infer() -> Any:
             with torch.no_grad():

@@ -124,10 +124,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _apply_inference_options(model: Any, cfg: Any, args: argparse.Namespace) -> None:
-    """--precision (default runtime.precision) and BN folding (unless --no-fuse)."""
+    """--precision (default runtime.precision), BN folding (unless --no-fuse), then --compile (runtime.compile)."""
     model.set_precision(args.precision or cfg.runtime.precision)
     if args.fuse:
         model.fuse()
+    model.set_compile(cfg.runtime.compile if args.compile is None else args.compile)
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -139,6 +140,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
                         ".onnx checkpoints, else eager PyTorch")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fold BatchNorm into the preceding convs (default on; same detections to float rounding)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile backbone/neck/head (default: runtime.compile; single-stage models; the first "
+                        "image of each new padded size compiles, tens of seconds); decode and NMS stay eager")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -155,7 +159,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     config = _load_cfg(args) if (args.data or args.img_size) else args.config
     predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
                           overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse,
-                          backend=args.backend)
+                          backend=args.backend, compile=args.compile)
     if args.split:
         items = dp.coco_images(*dp.split_files(predictor.cfg, args.split), limit=args.limit)
     elif args.ann:

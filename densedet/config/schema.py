@@ -298,6 +298,7 @@ class RuntimeConfig:
     # many consecutive skipped steps training stops with an error instead.
     max_consecutive_skips: int = 20
     precision: str = "fp32"  # inference: fp32 | bf16 (autocast backbone/neck/head; decode + NMS in fp32)
+    compile: bool = False  # inference: torch.compile backbone/neck/head (Inductor, frozen weights); decode + NMS eager
 
     def check(self, where: str, origins: dict[str, str]) -> None:
         if self.precision not in ("fp32", "bf16"):

@@ -126,6 +126,11 @@ class OnnxRuntimeModel(nn.Module):
     def fuse(self) -> OnnxRuntimeModel:
         return self
 
+    def set_compile(self, enable: bool = True) -> OnnxRuntimeModel:
+        if enable:
+            raise ValueError("the ONNX model runs in onnxruntime, which optimises it itself; drop --compile")
+        return self
+
 
 def is_onnx_path(path: str | Path | None) -> bool:
     return path is not None and str(path).lower().endswith(".onnx")

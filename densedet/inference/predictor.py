@@ -72,12 +72,14 @@ class Predictor:
     backbone/neck/head under bfloat16 autocast with decoding and NMS in float32 (default ``runtime.precision``).
     ``backend``: ``'onnxruntime'`` runs an exported file (``checkpoint`` ending in ``.onnx``, or a ``.pth`` exported
     on the fly); ``'auto'`` picks it for ``.onnx`` paths (:class:`densedet.deploy.runtime.OnnxRuntimeModel`).
+    ``compile`` runs backbone/neck/head through ``torch.compile`` (default ``runtime.compile``; single-stage
+    detectors; the first image of each new padded size compiles: see :mod:`densedet.models.compile`).
     """
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None, device: str = "auto",
                  score_thr: float | None = None, classes: Sequence[str] | None = None,
                  overrides: list[str] | None = None, tta: bool | None = None, precision: str | None = None,
-                 fuse: bool = True, backend: str = "auto") -> None:
+                 fuse: bool = True, backend: str = "auto", compile: bool | None = None) -> None:
         from densedet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
 
         self.cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -110,6 +112,7 @@ class Predictor:
         self.model.set_precision(precision or self.cfg.runtime.precision)
         if fuse:
             self.model.fuse()
+        self.model.set_compile(self.cfg.runtime.compile if compile is None else compile)  # after fuse: frozen weights
         if score_thr is not None and hasattr(self.model, "session"):
             raise ValueError("score_thr is part of an exported graph: export with model.test_cfg.score_thr=...")
         if score_thr is not None:

@@ -35,6 +35,7 @@ class SingleStageDetector(nn.Module):
         self.channels_last = False
         self.precision = "fp32"  # inference precision of backbone/neck/head (set_precision)
         self.fused = False
+        self._compiled: Any = None  # torch.compile'd _network (set_compile)
 
     def use_channels_last(self, enable: bool = True) -> SingleStageDetector:
         """Store weights and run convolutions in NHWC (``torch.channels_last``); inputs are converted in
@@ -69,12 +70,29 @@ class SingleStageDetector(nn.Module):
         self.precision = precision
         return self
 
+    def set_compile(self, enable: bool = True) -> SingleStageDetector:
+        """Run backbone, neck and head through ``torch.compile`` (Inductor, weights frozen) in ``predict`` /
+        ``tensor`` modes of an eval-mode model; decoding and NMS stay eager float32
+        (:mod:`densedet.models.compile`). Call after loading weights, :meth:`fuse` and :meth:`use_channels_last`:
+        the compiled graph keeps the weights it first saw. Training never uses the compiled graph."""
+        if enable:
+            from densedet.models.compile import compile_network
+
+            self._compiled = compile_network(self._network)
+        else:
+            self._compiled = None
+        return self
+
+    def _network(self, images: Tensor) -> Any:
+        return self.bbox_head(self.extract_feat(images))
+
     def _head_outputs(self, images: Tensor) -> Any:
         """Backbone, neck and head; under bf16 autocast when ``precision == 'bf16'`` (outputs cast to float32)."""
+        network = self._compiled if self._compiled is not None and not self.training else self._network
         if self.precision != "bf16" or self.training:
-            return self.bbox_head(self.extract_feat(images))
+            return network(images)
         with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16):
-            outs = self.bbox_head(self.extract_feat(images))
+            outs = network(images)
         return _to_float32(outs)
 
     def init_weights(self) -> None:

@@ -80,6 +80,13 @@ class TwoStageDetector(nn.Module):
                               "(Mask R-CNN) yet; use fp32", path="runtime.precision")
         return self
 
+    def set_compile(self, enable: bool = True) -> TwoStageDetector:
+        """Only ``False``: ``--compile`` (runtime.compile) is implemented for single-stage detectors only."""
+        if enable:
+            raise NotImplementedConfigError("--compile (runtime.compile) is not implemented for two-stage detectors "
+                                            "(Mask R-CNN); run without it", path="runtime.compile")
+        return self
+
     def init_weights(self) -> None:
         for m in (self.neck, self.rpn_head, self.roi_head, self.backbone):
             if m is not None and hasattr(m, "init_weights"):
