@@ -213,9 +213,10 @@ def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does():
     assert _graph_notes(plain, build_detector(plain.model, init=False)) == []
 
 
-def test_two_stage_export_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+def test_two_stage_no_nms_export_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    """Mask R-CNN exports (tests/test_export_maskrcnn.py), but only with its R-CNN NMS: --no-nms is refused."""
     _need_export_deps()
-    rc = main(["export", "mask_rcnn_r18_fpn_synth", "--out", str(tmp_path / "m.onnx"), "--no-check"])
+    rc = main(["export", "mask_rcnn_r18_fpn_synth", "--out", str(tmp_path / "m.onnx"), "--no-check", "--no-nms"])
     err = capsys.readouterr().err
-    assert rc == 2 and "two-stage" in err and "not implemented" in err and "Traceback" not in err
+    assert rc == 2 and "--no-nms" in err and "two-stage" in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()
