@@ -47,6 +47,42 @@ def test_export_cli_checks_boxes_and_pasted_masks(tmp_path, capsys):
     assert masks[0].std(axis=(1, 2)).min() > 0  # not constant maps
 
 
+def test_static_multilevel_roi_align_equals_the_extractor_in_torch_and_onnxruntime(tmp_path):
+    """roi_align_levels (every level on every RoI, empty boxes off-level) = SingleRoIExtractor (gathers RoIs per
+    level), in eager and as ONNX RoiAlign in onnxruntime, on RoIs of all four levels including ones that cross or
+    lie outside the image border, a degenerate one and sub-pixel ones."""
+    import onnxruntime as ort
+    from torch import nn
+
+    from densedet.deploy.ops import OPSET
+    from densedet.deploy.two_stage_graph import roi_align_levels
+    from densedet.models.roi_heads import SingleRoIExtractor, map_roi_levels
+
+    ext = SingleRoIExtractor({"type": "RoIAlign", "output_size": 7, "sampling_ratio": 0}, 8, [4, 8, 16, 32])
+
+    class Pool(nn.Module):
+        def forward(self, f0, f1, f2, f3, rois):
+            return roi_align_levels(ext, [f0, f1, f2, f3], rois)
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.randn(2, 8, 96 // s, 128 // s, generator=g) for s in (4, 8, 16, 32)]
+    rois = torch.tensor([[0, -20, -10, 30, 40], [1, 100, 70, 140, 110], [1, 10.3, 20.7, 11.1, 21.2],
+                         [0, -50, -50, -10, -10], [0, 5, 5, 5, 5], [1, 2.5, 3.5, 90.25, 60.75],  # level 0
+                         [0, 0, 0, 128, 96], [1, 60, 40, 200, 180],  # level 1 (112 <= sqrt(wh) < 224)
+                         [0, -100, -80, 200, 150], [1, 0, 0, 300, 250],  # level 2
+                         [0, -200, -200, 400, 300], [1, 50, 30, 700, 600]])  # level 3
+    assert set(map_roi_levels(rois, 4).tolist()) == {0, 1, 2, 3}
+    with torch.no_grad():
+        ref = ext(feats, rois)
+        torch.testing.assert_close(Pool()(*feats, rois), ref, rtol=0, atol=0)
+    names = ["f0", "f1", "f2", "f3", "rois"]
+    torch.onnx.export(Pool().eval(), (*feats, rois), dynamo=True, opset_version=OPSET, input_names=names,
+                      verbose=False).save(str(tmp_path / "roi.onnx"))
+    sess = ort.InferenceSession(str(tmp_path / "roi.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {n: t.numpy() for n, t in zip(names, [*feats, rois])})[0]
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_no_detections_gives_the_padded_contract(tmp_path):
     from densedet.deploy import OnnxDetector, export
 
@@ -98,6 +134,25 @@ def test_dynamic_export_matches_eager_at_two_batch_sizes_and_sizes(trained):
         r = check_onnx(trained["onnx"], deploy, rng.integers(0, 256, shape, dtype=np.uint8))
         assert r["ok"] and r["eager"] > 0 and r["masks_compared"] == r["eager"], (shape, r)
         assert r["max_box_rel_diff"] <= 1e-3 and r["min_mask_iou"] >= 0.99
+
+
+def test_predictor_with_the_onnx_file_returns_the_eager_masks_in_the_original_image(trained):
+    """Predictor(config, model.onnx): resized input, boxes rescaled and masks pasted into the original 70x150
+    image, equal to the eager Predictor's (same matching as the export check, mask IoU >= 0.99)."""
+    from densedet.deploy.onnx_export import compare_detections, mask_iou
+    from densedet.inference.predictor import Predictor
+
+    image = np.random.default_rng(2).integers(0, 256, (70, 150, 3), dtype=np.uint8)
+    eager = Predictor(str(trained["config"]), trained["ckpt"], device="cpu")(image)
+    pred = Predictor(str(trained["config"]), trained["onnx"])
+    assert type(pred.model).__name__ == "OnnxRuntimeModel"
+    got = pred(image)
+    keys = ("boxes", "scores", "labels")
+    r = compare_detections({k: eager[k].numpy() for k in keys}, {k: got[k].numpy() for k in keys})
+    assert r["ok"] and r["eager"] > 0, r
+    assert (got["masks"].height, got["masks"].width) == (70, 150) and len(got["masks"]) == r["onnx"]
+    assert min(mask_iou(eager["masks"], i, got["masks"], j) for i, j in r["pairs"]) >= 0.99
+    assert sum(int(got["masks"].to_full(j).sum()) for _, j in r["pairs"]) > 0  # masks with pixels were compared
 
 
 def _results_by_image(folder: Path) -> dict[int, dict[str, list]]:
