@@ -83,8 +83,36 @@ def test_static_multilevel_roi_align_equals_the_extractor_in_torch_and_onnxrunti
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_no_detections_gives_the_padded_contract(tmp_path):
-    from densedet.deploy import OnnxDetector, export
+def test_padded_output_contract_with_and_without_detections(tmp_path):
+    """Two images of one batch keep different numbers of detections (the mask head runs on the larger count):
+    each image's first num_dets slots are sorted detections with masks in (0, 1), the rest is padding (boxes,
+    scores and masks 0, labels -1), equal to eager; a graph whose score_thr nothing passes gives only padding."""
+    from densedet.config import load_config
+    from densedet.deploy import OnnxDetector, check_onnx, export
+    from densedet.deploy.onnx_export import build_deploy_module, load_eval_model
+
+    over = ["model.test_cfg.rcnn.score_thr=0.0", "model.test_cfg.rcnn.max_per_img=250"]
+    torch.manual_seed(0)
+    res = export("mask_rcnn_r18_fpn_synth", None, tmp_path / "p.onnx", size=(64, 96), batch=2, check=False,
+                 overrides=over)
+    # noise (a constant image ties many scores, and torch and onnxruntime may break ties differently)
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.integers(0, 256, (3, 64, 96), dtype=np.uint8),
+                       rng.integers(0, 64, (3, 64, 96), dtype=np.uint8)])
+    out = OnnxDetector(res.path).run(images)
+    assert out["boxes"].shape == (2, 250, 4) and out["masks"].shape == (2, 250, 28, 28)
+    counts = [int(n) for n in out["num_dets"]]
+    assert 0 < counts[0] < 250 and 0 < counts[1] < 250 and counts[0] != counts[1], counts
+    for b, n in enumerate(counts):
+        assert (out["labels"][b, :n] >= 0).all() and (out["scores"][b, :n] > 0).all()
+        assert (np.diff(out["scores"][b, :n]) <= 0).all()
+        assert (out["masks"][b, :n] > 0).all() and (out["masks"][b, :n] < 1).all()
+        assert (out["boxes"][b, n:] == 0).all() and (out["scores"][b, n:] == 0).all()
+        assert (out["labels"][b, n:] == -1).all() and (out["masks"][b, n:] == 0).all()
+    cfg = load_config("mask_rcnn_r18_fpn_synth", over)
+    torch.manual_seed(0)
+    r = check_onnx(res.path, build_deploy_module(cfg, load_eval_model(cfg, None)), images)
+    assert r["ok"] and r["masks_compared"] == r["eager"] > 0, r
 
     torch.manual_seed(0)
     # a fresh R-CNN classifier gives ~1 / (C + 1) = 0.25 to every class: nothing passes score_thr 0.9

@@ -297,6 +297,7 @@ def check_onnx(path: str | Path, deploy: nn.Module, images: np.ndarray, rtol: fl
             ious = [mask_iou(ref["masks"], a, pasted, b) for a, b in r["pairs"]]
             r["masks_compared"], r["min_mask_iou"] = len(ious), min(ious, default=1.0)
             r["ok"] = r["ok"] and r["min_mask_iou"] >= MASK_IOU_MIN
+        r.pop("pairs")
         if worst is None or (not r["ok"] and worst["ok"]) or r["max_box_rel_diff"] > worst["max_box_rel_diff"]:
             worst = r
     assert worst is not None

@@ -111,10 +111,17 @@ class DeployTwoStage(PixelsIn):
                                                                     self.max_det)
         if not self.with_mask:
             return out_boxes, out_scores, out_labels, num_dets
-        # mask branch on the kept boxes: the logits of each detection's own class, as StandardRoIHead._predict_masks
-        mask_pred = roi.mask_head(roi_align_levels(roi.mask_roi_extractor, feats, _with_batch_index(out_boxes)))
+        # mask branch on the kept boxes: the logits of each detection's own class, as StandardRoIHead._predict_masks.
+        # Only the first n = max(num_dets) slots (at least 1: no zero-size convs) run the mask head, a
+        # data-dependent size; the rest is zero padding.
+        n = num_dets.max().clamp_min(1).item()
+        torch._check(n >= 1)
+        torch._check(n <= self.max_det)
+        boxes_n, labels_n = out_boxes[:, :n], out_labels[:, :n]
+        mask_pred = roi.mask_head(roi_align_levels(roi.mask_roi_extractor, feats, _with_batch_index(boxes_n)))
         m = mask_pred.shape[-1]
-        own = out_labels.clamp_min(0).reshape(-1, 1, 1, 1).expand(-1, 1, m, m)
-        probs = mask_pred.float().gather(1, own).reshape(b, self.max_det, m, m).sigmoid()
-        masks = torch.where((out_labels >= 0)[..., None, None], probs, torch.zeros_like(probs))
+        own = labels_n.clamp_min(0).reshape(-1, 1, 1, 1).expand(-1, 1, m, m)
+        probs = mask_pred.float().gather(1, own).reshape(b, n, m, m).sigmoid()
+        probs = torch.where((labels_n >= 0)[..., None, None], probs, torch.zeros_like(probs))
+        masks = torch.cat([probs, probs.new_zeros((b, self.max_det - n, m, m))], 1)
         return out_boxes, out_scores, out_labels, num_dets, masks
