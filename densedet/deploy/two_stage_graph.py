@@ -11,8 +11,9 @@ with static shapes after every data-dependent step:
 * box branch on every proposal slot: multi-level RoIAlign (:func:`roi_align_levels`), ``Shared2FCBBoxHead``,
   softmax, class-specific decode clipped to ``(H, W)``, ``score_thr``, class-aware NMS, ``test_cfg.rcnn.max_per_img``
   best (:meth:`StandardRoIHead.bbox_candidates` + :func:`~densedet.deploy.graph.padded_nms`);
-* mask branch on the ``max_det`` kept boxes (input pixels): RoIAlign 14x14, ``FCNMaskHead``, the channel of each
-  detection's own class, sigmoid.
+* mask branch on the kept boxes (input pixels): RoIAlign 14x14, ``FCNMaskHead``, the channel of each detection's
+  own class, sigmoid - on the first ``max(num_dets)`` slots only (at least 1), the graph's one data-dependent
+  size; the other slots are zero padding.
 
 Outputs: ``boxes (B, max_det, 4)`` xyxy input pixels (0 on padding), ``scores (B, max_det)`` (0), ``labels (B,
 max_det)`` int64 (-1), ``num_dets (B,)`` and, with a mask head, ``masks (B, max_det, 28, 28)`` float probabilities
