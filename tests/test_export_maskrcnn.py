@@ -47,6 +47,17 @@ def test_export_cli_checks_boxes_and_pasted_masks(tmp_path, capsys):
     assert masks[0].std(axis=(1, 2)).min() > 0  # not constant maps
 
 
+def test_faster_rcnn_without_a_mask_head_exports_boxes_only(tmp_path):
+    from densedet.deploy import OnnxDetector, export
+
+    torch.manual_seed(0)
+    res = export("mask_rcnn_r18_fpn_synth", None, tmp_path / "f.onnx", size=(96, 128),
+                 overrides=["model.roi_head.mask_head=null", "model.roi_head.mask_roi_extractor=null",
+                            "model.test_cfg.rcnn.score_thr=0.0"])
+    assert res.check["ok"] and res.check["eager"] == 100 and "min_mask_iou" not in res.check, res.check
+    assert OnnxDetector(res.path).output_names == ["boxes", "scores", "labels", "num_dets"]
+
+
 def test_static_multilevel_roi_align_equals_the_extractor_in_torch_and_onnxruntime(tmp_path):
     """roi_align_levels (every level on every RoI, empty boxes off-level) = SingleRoIExtractor (gathers RoIs per
     level), in eager and as ONNX RoiAlign in onnxruntime, on RoIs of all four levels including ones that cross or
