@@ -236,3 +236,10 @@ def test_densedet_test_of_the_onnx_file_gives_the_eager_bbox_and_segm_ap(trained
         for i, j in r["pairs"]:
             iou = float(np.asarray(coco_mask.iou([ref["segms"][i]], [got["segms"][j]], [0])).reshape(-1)[0])
             assert iou >= 0.99, (image_id, i, iou)
+    # densedet predict draws and writes the file's masks too
+    out_p = trained["root"] / "p_onnx"
+    assert main(["predict", str(trained["config"]), str(trained["onnx"]), str(trained["root"] / "data" / "val"),
+                 "--out", str(out_p), "--limit", "2", "--score-thr", "0.0"]) == 0
+    records = json.loads((out_p / "predictions.json").read_text())
+    dets = [d for rec in records for d in rec["detections"]]
+    assert dets and all("segmentation" in d for d in dets)
