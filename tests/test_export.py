@@ -71,8 +71,8 @@ def test_dcn_backbone_exports_as_deformconv(tmp_path):
 
 
 def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
-    """One dynamic export: exact at two input sizes (one no multiple of 32: padded inside the graph), and the
-    Predictor running the .onnx file gives the eager Predictor's detections on an image."""
+    """One dynamic export: exact at two batch sizes and two input sizes (one no multiple of 32: padded inside the
+    graph), image by image, and the Predictor running the .onnx file gives the eager Predictor's detections."""
     _need_export_deps()
     from densedet.api import build_model
     from densedet.config import load_config
@@ -89,9 +89,18 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
     assert OnnxDetector(res.path).dynamic
     deploy = build_deploy_module(cfg, load_eval_model(cfg, ckpt))
     rng = np.random.default_rng(0)
-    for shape in [(1, 3, 96, 128), (1, 3, 150, 70)]:
-        r = check_onnx(res.path, deploy, rng.integers(0, 256, shape, dtype=np.uint8))
+    assert OnnxDetector(res.path).input_shape[0] != 2  # the batch is a named dynamic dim, not the traced 2
+    for shape in [(1, 3, 96, 128), (3, 3, 150, 70)]:
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+        r = check_onnx(res.path, deploy, images)  # the worst image of the batch against eager
         assert r["ok"] and r["eager"] > 0, (shape, r)
+        out = OnnxDetector(res.path).run(images)
+        assert out["boxes"].shape == (shape[0], 100, 4) and out["num_dets"].shape == (shape[0],)
+        if shape[0] > 1:  # each image of a batch gets its own detections (equal to that image run alone)
+            alone = OnnxDetector(res.path).run(images[1:2])
+            np.testing.assert_allclose(out["boxes"][1], alone["boxes"][0], rtol=1e-5, atol=1e-4)
+            np.testing.assert_array_equal(out["labels"][1], alone["labels"][0])
+            assert not np.array_equal(out["boxes"][0], out["boxes"][1])
 
     image = rng.integers(0, 256, (90, 200, 3), dtype=np.uint8)  # resized by the test pipeline to 144x320
     eager = Predictor(cfg, ckpt, device="cpu")(image)
@@ -204,9 +213,10 @@ def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does():
     assert _graph_notes(plain, build_detector(plain.model, init=False)) == []
 
 
-def test_two_stage_export_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+def test_two_stage_no_nms_export_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    """Mask R-CNN exports (tests/test_export_maskrcnn.py), but only with its R-CNN NMS: --no-nms is refused."""
     _need_export_deps()
-    rc = main(["export", "mask_rcnn_r18_fpn_synth", "--out", str(tmp_path / "m.onnx"), "--no-check"])
+    rc = main(["export", "mask_rcnn_r18_fpn_synth", "--out", str(tmp_path / "m.onnx"), "--no-check", "--no-nms"])
     err = capsys.readouterr().err
-    assert rc == 2 and "two-stage" in err and "not implemented" in err and "Traceback" not in err
+    assert rc == 2 and "--no-nms" in err and "two-stage" in err and "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists()

@@ -28,10 +28,10 @@ def add_export_parser(sub: argparse._SubParsersAction, epilog: str) -> argparse.
     x.add_argument("--out", required=True, help="the .onnx file to write")
     x.add_argument("--no-nms", dest="nms", action="store_false",
                    help="output the decoded pre-NMS candidates (boxes, scores, labels) instead of detections")
-    x.add_argument("--dynamic", action="store_true", help="dynamic height and width (the batch size stays --batch)")
+    x.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     x.add_argument("--size", type=parse_size, default=None,
                    help="input HEIGHTxWIDTH (default: the config's test scale rounded up to data.size_divisor)")
-    x.add_argument("--batch", type=int, default=1)
+    x.add_argument("--batch", type=int, default=1, help="batch size of a static graph (default 1)")
     x.add_argument("--max-det", type=int, default=None, help="detections per image (default test_cfg.max_per_img)")
     x.add_argument("--check-image", default=None,
                    help="image for the onnxruntime-vs-eager check (default: first val image, or a synthetic one)")

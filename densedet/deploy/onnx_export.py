@@ -70,14 +70,26 @@ def default_size(cfg: Config) -> tuple[int, int]:
     return (800, 1344)
 
 
+def is_two_stage(model: nn.Module) -> bool:
+    return hasattr(model, "roi_head")
+
+
 def build_deploy_module(cfg: Config, model: nn.Module, nms: bool = True, max_det: int | None = None) -> nn.Module:
-    """:class:`~densedet.deploy.graph.DeployDetector` around ``model`` (eval, fused) with the config's
-    normalisation and size divisor."""
+    """:class:`~densedet.deploy.graph.DeployDetector` (dense heads) or :class:`~densedet.deploy.two_stage_graph.
+    DeployTwoStage` (Faster / Mask R-CNN) around ``model`` (eval, fused) with the config's normalisation and size
+    divisor."""
     from densedet.deploy.graph import DeployDetector
+    from densedet.deploy.two_stage_graph import DeployTwoStage
 
     mean, std, to_rgb = normalize_params(cfg)
-    return DeployDetector(model, mean, std, to_rgb=to_rgb, size_divisor=int(cfg.data.size_divisor or 1), nms=nms,
-                          max_det=max_det).eval()
+    divisor = int(cfg.data.size_divisor or 1)
+    if is_two_stage(model):
+        if not nms:
+            raise ConfigError(f"{cfg.name}: --no-nms (pre-NMS candidates) is implemented for dense heads only; a "
+                              "two-stage graph always ends with the R-CNN NMS (and the masks of the kept boxes)",
+                              path="export.nms")
+        return DeployTwoStage(model, mean, std, to_rgb=to_rgb, size_divisor=divisor, max_det=max_det).eval()
+    return DeployDetector(model, mean, std, to_rgb=to_rgb, size_divisor=divisor, nms=nms, max_det=max_det).eval()
 
 
 @contextlib.contextmanager
@@ -104,11 +116,12 @@ class ExportResult:
     nms: bool
     notes: list[str] = field(default_factory=list)
     check: dict[str, Any] | None = None
+    outputs: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        outs = ", ".join(self.outputs) or ("boxes, scores, labels, num_dets" if self.nms else "boxes, scores, labels")
         lines = [f"wrote {self.path} (input {'dynamic, traced at ' if self.dynamic else ''}"
-                 f"{'x'.join(map(str, self.input_shape))} uint8/float RGB; "
-                 f"{'boxes, scores, labels, num_dets' if self.nms else 'pre-NMS boxes, scores, labels'})"]
+                 f"{'x'.join(map(str, self.input_shape))} uint8/float RGB; {'' if self.nms else 'pre-NMS '}{outs})"]
         lines += [f"note: {n}" for n in self.notes]
         if self.check is not None:
             lines.append(format_check(self.check))
@@ -117,7 +130,7 @@ class ExportResult:
 
 def _graph_notes(cfg: Config, model: nn.Module) -> list[str]:
     notes = []
-    nms_cfg = model.bbox_head.test_cfg.nms or {}
+    nms_cfg = (model.roi_head.nms_cfg if is_two_stage(model) else model.bbox_head.test_cfg).nms or {}
     if nms_cfg.get("type") == "soft_nms":
         notes.append("the config uses soft-NMS; the graph runs plain NMS (ONNX NonMaxSuppression) at its "
                      f"iou_threshold {nms_cfg.get('iou_threshold', 0.3)}, so scores are not decayed")
@@ -202,6 +215,7 @@ def compare_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], r
     ``ok`` (same count, every detection matched with the same label within tolerance).
     """
     n_ref, n_got = len(ref["boxes"]), len(got["boxes"])
+    pairs: list[tuple[int, int]] = []
     used = np.zeros(n_got, bool)
     max_rel, max_score, matched = 0.0, 0.0, 0
     iou = _box_iou(ref["boxes"], got["boxes"]) if n_ref and n_got else np.zeros((n_ref, n_got))
@@ -214,34 +228,61 @@ def compare_detections(ref: dict[str, np.ndarray], got: dict[str, np.ndarray], r
         if rel.max() > rtol:
             continue
         used[j] = True
+        pairs.append((int(i), int(j)))
         matched += 1
         max_rel = max(max_rel, float(rel.max()))
         max_score = max(max_score, float(abs(got["scores"][j] - ref["scores"][i])))
     return {"eager": n_ref, "onnx": n_got, "matched": matched, "max_box_rel_diff": max_rel,
-            "max_score_diff": max_score, "rtol": rtol, "ok": n_ref == n_got == matched}
+            "max_score_diff": max_score, "rtol": rtol, "ok": n_ref == n_got == matched, "pairs": pairs}
+
+
+#: pasted masks of matched detections must overlap at least this much (IoU) in :func:`check_onnx`
+MASK_IOU_MIN = 0.99
+
+
+def mask_iou(a: Any, i: int, b: Any, j: int) -> float:
+    """IoU of instance ``i`` of ``a`` and instance ``j`` of ``b`` (:class:`~densedet.data.masks.InstanceMasks` of
+    one image size); 1.0 when both are empty."""
+    ma, mb = a.to_full(i).astype(bool), b.to_full(j).astype(bool)
+    union = int((ma | mb).sum())
+    return 1.0 if union == 0 else int((ma & mb).sum()) / union
+
+
+def paste_onnx_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5) -> Any:
+    """The graph's ``(D, 28, 28)`` mask probabilities of ``(D, 4)`` boxes (pixels of a ``height x width`` image)
+    pasted into their boxes with DenseDet's own box-only paste (:func:`densedet.models.roi_heads.
+    paste_masks_in_boxes`, as the eager model) -> :class:`~densedet.data.masks.InstanceMasks`."""
+    from densedet.data.masks import InstanceMasks
+    from densedet.models.roi_heads import paste_masks_in_boxes
+
+    crops = paste_masks_in_boxes(torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(boxes), height, width,
+                                 threshold) if len(boxes) else []
+    return InstanceMasks(crops, height, width)
 
 
 def format_check(check: dict[str, Any]) -> str:
     verdict = "PASS" if check["ok"] else "FAIL"
-    return (f"onnxruntime check on {check.get('image', 'an image')} ({check.get('input', '?')}): {verdict} - "
+    text = (f"onnxruntime check on {check.get('image', 'an image')} ({check.get('input', '?')}): {verdict} - "
             f"{check['matched']}/{check['eager']} eager detections matched by {check['onnx']} onnx detections, same "
             f"labels, max box difference {check['max_box_rel_diff']:.2e} (relative, tolerance {check['rtol']:g}), "
             f"max score difference {check['max_score_diff']:.2e}")
+    if "min_mask_iou" in check:
+        text += (f", min mask IoU {check['min_mask_iou']:.4f} over {check['masks_compared']} pasted masks "
+                 f"(tolerance >= {MASK_IOU_MIN:g})")
+    return text
 
 
 def check_onnx(path: str | Path, deploy: nn.Module, images: np.ndarray, rtol: float = 1e-3) -> dict[str, Any]:
     """Run ``path`` in onnxruntime and ``deploy``'s detector eagerly (its own ``predict``, NMS included) on
-    ``images`` ((B, 3, H, W) uint8) and compare image by image (:func:`compare_detections`)."""
+    ``images`` ((B, 3, H, W) uint8) and compare image by image (:func:`compare_detections`). With masks (Mask
+    R-CNN) the graph's 28x28 masks are pasted as the eager model pastes its own (:func:`paste_onnx_masks`) and
+    every matched pair must have a mask IoU >= :data:`MASK_IOU_MIN` (``min_mask_iou``, ``masks_compared``).
+    Returns the worst image's comparison."""
     from densedet.deploy.runtime import OnnxDetector
 
     outs = OnnxDetector(path).run(images)
-    x = torch.from_numpy(images).float()
-    if deploy.flip_channels:
-        x = x.flip(1)
-    x = (x - deploy.mean) * deploy.inv_std
-    h, w = x.shape[-2:]
-    d = deploy.size_divisor
-    x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d)) if d > 1 else x
+    x = deploy.preprocess(torch.from_numpy(images))
+    h, w = images.shape[-2:]
     metas = [{"img_shape": (h, w), "scale_factor": (1.0, 1.0)} for _ in range(x.shape[0])]
     with torch.no_grad():
         eager = deploy.detector(x, metas=metas, mode="predict")
@@ -249,7 +290,14 @@ def check_onnx(path: str | Path, deploy: nn.Module, images: np.ndarray, rtol: fl
     for i, ref in enumerate(eager):
         n = int(outs["num_dets"][i])
         got = {"boxes": outs["boxes"][i, :n], "scores": outs["scores"][i, :n], "labels": outs["labels"][i, :n]}
-        r = compare_detections({k: v.numpy() for k, v in ref.items()}, got, rtol)
+        r = compare_detections({k: ref[k].numpy() for k in ("boxes", "scores", "labels")}, got, rtol)
+        if "masks" in outs:
+            thr = float(deploy.detector.roi_head.test_cfg.mask_thr_binary)
+            pasted = paste_onnx_masks(outs["masks"][i, :n], got["boxes"], h, w, thr)
+            ious = [mask_iou(ref["masks"], a, pasted, b) for a, b in r["pairs"]]
+            r["masks_compared"], r["min_mask_iou"] = len(ious), min(ious, default=1.0)
+            r["ok"] = r["ok"] and r["min_mask_iou"] >= MASK_IOU_MIN
+        r.pop("pairs")
         if worst is None or (not r["ok"] and worst["ok"]) or r["max_box_rel_diff"] > worst["max_box_rel_diff"]:
             worst = r
     assert worst is not None
@@ -268,7 +316,8 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
         out: the .onnx file to write.
         nms: graph with NMS and fixed-shape outputs ``boxes (B, max_det, 4)``, ``scores (B, max_det)``, ``labels
             (B, max_det)`` (-1 padding), ``num_dets (B,)``; False: pre-NMS candidates ``boxes, scores, labels``.
-        dynamic: dynamic height and width (the batch size stays ``batch``; the graph is traced at ``size``).
+        dynamic: dynamic batch, height and width (the graph is traced at ``size`` and a batch of
+            ``max(batch, 2)``).
         size: (H, W) input size (default: the config's test scale, rounded up to ``data.size_divisor``; dynamic
             graphs are traced at 320x448 - pick a non-square size whose levels stay > 1 if you give one).
         max_det: detections per image (default ``test_cfg.max_per_img``).
@@ -284,23 +333,21 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
 
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     model = load_eval_model(cfg, checkpoint)
-    if not hasattr(model, "bbox_head"):  # the graph wraps a dense head's decode + NMS
-        raise ConfigError(f"{cfg.name}: ONNX export is implemented for single-stage (dense-head) detectors only; "
-                          f"{type(model).__name__} (two-stage, Mask R-CNN) export is not implemented yet",
-                          path="model.type")
     deploy = build_deploy_module(cfg, model, nms=nms, max_det=max_det)
     # A dynamic graph is traced at a size whose pyramid levels are all > 1 and never square (320x448 gives
     # 40x56 ... 3x4): torch.export would otherwise bake equal or size-1 level dims into the graph as constraints.
     h, w = size or ((320, 448) if dynamic else default_size(cfg))
-    example = torch.zeros(batch, 3, h, w, dtype=torch.uint8)
+    # A dynamic batch is traced at 2 at least: torch.export specialises a size-1 dimension to the constant 1.
+    example = torch.zeros(max(batch, 2) if dynamic else batch, 3, h, w, dtype=torch.uint8)
     dynamic_shapes = None
-    if dynamic:
+    if dynamic:  # batch, height and width (the graph gives all images of a batch one size, as its input has)
         dim = torch.export.Dim
-        # height and width; the batch stays as traced (the head's per-image metas are a Python list)
-        dynamic_shapes = {"images": {2: dim.DYNAMIC, 3: dim.DYNAMIC}}
+        dynamic_shapes = {"images": {0: dim.DYNAMIC, 2: dim.DYNAMIC, 3: dim.DYNAMIC}}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     output_names = ["boxes", "scores", "labels", "num_dets"] if nms else ["boxes", "scores", "labels"]
+    if getattr(deploy, "with_mask", False):
+        output_names.append("masks")
     with _deformconv_as_torchvision_op(), torch.no_grad():
         program = torch.onnx.export(deploy, (example,), dynamo=True, opset_version=OPSET, input_names=["images"],
                                     output_names=output_names, dynamic_shapes=dynamic_shapes,
@@ -316,7 +363,7 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
         proto.metadata_props.add(key=CLASSES_KEY, value=json.dumps(classes))
         onnx.save(proto, str(tmp))
     tmp.replace(out)  # atomic: a failed save never leaves a half-written model behind
-    result = ExportResult(out, (batch, 3, h, w), dynamic, nms, _graph_notes(cfg, model))
+    result = ExportResult(out, tuple(example.shape), dynamic, nms, _graph_notes(cfg, model), outputs=output_names)
     if check and nms:
         image = check_image if isinstance(check_image, np.ndarray) else (
             read_image(check_image) if check_image is not None else default_check_image(cfg))

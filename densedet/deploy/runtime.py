@@ -65,12 +65,16 @@ class OnnxRuntimeModel(nn.Module):
     are clipped to ``img_shape`` and divided by ``scale_factor`` -> per image ``{"boxes" (D, 4) xyxy original
     pixels, "scores" (D,), "labels" (D,)}``, as the eager ``mode="predict"``.
 
+    A graph with a ``masks`` output (Mask R-CNN) adds ``"masks"``: its 28x28 probabilities pasted into the rescaled
+    boxes of the original image (``ori_shape``) with the eager model's box-only paste at ``mask_thr``
+    (:func:`~densedet.deploy.onnx_export.paste_onnx_masks`) -> :class:`~densedet.data.masks.InstanceMasks`.
+
     A static graph gets each image zero-padded (in pixels) to its input size: detections then can differ from eager
     near the padding (the eager model pads after normalising); export with ``--dynamic`` for exact results.
     """
 
     def __init__(self, path: str | Path, mean: Sequence[float], std: Sequence[float], to_rgb: bool = True,
-                 num_classes: int | None = None, threads: int | None = None) -> None:
+                 num_classes: int | None = None, threads: int | None = None, mask_thr: float = 0.5) -> None:
         super().__init__()
         self.session = OnnxDetector(path, threads)
         if "num_dets" not in self.session.output_names:
@@ -81,6 +85,7 @@ class OnnxRuntimeModel(nn.Module):
         self.num_classes = num_classes
         self.classes = self.session.classes
         self.path = Path(path)
+        self.mask_thr = float(mask_thr)
 
     def forward(self, images: Any, targets: Any = None, metas: list[dict[str, Any]] | None = None,
                 mode: str = "predict") -> list[dict[str, torch.Tensor]]:
@@ -109,9 +114,15 @@ class OnnxRuntimeModel(nn.Module):
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
             sw, sh = meta.get("scale_factor", (1.0, 1.0))[:2]
-            out.append({"boxes": boxes / boxes.new_tensor([sw, sh, sw, sh]),
-                        "scores": torch.from_numpy(res["scores"][0, :n].copy()),
-                        "labels": torch.from_numpy(res["labels"][0, :n].copy())})
+            det = {"boxes": boxes / boxes.new_tensor([sw, sh, sw, sh]),
+                   "scores": torch.from_numpy(res["scores"][0, :n].copy()),
+                   "labels": torch.from_numpy(res["labels"][0, :n].copy())}
+            if "masks" in res:  # Mask R-CNN: paste into the original image, as the eager predict(rescale=True)
+                from densedet.deploy.onnx_export import paste_onnx_masks
+
+                oh, ow = (int(v) for v in meta.get("ori_shape", meta["img_shape"])[:2])
+                det["masks"] = paste_onnx_masks(res["masks"][0, :n], det["boxes"].numpy(), oh, ow, self.mask_thr)
+            out.append(det)
         return out
 
     # The eager detector's inference options do not apply to a compiled graph.
@@ -147,4 +158,10 @@ def load_onnx_model(cfg: Any, checkpoint: str | Path | None) -> OnnxRuntimeModel
         tmp = Path(tempfile.mkdtemp(prefix="densedet_onnx_"))
         checkpoint = export(cfg, checkpoint, tmp / "model.onnx", dynamic=True, check=False).path
     mean, std, to_rgb = normalize_params(cfg)
-    return OnnxRuntimeModel(checkpoint, mean, std, to_rgb, num_classes=int(cfg.model["bbox_head"]["num_classes"]))
+    model = cfg.model
+    if "roi_head" in model:  # two-stage: the R-CNN stage holds the classes and the mask threshold
+        num_classes = int(model["roi_head"]["bbox_head"].get("num_classes", 80))
+        mask_thr = float(((model.get("test_cfg") or {}).get("rcnn") or {}).get("mask_thr_binary", 0.5))
+    else:
+        num_classes, mask_thr = int(model["bbox_head"]["num_classes"]), 0.5
+    return OnnxRuntimeModel(checkpoint, mean, std, to_rgb, num_classes=num_classes, mask_thr=mask_thr)

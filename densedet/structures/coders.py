@@ -18,13 +18,14 @@ def clip_boxes(boxes: Tensor, max_shape: tuple[int, int] | Sequence[int] | Tenso
     """Clip ``(..., 4)`` xyxy boxes to ``[0, w] x [0, h]``.
 
     ``max_shape`` is ``(h, w)`` (extra trailing entries such as channels are ignored) or a ``(B, 2)`` tensor of
-    per-image ``(h, w)`` for boxes of shape ``(B, N, 4)``.
+    per-image ``(h, w)`` for boxes of shape ``(B, N, 4)``; a ``(1, 2)`` tensor is one shape for the whole batch (the
+    exported graph's dynamic batch: its images share one size).
     """
     if not isinstance(max_shape, Tensor):
         max_shape = boxes.new_tensor(list(max_shape)[:2])
     max_shape = max_shape[..., :2].to(device=boxes.device, dtype=boxes.dtype)
     if max_shape.dim() == 2:
-        if boxes.dim() != 3 or max_shape.size(0) != boxes.size(0):
+        if boxes.dim() != 3 or (max_shape.size(0) != 1 and max_shape.size(0) != boxes.size(0)):
             raise ValueError(
                 f"clip_boxes: per-image max_shape {tuple(max_shape.shape)} needs boxes (B, N, 4) with "
                 f"the same B, got {tuple(boxes.shape)}"

@@ -22,7 +22,7 @@ from densedet.assigners import max_iou_assign
 from densedet.losses import build_loss
 from densedet.models.heads.anchor_heads import _build_anchor_generator, _build_delta_coder
 from densedet.models.heads.dense_head import DenseHead, flatten_levels, parse_train_cfg
-from densedet.models.heads.postprocess import multiclass_nms_batched, parse_test_cfg
+from densedet.models.heads.postprocess import Candidates, TestConfig, multiclass_nms_batched, parse_test_cfg
 from densedet.models.roi_heads.sampler import random_sample, sampling_generator
 from densedet.registry import HEADS, ConfigError, check_kwargs
 from densedet.structures import pad_targets
@@ -142,10 +142,21 @@ class RPNHead(nn.Module):
         sorted by decreasing score. ``cfg``: an mmdet ``rpn_proposal`` / ``test_cfg.rpn`` dict (default: the
         head's ``test_cfg``)."""
         tc = parse_test_cfg(cfg) if cfg is not None else self.test_cfg
+        img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=outs[0][0].device, dtype=torch.float32)
+        cand = self.proposal_candidates(outs, img_shapes, tc)
+        nms_cfg = parse_test_cfg({"nms": tc.nms, "max_per_img": tc.max_per_img, "min_bbox_size": 0})
+        dets = multiclass_nms_batched(*cand, len(outs[0]), nms_cfg)
+        return [torch.cat([d["boxes"], d["scores"][:, None]], 1) for d in dets]
+
+    def proposal_candidates(self, outs: tuple[list[Tensor], list[Tensor]], img_shapes: Tensor,
+                            tc: TestConfig) -> Candidates:
+        """Everything of :meth:`proposals` before the NMS: per level the ``nms_pre`` best anchors by objectness,
+        decoded and clipped to ``img_shapes`` (``(B, 2)`` per image, or ``(1, 2)`` for the whole batch), ``valid``
+        where ``w, h > min_bbox_size``. ``labels`` are the level indices (NMS runs per level). Shapes ``(B, K)``,
+        ``K = sum_l min(nms_pre, N_l)`` (shared by :mod:`densedet.deploy`'s exported graph)."""
         cls_scores, bbox_preds = outs
         priors, per_level, _ = self._priors(cls_scores)
         b = cls_scores[0].shape[0]
-        img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=priors.device, dtype=torch.float32)
         boxes, scores, levels = [], [], []
         start = 0
         for lvl, (cls, reg) in enumerate(zip(cls_scores, bbox_preds)):
@@ -163,6 +174,4 @@ class RPNHead(nn.Module):
         boxes_t, scores_t, levels_t = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(levels, 1)
         wh = boxes_t[..., 2:] - boxes_t[..., :2]
         valid = (wh > tc.min_bbox_size).all(-1)  # mmdet 2.x drops w, h <= min_bbox_size even at 0
-        nms_cfg = parse_test_cfg({"nms": tc.nms, "max_per_img": tc.max_per_img, "min_bbox_size": 0})
-        dets = multiclass_nms_batched(boxes_t, scores_t, levels_t, valid, len(per_level), nms_cfg)
-        return [torch.cat([d["boxes"], d["scores"][:, None]], 1) for d in dets]
+        return Candidates(boxes_t, scores_t, levels_t, valid)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from densedet.assigners import max_iou_assign
-from densedet.models.heads.postprocess import multiclass_nms_batched, parse_test_cfg
+from densedet.models.heads.postprocess import Candidates, multiclass_nms_batched, parse_test_cfg
 from densedet.models.roi_heads.bbox_head import Shared2FCBBoxHead
 from densedet.models.roi_heads.mask_head import FCNMaskHead, paste_masks_in_boxes
 from densedet.models.roi_heads.roi_extractor import SingleRoIExtractor
@@ -215,12 +215,8 @@ class StandardRoIHead(nn.Module):
         deltas = props.new_zeros((b, p, 4 * c))
         deltas[b_idx, p_idx] = bbox_pred.float()
         img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=props.device, dtype=torch.float32)
-        boxes = self.bbox_head.decode(props, deltas, img_shapes)  # (B, P, C, 4)
-        fg = scores[..., :c]
-        cand_valid = (fg > self.test_cfg.score_thr) & valid[..., None]
-        labels = torch.arange(c, device=props.device).expand(b, p, c)
-        dets = multiclass_nms_batched(boxes.reshape(b, p * c, 4), fg.reshape(b, p * c), labels.reshape(b, p * c),
-                                      cand_valid.reshape(b, p * c), c, self.nms_cfg)
+        dets = multiclass_nms_batched(*self.bbox_candidates(props, valid, scores, deltas, img_shapes), c,
+                                      self.nms_cfg)
         if self.with_mask:
             self._predict_masks(feats, dets, metas, rescale)
         if rescale:
@@ -228,6 +224,27 @@ class StandardRoIHead(nn.Module):
                 sw, sh = meta["scale_factor"][:2]
                 det["boxes"] = det["boxes"] / det["boxes"].new_tensor([sw, sh, sw, sh])
         return dets
+
+    def bbox_candidates(self, props: Tensor, valid: Tensor, probs: Tensor, deltas: Tensor,
+                        img_shapes: Tensor) -> Candidates:
+        """The pre-NMS detections of :meth:`predict`: every (proposal, class) pair, ``(B, P * C)``.
+
+        Args:
+            props: ``(B, P, 4)`` proposals xyxy input pixels, ``valid`` ``(B, P)``.
+            probs: ``(B, P, C + 1)`` softmax (background last); ``deltas`` ``(B, P, 4C)`` class-specific.
+            img_shapes: ``(B, 2)`` per image ``(h, w)`` (or ``(1, 2)`` for the batch) to clip the boxes.
+        Returns:
+            :class:`Candidates`: class-specific boxes, the class probabilities, class labels, valid where the
+            probability is above ``score_thr`` (shared by :mod:`densedet.deploy`'s exported graph).
+        """
+        b, p = valid.shape
+        c = self.num_classes
+        boxes = self.bbox_head.decode(props, deltas, img_shapes)  # (B, P, C, 4)
+        fg = probs[..., :c]
+        cand_valid = (fg > self.test_cfg.score_thr) & valid[..., None]
+        labels = torch.arange(c, device=props.device).expand(b, p, c)
+        return Candidates(boxes.reshape(b, p * c, 4), fg.reshape(b, p * c), labels.reshape(b, p * c),
+                          cand_valid.reshape(b, p * c))
 
     def _predict_masks(self, feats: tuple[Tensor, ...], dets: list[dict[str, Any]], metas: list[dict[str, Any]],
                        rescale: bool) -> None:
