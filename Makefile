@@ -16,7 +16,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	# the export extra too, so that `make test` (CI) runs the ONNX export / onnxruntime tests instead of skipping them
+	$(PY) -m pip install -q -e '.[dev,export]'
 	touch $(STAMP)
 
 demo: venv
