@@ -13,12 +13,17 @@ torchvision user writing COCO results both have to do. ``score_thr`` is 0 for bo
 class scores, so the usual 0.05 would leave no detection and no mask work.
 
 Both models are built the same way: ResNet-50 with frozen BatchNorm statistics and stem + layer1 frozen (torchvision
-``FrozenBatchNorm2d`` + ``trainable_layers=3``; DenseDet's config ``frozen_stages=1, norm_eval=True``), FPN,
-81-way classifier, RPN 2000/1000 pre-NMS proposals per level and 1000 kept for training/testing, 256 RPN and 512
-R-CNN samples, NMS 0.5 and 100 detections. torchvision's transform gets ``min_size``/``max_size`` equal to the
-input so it never rescales. Timing alternates the two models' iterations (A B A B ...) in one process so both see
-the same background load; medians are reported. Peak memory: each (library, mode) runs alone in a fresh
-subprocess: peak RSS (``ru_maxrss``) minus the RSS after building the model.
+``FrozenBatchNorm2d`` + ``trainable_layers=3``; DenseDet's config ``frozen_stages=1, norm_eval=True``), FPN, 81-way
+classifier, RPN 2000/1000 pre-NMS proposals per level and 1000 kept for training/testing, 256 RPN and 512 R-CNN
+samples, NMS 0.5 and 100 detections. torchvision's transform gets ``min_size``/``max_size`` equal to the input so it
+never rescales. Both hold the same weights (DenseDet's random initialisation, seeded, copied into torchvision's
+layout by :func:`copy_weights`): with different random weights the two RPNs keep different numbers of proposals
+after NMS (1000 against 272 at the quick inference size), so the R-CNN heads would do different amounts of work.
+DenseDet runs in its config's memory format (``runtime.channels_last``, as ``densedet train`` / ``test`` and
+``Predictor`` do); torchvision in its default NCHW. Timing alternates the two models' iterations (A B A B ...) in
+one process so both see the same background load; medians are reported. Peak memory: each (library, mode) runs alone
+in a fresh subprocess: peak RSS (``ru_maxrss``) minus the RSS after building the model. ``--profile N`` prints the
+``N`` operators with the most self CPU time of one step of each library (``torch.profiler``) instead of timing.
 """
 
 from __future__ import annotations
@@ -61,15 +66,59 @@ def _inputs(mode: str, quick: bool) -> tuple[torch.Tensor, list[dict[str, Any]]]
     return images, targets
 
 
-def build_densedet(mode: str) -> Any:
+def _densedet_model() -> Any:
+    """The config's model with seeded random weights, in the config's memory format."""
     from densedet.config import load_config
-    from densedet.data.masks import InstanceMasks, decode_segmentation
     from densedet.models.build import build_detector
 
     cfg = load_config("mask_rcnn_r50_fpn_1x_coco")
     model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
     model_cfg["test_cfg"] = {**model_cfg["test_cfg"], "rcnn": {**model_cfg["test_cfg"]["rcnn"], "score_thr": 0.0}}
-    model = build_detector(model_cfg)
+    torch.manual_seed(0)
+    return build_detector(model_cfg).use_channels_last(cfg.runtime.channels_last)
+
+
+def copy_weights(densedet_model: Any, tv_model: Any) -> None:
+    """Load DenseDet's (mmdet-layout) weights into torchvision's ``MaskRCNN``: same backbone names under
+    ``backbone.body``, FPN ``lateral_convs`` / ``fpn_convs`` -> ``inner_blocks`` / ``layer_blocks``, RPN, box head
+    (torchvision puts the background class first and has background box deltas, zero here) and mask head (its
+    background mask channel is zero). The delta encodings agree (RPN stds 1, R-CNN stds 0.1/0.1/0.2/0.2 = torchvision's
+    weights 10/10/5/5), so both models compute the same network."""
+    def bg_first(v: torch.Tensor) -> torch.Tensor:  # classifier rows: background last -> first
+        return torch.cat([v[-1:], v[:-1]])
+
+    def zero_bg(rows: int) -> Any:  # prepend zero rows for torchvision's background deltas / mask channel
+        return lambda v: torch.cat([v.new_zeros((rows, *v.shape[1:])), v])
+
+    rh, tv = "roi_head.", "roi_heads."
+    table = [("neck.lateral_convs.", "backbone.fpn.inner_blocks.", None),
+             ("neck.fpn_convs.", "backbone.fpn.layer_blocks.", None),
+             ("rpn_head.rpn_conv.", "rpn.head.conv.0.0.", None), ("rpn_head.rpn_cls.", "rpn.head.cls_logits.", None),
+             ("rpn_head.rpn_reg.", "rpn.head.bbox_pred.", None),
+             (rh + "bbox_head.shared_fcs.0.", tv + "box_head.fc6.", None),
+             (rh + "bbox_head.shared_fcs.1.", tv + "box_head.fc7.", None),
+             (rh + "bbox_head.fc_cls.", tv + "box_predictor.cls_score.", bg_first),
+             (rh + "bbox_head.fc_reg.", tv + "box_predictor.bbox_pred.", zero_bg(4)),
+             (rh + "mask_head.convs.", tv + "mask_head.", None),
+             (rh + "mask_head.upsample.", tv + "mask_predictor.conv5_mask.", None),
+             (rh + "mask_head.conv_logits.", tv + "mask_predictor.mask_fcn_logits.", zero_bg(1)),
+             ("backbone.", "backbone.body.", None)]
+    out: dict[str, torch.Tensor] = {}
+    for k, v in densedet_model.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        old, new, fn = next(row for row in table if k.startswith(row[0]))
+        key = new + k[len(old):]
+        if old.startswith(("neck.", rh + "mask_head.convs.")):
+            key = key.replace(".conv.", ".0.")  # ConvModule's .conv -> Conv2dNormActivation's .0
+        out[key] = fn(v) if fn else v
+    tv_model.load_state_dict(out, strict=True)
+
+
+def build_densedet(mode: str) -> Any:
+    from densedet.data.masks import InstanceMasks, decode_segmentation
+
+    model = _densedet_model()
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
 
@@ -112,6 +161,7 @@ def build_torchvision(mode: str, size: tuple[int, int]) -> Any:
     model = MaskRCNN(backbone, num_classes=NUM_CLASSES + 1, min_size=min(size), max_size=max(size),
                      rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
                      rpn_post_nms_top_n_test=1000, box_score_thresh=0.0)
+    copy_weights(_densedet_model(), model)
 
     def prepare(images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
         tgts = [{"boxes": t["boxes"], "labels": t["labels"] + 1, "masks": torch.from_numpy(t["masks"])}
@@ -212,6 +262,19 @@ def memory_child(lib: str, mode: str, quick: bool) -> None:
     print(json.dumps({"peak_mib": (peak - base) / 2**20}))
 
 
+def profile_both(mode: str, quick: bool, rows: int) -> None:
+    """Print the ``rows`` operators with the most self CPU time in one (warm) step of each library."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for lib in ("densedet", "torchvision"):
+        step = _variant(lib, mode, quick)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"== {lib} {mode}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -219,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--modes", nargs="*", default=["paste", "infer", "train"], help="paste, infer, train")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="print the N operators with the most self CPU time per library and mode instead of timing")
     p.add_argument("--memory-child", nargs=2, metavar=("LIB", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -226,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         args.iters, args.warmup = 2, 1
     if args.memory_child:
         memory_child(*args.memory_child, args.quick)
+        return 0
+    if args.profile:
+        for mode in [m for m in args.modes if m != "paste"]:
+            profile_both(mode, args.quick, args.profile)
         return 0
     rows = []
     if "paste" in args.modes:
