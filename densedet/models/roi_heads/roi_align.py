@@ -10,11 +10,11 @@ bilinear weights are separable (torchvision ``roi_align_kernel.cpp``, ``bilinear
 ``(y, x)`` weighs pixel ``(i, j)`` by ``wy_i(y) * wx_j(x)``, and it is dropped when ``y < -1 or y > H`` *or*
 ``x < -1 or x > W`` (a product of two indicators). So the bin's weight on pixel ``(i, j)`` is
 ``ay[i] * ax[j]`` with ``ay[i] = sum_iy wy_i(y_iy) / grid_h`` (the same for ``x``): ``grid_h + 1`` rows times
-``grid_w + 1`` columns per bin instead of torchvision's ``4 * grid_h * grid_w`` taps. All bins of all RoIs form a
-sparse ``(R * out_h * out_w, sum_l B * H_l * W_l)`` matrix ``M``; the features of all levels, in NHWC order, a dense
-``(sum_l B * H_l * W_l, C)`` one. Forward is ``M @ F``, backward ``M^T @ dOut``, each one ``torch.sparse.mm``
-(a vectorised axpy of ``C`` channels per non-zero). Sums run in a different order than torchvision's, so results
-agree to float rounding (tests: ``tests/test_roi_align.py``).
+``grid_w + 1`` columns per bin instead of torchvision's ``4 * grid_h * grid_w`` taps. The bins of a chunk of RoIs
+on one level form a sparse ``(n * out_h * out_w, B * H * W)`` matrix ``M``; the level's features, in NHWC order, a
+dense ``(B * H * W, C)`` one. Forward is ``M @ F``, backward ``dF += M^T @ dOut``, each a ``torch.sparse.mm`` /
+``addmm_`` (a vectorised axpy of ``C`` channels per non-zero); chunks bound the temporary memory. Sums run in a
+different order than torchvision's, so results agree to float rounding (tests: ``tests/test_roi_align.py``).
 
 Used by :class:`~densedet.models.roi_heads.SingleRoIExtractor` on CPU outside tracing/export; CUDA keeps
 torchvision's kernel (parallel there).
@@ -83,7 +83,7 @@ def _axis_weights(start: Tensor, length: Tensor, grid: Tensor, size: Tensor, poo
 def _level_entries(rois: Tensor, rows: Tensor, col_base: Tensor, h: int, w: int, scale: float,
                    output_size: tuple[int, int], sampling_ratio: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Non-zeros of ``M`` for RoIs on one level: (row, column, value) with rows ``rows[r] * oh * ow + bin`` and
-    columns ``col_base[r] + y * w + x`` (``col_base``: the RoI's image's first row in the stacked features)."""
+    columns ``col_base[r] + y * w + x`` (``col_base``: the first row of the RoI's image in the level's NHWC rows)."""
     oh, ow = output_size
     offset = 0.5 if aligned else 0.0
     # torchvision roi_align_kernel.cpp: roi_start = x1 * spatial_scale - offset, roi_width = roi_end - roi_start
@@ -111,30 +111,48 @@ def _level_entries(rois: Tensor, rows: Tensor, col_base: Tensor, h: int, w: int,
     return rows_out, cols.reshape(-1)[keep], vals.reshape(-1)[keep]
 
 
+# output rows (RoI bins) per sparse product: bounds the temporary (rows, C) result to ~8 MiB at C = 256
+_ROWS_PER_CHUNK = 8192
+
+
 class _SparseRoIAlignFn(torch.autograd.Function):
-    """``out = M @ F`` with ``F`` the stacked NHWC features; gradient ``M^T @ dOut`` to every level."""
+    """Per chunk of RoIs on one level: ``out[idx] = M @ F_level`` with ``F_level`` the level's features as NHWC
+    rows; gradient ``dF_level += M^T @ dOut[idx]``."""
 
     @staticmethod
-    def forward(ctx, matrix: Tensor, shapes: list[tuple[int, ...]], *feats: Tensor) -> Tensor:  # type: ignore[override]
-        flat = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats], 0)
-        ctx.matrix, ctx.shapes = matrix, shapes
-        return torch.sparse.mm(matrix, flat)
+    def forward(ctx, plan: list[tuple[int, Tensor, Tensor]], out_shape: tuple[int, ...],  # type: ignore[override]
+                *feats: Tensor) -> Tensor:
+        r, c, oh, ow = out_shape
+        out = feats[0].new_empty(out_shape)
+        flat: dict[int, Tensor] = {}
+        for lvl, idx, matrix in plan:
+            if lvl not in flat:  # a view for channels_last features, else one NHWC copy of the level
+                flat[lvl] = feats[lvl].permute(0, 2, 3, 1).reshape(-1, c)
+            part = torch.sparse.mm(matrix, flat[lvl]).view(-1, oh * ow, c).transpose(1, 2).contiguous()
+            out.index_copy_(0, idx, part.view(-1, c, oh, ow))
+        ctx.plan = plan
+        ctx.shapes = [tuple(f.shape) for f in feats]
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad_flat = torch.sparse.mm(ctx.matrix.t(), grad.contiguous())
-        grads: list[Tensor] = []
-        start = 0
-        for b, c, h, w in ctx.shapes:
-            n = b * h * w
-            grads.append(grad_flat[start:start + n].view(b, h, w, c).permute(0, 3, 1, 2))
-            start += n
-        return (None, None, *grads)
+        grads: list[Tensor | None] = [None] * len(ctx.shapes)
+        for lvl, idx, matrix in ctx.plan:
+            b, c, h, w = ctx.shapes[lvl]
+            if grads[lvl] is None:
+                grads[lvl] = grad.new_zeros((b * h * w, c))
+            g = grad[idx].permute(0, 2, 3, 1).reshape(-1, c)
+            grads[lvl].addmm_(matrix.t(), g)  # type: ignore[union-attr]
+        out: list[Tensor | None] = [None, None]
+        for lvl, (b, c, h, w) in enumerate(ctx.shapes):
+            gl = grads[lvl]
+            out.append(None if gl is None else gl.view(b, h, w, c).permute(0, 3, 1, 2))
+        return tuple(out)
 
 
 def multilevel_roi_align(feats: Sequence[Tensor], rois: Tensor, levels: Tensor, output_size: tuple[int, int],
                          spatial_scales: Sequence[float], sampling_ratio: int = 0, aligned: bool = True) -> Tensor:
-    """RoIAlign of each RoI on its own feature level, in one sparse product (CPU; see the module docstring).
+    """RoIAlign of each RoI on its own feature level by sparse products (CPU; see the module docstring).
 
     Args:
         feats: levels ``(B, C, H_l, W_l)`` (any memory format; NHWC / channels_last avoids a copy).
@@ -145,32 +163,29 @@ def multilevel_roi_align(feats: Sequence[Tensor], rois: Tensor, levels: Tensor, 
         aligned: half-pixel shift (mmcv / torchvision ``aligned=True``).
 
     Returns:
-        ``(R, C, out_h, out_w)`` in ``feats[0].dtype`` (channels_last strides), equal to
+        ``(R, C, out_h, out_w)`` contiguous, in ``feats[0].dtype``, equal to
         ``torchvision.ops.roi_align(feats[levels[r]], rois[r:r+1], ...)`` per RoI within float rounding.
     """
     oh, ow = output_size
-    c, dtype = feats[0].shape[1], feats[0].dtype
+    c = feats[0].shape[1]
     r = rois.shape[0]
     if r == 0:
         return feats[0].new_zeros((0, c, oh, ow))
-    rois = rois.detach().to(dtype)
+    rois = rois.detach().to(feats[0].dtype)
     img = rois[:, 0].long()
-    shapes = [tuple(f.shape) for f in feats]
-    level_start = [0]
-    for b, _, h, w in shapes[:-1]:
-        level_start.append(level_start[-1] + b * h * w)
-    entries = []
-    for lvl, (_, _, h, w) in enumerate(shapes):
-        idx = (levels == lvl).nonzero(as_tuple=True)[0]
-        if idx.numel():
-            base = level_start[lvl] + img[idx] * (h * w)
-            entries.append(_level_entries(rois[idx], idx, base, h, w, float(spatial_scales[lvl]), (oh, ow),
-                                          sampling_ratio, aligned))
-    rows, cols, vals = (torch.cat(x) for x in zip(*entries))
-    total = level_start[-1] + shapes[-1][0] * shapes[-1][2] * shapes[-1][3]
-    matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (r * oh * ow, total), check_invariants=False)
-    out = _SparseRoIAlignFn.apply(matrix, shapes, *feats)
-    return out.view(r, oh, ow, c).permute(0, 3, 1, 2)
+    chunk = max(1, _ROWS_PER_CHUNK // (oh * ow))
+    plan = []
+    for lvl, f in enumerate(feats):
+        b, _, h, w = f.shape
+        on_level = (levels == lvl).nonzero(as_tuple=True)[0]
+        for idx in on_level.split(chunk) if on_level.numel() else ():
+            n = idx.numel()
+            rows, cols, vals = _level_entries(rois[idx], torch.arange(n), img[idx] * (h * w), h, w,
+                                              float(spatial_scales[lvl]), (oh, ow), sampling_ratio, aligned)
+            matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n * oh * ow, b * h * w),
+                                             check_invariants=False)
+            plan.append((lvl, idx, matrix))
+    return _SparseRoIAlignFn.apply(plan, (r, c, oh, ow), *feats)
 
 
 def roi_align(input: Tensor, rois: Tensor, output_size: int | tuple[int, int], spatial_scale: float = 1.0,
