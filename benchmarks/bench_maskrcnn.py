@@ -22,8 +22,9 @@ after NMS (1000 against 272 at the quick inference size), so the R-CNN heads wou
 DenseDet runs in its config's memory format (``runtime.channels_last``, as ``densedet train`` / ``test`` and
 ``Predictor`` do); torchvision in its default NCHW. Timing alternates the two models' iterations (A B A B ...) in
 one process so both see the same background load; medians are reported. Peak memory: each (library, mode) runs alone
-in a fresh subprocess: peak RSS (``ru_maxrss``) minus the RSS after building the model. ``--profile N`` prints the
-``N`` operators with the most self CPU time of one step of each library (``torch.profiler``) instead of timing.
+in a fresh subprocess: peak RSS (``VmHWM``, reset after building the model) minus the RSS then. ``--profile N``
+prints the ``N`` operators with the most self CPU time of one step of each library (``torch.profiler``) instead of
+timing.
 """
 
 from __future__ import annotations
@@ -253,13 +254,27 @@ def _rss() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS (``VmHWM``). Not ``ru_maxrss``: Linux carries that over ``exec`` from the parent, so
+    a child of the (large) timing process would report the parent's RSS."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def memory_child(lib: str, mode: str, quick: bool) -> None:
     step = _variant(lib, mode, quick)
+    try:  # reset the peak to the current RSS, so that building the model(s) does not count (Linux >= 4.0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
     base = _rss()
     for _ in range(2):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_mib": (peak - base) / 2**20}))
+    print(json.dumps({"peak_mib": (_peak_rss() - base) / 2**20}))
 
 
 def profile_both(mode: str, quick: bool, rows: int) -> None:
