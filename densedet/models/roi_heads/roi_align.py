@@ -29,6 +29,11 @@ from torch import Tensor
 
 __all__ = ["multilevel_roi_align", "roi_align", "sparse_roi_align_supported"]
 
+# Per sparse product: output rows (RoI bins; the temporary (rows, C) result is ~8 MiB at C = 256) and padded
+# (bin, window pixel) entries while building M (~40 bytes each).
+_ROWS_PER_CHUNK = 8192
+_ENTRIES_PER_CHUNK = 1 << 20
+
 
 def sparse_roi_align_supported(feats: Sequence[Tensor]) -> bool:
     """Whether :func:`multilevel_roi_align` handles these features: float32/float64 on CPU, eager mode (ONNX export,
@@ -80,22 +85,53 @@ def _axis_weights(start: Tensor, length: Tensor, grid: Tensor, size: Tensor, poo
     return first, weights / grid.clamp(min=1).to(dtype)[:, None, None]
 
 
-def _level_entries(rois: Tensor, rows: Tensor, col_base: Tensor, h: int, w: int, scale: float,
-                   output_size: tuple[int, int], sampling_ratio: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Non-zeros of ``M`` for RoIs on one level: (row, column, value) with rows ``rows[r] * oh * ow + bin`` and
-    columns ``col_base[r] + y * w + x`` (``col_base``: the first row of the RoI's image in the level's NHWC rows)."""
+def _geometry(rois: Tensor, scale: float, output_size: tuple[int, int], sampling_ratio: int,
+              aligned: bool) -> tuple[Tensor, ...]:
+    """``(y1, x1, h, w, grid_h, grid_w)`` of ``(R, 5)`` RoIs in feature pixels, computed in torchvision's order
+    (roi_align_kernel.cpp: ``roi_start = x1 * spatial_scale - offset``, ``roi_width = roi_end - roi_start``)."""
     oh, ow = output_size
     offset = 0.5 if aligned else 0.0
-    # torchvision roi_align_kernel.cpp: roi_start = x1 * spatial_scale - offset, roi_width = roi_end - roi_start
     x1, y1 = rois[:, 1] * scale - offset, rois[:, 2] * scale - offset
     rw, rh = rois[:, 3] * scale - offset - x1, rois[:, 4] * scale - offset - y1
     if not aligned:  # legacy (Detectron) mode: RoIs at least one pixel
         rw, rh = rw.clamp(min=1.0), rh.clamp(min=1.0)
     if sampling_ratio > 0:
-        gh = gw = torch.full_like(rows, sampling_ratio)
+        gh = gw = torch.full(x1.shape, sampling_ratio, dtype=torch.long)
     else:
         gh, gw = torch.ceil(rh / oh).long(), torch.ceil(rw / ow).long()
-    n = rois.shape[0]
+    return y1, x1, rh, rw, gh, gw
+
+
+def _chunks(geometry: tuple[Tensor, ...], output_size: tuple[int, int]) -> list[Tensor]:
+    """Split RoIs (indices into ``geometry``) into chunks of at most ``_ROWS_PER_CHUNK`` output rows and
+    ``_ENTRIES_PER_CHUNK`` padded window entries, RoIs of similar window size together (less padding; a few huge
+    RoIs do not inflate the windows of all the others)."""
+    oh, ow = output_size
+    _, _, rh, rw, _, _ = geometry
+    # window pixels per bin and axis: at most ceil(bin) + 1 (bin = extent / bins, clamped to >= 0)
+    ky = torch.ceil(rh.clamp(min=0) / oh).long() + 2
+    kx = torch.ceil(rw.clamp(min=0) / ow).long() + 2
+    cost = ky * kx * (oh * ow)
+    order = cost.argsort(stable=True)
+    costs = cost[order].tolist()
+    max_rois = max(1, _ROWS_PER_CHUNK // (oh * ow))
+    out, start = [], 0
+    while start < len(costs):
+        end = start + 1
+        while end < len(costs) and end - start < max_rois and (end + 1 - start) * costs[end] <= _ENTRIES_PER_CHUNK:
+            end += 1
+        out.append(order[start:end])
+        start = end
+    return out
+
+
+def _level_entries(geometry: tuple[Tensor, ...], rows: Tensor, col_base: Tensor, h: int, w: int,
+                   output_size: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Non-zeros of ``M`` for RoIs on one level: (row, column, value) with rows ``rows[r] * oh * ow + bin`` and
+    columns ``col_base[r] + y * w + x`` (``col_base``: the first row of the RoI's image in the level's NHWC rows)."""
+    oh, ow = output_size
+    y1, x1, rh, rw, gh, gw = geometry
+    n = y1.shape[0]
     fy, wy = _axis_weights(y1, rh, gh, torch.full((n,), h), oh)
     fx, wx = _axis_weights(x1, rw, gw, torch.full((n,), w), ow)
     ky, kx = wy.shape[-1], wx.shape[-1]
@@ -111,8 +147,6 @@ def _level_entries(rois: Tensor, rows: Tensor, col_base: Tensor, h: int, w: int,
     return rows_out, cols.reshape(-1)[keep], vals.reshape(-1)[keep]
 
 
-# output rows (RoI bins) per sparse product: bounds the temporary (rows, C) result to ~8 MiB at C = 256
-_ROWS_PER_CHUNK = 8192
 
 
 class _SparseRoIAlignFn(torch.autograd.Function):
@@ -173,15 +207,17 @@ def multilevel_roi_align(feats: Sequence[Tensor], rois: Tensor, levels: Tensor, 
         return feats[0].new_zeros((0, c, oh, ow))
     rois = rois.detach().to(feats[0].dtype)
     img = rois[:, 0].long()
-    chunk = max(1, _ROWS_PER_CHUNK // (oh * ow))
     plan = []
     for lvl, f in enumerate(feats):
         b, _, h, w = f.shape
         on_level = (levels == lvl).nonzero(as_tuple=True)[0]
-        for idx in on_level.split(chunk) if on_level.numel() else ():
-            n = idx.numel()
-            rows, cols, vals = _level_entries(rois[idx], torch.arange(n), img[idx] * (h * w), h, w,
-                                              float(spatial_scales[lvl]), (oh, ow), sampling_ratio, aligned)
+        if on_level.numel() == 0:
+            continue
+        geometry = _geometry(rois[on_level], float(spatial_scales[lvl]), (oh, ow), sampling_ratio, aligned)
+        for sub in _chunks(geometry, (oh, ow)):
+            n, idx = sub.numel(), on_level[sub]
+            rows, cols, vals = _level_entries(tuple(g[sub] for g in geometry), torch.arange(n), img[idx] * (h * w),
+                                              h, w, (oh, ow))
             matrix = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n * oh * ow, b * h * w),
                                              check_invariants=False)
             plan.append((lvl, idx, matrix))
