@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_maskrcnn.py --threads 2 --iters 5 --warmup 1
-    .venv/bin/python benchmarks/bench_maskrcnn.py --quick      # smaller images, 1 warm-up + 2 iterations
+    .venv/bin/python benchmarks/bench_maskrcnn.py --quick      # half the image sides, 1 warm-up + 2 iterations
     .venv/bin/python benchmarks/bench_maskrcnn.py --modes paste --threads 1   # mask paste + RLE only
 
 Training step: batch 2 at 512x512, the same 8 gt boxes and masks per image (ellipses filling their boxes), SGD with
@@ -19,12 +19,13 @@ samples, NMS 0.5 and 100 detections. torchvision's transform gets ``min_size``/`
 never rescales. Both hold the same weights (DenseDet's random initialisation, seeded, copied into torchvision's
 layout by :func:`copy_weights`): with different random weights the two RPNs keep different numbers of proposals
 after NMS (1000 against 272 at the quick inference size), so the R-CNN heads would do different amounts of work.
-DenseDet runs in its config's memory format (``runtime.channels_last``, as ``densedet train`` / ``test`` and
-``Predictor`` do); torchvision in its default NCHW. Timing alternates the two models' iterations (A B A B ...) in
-one process so both see the same background load; medians are reported. Peak memory: each (library, mode) runs alone
-in a fresh subprocess: peak RSS (``VmHWM``, reset after building the model) minus the RSS then. ``--profile N``
-prints the ``N`` operators with the most self CPU time of one step of each library (``torch.profiler``) instead of
-timing.
+DenseDet runs as ``densedet train`` / ``test`` and ``Predictor`` do by default: in its config's memory format
+(``runtime.channels_last``) and, for inference, with BatchNorm folded into the convs (``model.fuse()``); torchvision
+in its default NCHW with its ``FrozenBatchNorm2d``. Timing alternates the two models' iterations (A B A B ...) in
+one process so both see the same background load; medians are reported, and the median of the per-pair ratios. Peak
+memory: each (library, mode) runs alone in a fresh subprocess: peak RSS (``VmHWM``, reset after building the model)
+minus the RSS then. ``--profile N`` prints the ``N`` operators with the most self CPU time of one step of each
+library (``torch.profiler``) instead of timing.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def build_densedet(mode: str) -> Any:
     from densedet.data.masks import InstanceMasks, decode_segmentation
 
     model = _densedet_model()
+    if mode != "train":
+        model.fuse()  # BatchNorm folded into the convs, as ``densedet test`` and ``Predictor`` do by default
     mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
 
@@ -206,7 +209,7 @@ def _variant(lib: str, mode: str, quick: bool) -> Any:
     return step
 
 
-def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, float]:
+def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, Any]:
     steps = {lib: _variant(lib, mode, quick) for lib in ("densedet", "torchvision")}
     for _ in range(warmup):
         for s in steps.values():
@@ -218,7 +221,10 @@ def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, floa
             t = time.perf_counter()
             steps[lib]()
             times[lib].append(time.perf_counter() - t)
-    return {lib: statistics.median(v) for lib, v in times.items()}
+    out = {lib: statistics.median(v) for lib, v in times.items()}
+    # the ratio of each adjacent (A, B) pair, less exposed to load that drifts over the run than the medians' ratio
+    out["pair_ratios"] = [tv / dd for dd, tv in zip(times["densedet"], times["torchvision"])]
+    return out
 
 
 def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
@@ -293,17 +299,17 @@ def profile_both(mode: str, quick: bool, rows: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per model (default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="half the image sides")
     p.add_argument("--modes", nargs="*", default=["paste", "infer", "train"], help="paste, infer, train")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the N operators with the most self CPU time per library and mode instead of timing")
     p.add_argument("--memory-child", nargs=2, metavar=("LIB", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.iters, args.warmup = 2, 1
+    if args.iters is None:
+        args.iters = 2 if args.quick else 5
     if args.memory_child:
         memory_child(*args.memory_child, args.quick)
         return 0
@@ -334,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode, t, mem in rows:
         print(f"| {mode} | {t['densedet']:.3f} | {t['torchvision']:.3f} | {t['torchvision'] / t['densedet']:.2f} | "
               f"{mem['densedet']:.0f} | {mem['torchvision']:.0f} |")
+    for mode, t, _ in rows:
+        print(f"{mode}: ratio tv / dd of each alternating pair: {', '.join(f'{r:.2f}' for r in t['pair_ratios'])} "
+              f"(median {statistics.median(t['pair_ratios']):.2f})")
     return 0
 
 
