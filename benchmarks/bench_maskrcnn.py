@@ -5,6 +5,7 @@ Usage::
     .venv/bin/python benchmarks/bench_maskrcnn.py --threads 2 --iters 5 --warmup 1
     .venv/bin/python benchmarks/bench_maskrcnn.py --quick      # half the image sides, 1 warm-up + 2 iterations
     .venv/bin/python benchmarks/bench_maskrcnn.py --modes paste --threads 1   # mask paste + RLE only
+    .venv/bin/python benchmarks/bench_maskrcnn.py --modes roialign --threads 1   # RoIAlign forward / backward only
 
 Training step: batch 2 at 512x512, the same 8 gt boxes and masks per image (ellipses filling their boxes), SGD with
 a tiny learning rate (every timed step sees the same weights). Inference: batch 1 at 800x1216 including
@@ -209,7 +210,7 @@ def _variant(lib: str, mode: str, quick: bool) -> Any:
     return step
 
 
-def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, Any]:
+def time_both(mode: str, iters: int, warmup: int, quick: bool, clock: Any = time.perf_counter) -> dict[str, Any]:
     steps = {lib: _variant(lib, mode, quick) for lib in ("densedet", "torchvision")}
     for _ in range(warmup):
         for s in steps.values():
@@ -218,9 +219,9 @@ def time_both(mode: str, iters: int, warmup: int, quick: bool) -> dict[str, Any]
     order = list(steps)
     for i in range(iters):
         for lib in order[i % 2:] + order[:i % 2]:
-            t = time.perf_counter()
+            t = clock()
             steps[lib]()
-            times[lib].append(time.perf_counter() - t)
+            times[lib].append(clock() - t)
     out = {lib: statistics.median(v) for lib, v in times.items()}
     # the ratio of each adjacent (A, B) pair, less exposed to load that drifts over the run than the medians' ratio
     out["pair_ratios"] = [tv / dd for dd, tv in zip(times["densedet"], times["torchvision"])]
@@ -253,6 +254,48 @@ def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
         coco_mask.encode(np.asfortranarray(full.permute(1, 2, 0).numpy().astype(np.uint8)))
         times["torchvision"].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_roi_align(reps: int = 3, num: int = 1024) -> dict[str, dict[str, float]]:
+    """Seconds for RoIAlign (7x7, aligned, sampling_ratio 0) of ``num`` RoIs on the four FPN levels of a batch of 2
+    at 512x512 (256 channels, channels_last as DenseDet runs), forward and forward + backward: DenseDet's sparse
+    products (:func:`densedet.models.roi_heads.roi_align.multilevel_roi_align`) against ``torchvision.ops.roi_align``
+    per level (what the extractor did before)."""
+    from torchvision.ops import roi_align as tv_roi_align
+
+    from densedet.models.roi_heads import map_roi_levels
+    from densedet.models.roi_heads.roi_align import multilevel_roi_align
+
+    g = torch.Generator().manual_seed(0)
+    strides = [4, 8, 16, 32]
+    feats = [torch.randn(2, 256, 512 // s, 512 // s, generator=g).contiguous(memory_format=torch.channels_last)
+             .requires_grad_() for s in strides]
+    xy = torch.rand(num, 2, generator=g) * 410
+    rois = torch.cat([torch.randint(0, 2, (num, 1), generator=g).float(), xy,
+                      xy + torch.rand(num, 2, generator=g) * 300 + 4], 1)
+    levels = map_roi_levels(rois, 4)
+
+    def torchvision_levels() -> torch.Tensor:
+        out = feats[0].new_zeros((num, 256, 7, 7))
+        for lvl, s in enumerate(strides):
+            idx = (levels == lvl).nonzero(as_tuple=True)[0]
+            if idx.numel():
+                out[idx] = tv_roi_align(feats[lvl], rois[idx], (7, 7), 1.0 / s, 0, True)
+        return out
+
+    def densedet() -> torch.Tensor:
+        return multilevel_roi_align(feats, rois, levels, (7, 7), [1.0 / s for s in strides], 0, True)
+
+    times: dict[str, dict[str, list[float]]] = {k: {"forward": [], "backward": []} for k in ("densedet", "torchvision")}
+    for _ in range(reps):
+        for name, fn in (("densedet", densedet), ("torchvision", torchvision_levels)):
+            t = time.perf_counter()
+            out = fn()
+            t1 = time.perf_counter()
+            torch.autograd.grad(out, feats, torch.ones_like(out), allow_unused=True)
+            times[name]["forward"].append(t1 - t)
+            times[name]["backward"].append(time.perf_counter() - t1)
+    return {k: {p: statistics.median(v) for p, v in d.items()} for k, d in times.items()}
 
 
 def _rss() -> int:
@@ -302,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=None, help="timed iterations per model (default 5, --quick 2)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="half the image sides")
-    p.add_argument("--modes", nargs="*", default=["paste", "infer", "train"], help="paste, infer, train")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU time (time.process_time) instead of wall time; with --threads 1 it "
+                        "is the work done, unaffected by waiting for a core on a loaded machine")
+    p.add_argument("--modes", nargs="*", default=["paste", "roialign", "infer", "train"],
+                   help="paste, roialign, infer, train")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="print the N operators with the most self CPU time per library and mode instead of timing")
     p.add_argument("--memory-child", nargs=2, metavar=("LIB", "MODE"), help=argparse.SUPPRESS)
@@ -314,16 +361,23 @@ def main(argv: list[str] | None = None) -> int:
         memory_child(*args.memory_child, args.quick)
         return 0
     if args.profile:
-        for mode in [m for m in args.modes if m != "paste"]:
+        for mode in [m for m in args.modes if m in ("infer", "train")]:
             profile_both(mode, args.quick, args.profile)
         return 0
     rows = []
+    if "roialign" in args.modes:
+        r = bench_roi_align()
+        for part in ("forward", "backward"):
+            print(f"RoIAlign {part} of 1024 RoIs (batch 2, 512x512, 256 channels): DenseDet "
+                  f"{r['densedet'][part] * 1e3:.1f} ms, torchvision {r['torchvision'][part] * 1e3:.1f} ms, ratio "
+                  f"{r['torchvision'][part] / r['densedet'][part]:.2f}")
     if "paste" in args.modes:
         t = bench_paste_rle()
         print(f"paste + RLE of 100 masks at {INFER_SIZE[0]}x{INFER_SIZE[1]}: DenseDet {t['densedet'] * 1e3:.1f} ms, "
               f"torchvision {t['torchvision'] * 1e3:.1f} ms, ratio {t['torchvision'] / t['densedet']:.2f}")
-    for mode in [m for m in args.modes if m != "paste"]:
-        t = time_both(mode, args.iters, args.warmup, args.quick)
+    for mode in [m for m in args.modes if m in ("infer", "train")]:
+        t = time_both(mode, args.iters, args.warmup, args.quick,
+                      time.process_time if args.clock == "cpu" else time.perf_counter)
         mem = {}
         for lib in ("densedet", "torchvision"):
             cmd = [sys.executable, __file__, "--threads", str(args.threads), "--memory-child", lib, mode]
@@ -332,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((mode, t, mem))
     if not rows:
         return 0
-    print(f"threads={args.threads} iters={args.iters} warmup={args.warmup} quick={args.quick} "
+    print(f"threads={args.threads} iters={args.iters} warmup={args.warmup} quick={args.quick} clock={args.clock} "
           f"torch={torch.__version__}")
     print("| mode | DenseDet s/iter | torchvision s/iter | speed ratio (tv / dd) | DenseDet peak MiB | "
           "torchvision peak MiB |")
