@@ -1,4 +1,4 @@
-"""RoIAlign on CPU as one sparse matrix product: the same values and input gradients as
+"""RoIAlign on CPU as sparse matrix products: the same values and input gradients as
 ``torchvision.ops.roi_align`` (and mmcv's ``RoIAlign``), several times faster on CPU, training included.
 
 Why: with MMDetection's ``sampling_ratio=0`` every bin averages ``ceil(roi_h / out_h) x ceil(roi_w / out_w)``

@@ -31,7 +31,7 @@ class SingleRoIExtractor(nn.Module):
     """RoIAlign each RoI on its level: ``torchvision.ops.roi_align(aligned=True)`` with mmcv ``RoIAlign``'s
     ``spatial_scale = 1 / stride`` and ``sampling_ratio`` (0: adaptive, ``ceil(roi_size / output_size)`` points).
 
-    On CPU (eager mode) all levels go through one sparse product,
+    On CPU (eager mode) through sparse products,
     :func:`~densedet.models.roi_heads.roi_align.multilevel_roi_align`: the same values and gradients, several times
     faster than torchvision's CPU kernels; on CUDA, and while tracing / exporting, torchvision's op per level.
 
@@ -69,7 +69,7 @@ class SingleRoIExtractor(nn.Module):
 
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         """``feats``: FPN levels ``(B, C, H_l, W_l)``; ``rois`` ``(R, 5)`` ``(batch_index, x1, y1, x2, y2)`` in input
-        pixels. Returns ``(R, C, out_h, out_w)`` (channels_last strides from the CPU path)."""
+        pixels. Returns ``(R, C, out_h, out_w)``."""
         if rois.shape[0] == 0:
             return feats[0].new_zeros((0, self.out_channels, *self.output_size))
         levels = map_roi_levels(rois, self.num_inputs, self.finest_scale)
