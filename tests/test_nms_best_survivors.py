@@ -61,11 +61,14 @@ def test_multiclass_nms_batched_same_detections_with_and_without_prefix(monkeypa
     labels = torch.randint(0, 80, (b, k), generator=g)
     valid = scores > 0.05
     cfg = parse_test_cfg({"score_thr": 0.05, "nms": {"type": "nms", "iou_threshold": 0.5}, "max_per_img": 100})
-    fast = multiclass_nms_batched(boxes, scores, labels, valid, 80, cfg)
+    fast = multiclass_nms_batched(boxes, scores, labels, valid, 80, cfg, best_only=True)
     calls = []
     monkeypatch.setattr(postprocess, "nms_best_survivors", lambda *a: calls.append(1) or batched_nms(*a[:3], a[5]))
-    full = multiclass_nms_batched(boxes, scores, labels, valid, 80, cfg)
+    full = multiclass_nms_batched(boxes, scores, labels, valid, 80, cfg, best_only=True)
     assert calls  # the prefix path was the one replaced
+    calls.clear()
+    default = multiclass_nms_batched(boxes, scores, labels, valid, 80, cfg)  # RPN / single-stage: the full NMS
+    assert not calls and all(torch.equal(d["boxes"], r["boxes"]) for d, r in zip(default, full))
     for a, r in zip(fast, full):
         assert len(a["boxes"]) == 100
         for key in ("boxes", "scores", "labels"):

@@ -223,7 +223,7 @@ class StandardRoIHead(nn.Module):
         cand_valid = (fg > self.test_cfg.score_thr) & valid[..., None]
         labels = torch.arange(c, device=props.device).expand(b, p, c)
         dets = multiclass_nms_batched(boxes.reshape(b, p * c, 4), fg.reshape(b, p * c), labels.reshape(b, p * c),
-                                      cand_valid.reshape(b, p * c), c, self.nms_cfg)
+                                      cand_valid.reshape(b, p * c), c, self.nms_cfg, best_only=True)
         if self.with_mask:
             self._predict_masks(feats, dets, metas, rescale)
         if rescale:
