@@ -86,7 +86,8 @@ def copy_weights(densedet_model: Any, tv_model: Any) -> None:
     ``backbone.body``, FPN ``lateral_convs`` / ``fpn_convs`` -> ``inner_blocks`` / ``layer_blocks``, RPN, box head
     (torchvision puts the background class first and has background box deltas, zero here) and mask head (its
     background mask channel is zero). The delta encodings agree (RPN stds 1, R-CNN stds 0.1/0.1/0.2/0.2 = torchvision's
-    weights 10/10/5/5), so both models compute the same network."""
+    weights 10/10/5/5) and so does the RoI level mapping, so both compute the same network up to torchvision's
+    rounded anchors and its RoIAlign at a fixed 2 x 2 samples per bin (mmdet: adaptive)."""
     def bg_first(v: torch.Tensor) -> torch.Tensor:  # classifier rows: background last -> first
         return torch.cat([v[-1:], v[:-1]])
 
