@@ -73,3 +73,26 @@ def test_multiclass_nms_batched_same_detections_with_and_without_prefix(monkeypa
         assert len(a["boxes"]) == 100
         for key in ("boxes", "scores", "labels"):
             assert torch.equal(a[key], r[key])
+
+
+def test_prefix_path_is_skipped_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its loop depends on the data, so tracing / export record the plain batched NMS."""
+    g = torch.Generator().manual_seed(4)
+    boxes = torch.rand(1, 1000, 2, generator=g) * 300
+    boxes = torch.cat([boxes, boxes + 20], -1)
+    scores = torch.rand(1, 1000, generator=g)
+    labels = torch.randint(0, 3, (1, 1000), generator=g)
+    cfg = parse_test_cfg({"score_thr": 0.0, "nms": {"type": "nms", "iou_threshold": 0.5}, "max_per_img": 10})
+    calls = []
+    real = postprocess.nms_best_survivors
+    monkeypatch.setattr(postprocess, "nms_best_survivors", lambda *a: calls.append(1) or real(*a))
+
+    def run(b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return multiclass_nms_batched(b, s, labels, s > 0, 3, cfg, best_only=True)[0]["boxes"]
+
+    eager = run(boxes, scores)
+    assert calls
+    calls.clear()
+    traced = torch.jit.trace(run, (boxes, scores), check_trace=False)
+    assert not calls
+    assert torch.equal(traced(boxes, scores), eager)

@@ -191,7 +191,8 @@ def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid:
     kwargs = cfg.nms_kwargs()
     if cfg.nms["type"] == "soft_nms":
         keep, kept_scores = batched_soft_nms(fb, fs, groups, max_per_group=cfg.max_per_img_limit, **kwargs)
-    elif best_only and cfg.max_per_img_limit is not None and fs.numel() > 4 * cfg.max_per_img * b:
+    elif (best_only and cfg.max_per_img_limit is not None and fs.numel() > 4 * cfg.max_per_img * b
+          and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):  # its loop is data-dependent
         keep = nms_best_survivors(fb.float(), fs.float(), groups, fi, b, float(kwargs["iou_threshold"]),
                                   cfg.max_per_img)
         kept_scores = fs[keep]

@@ -244,8 +244,10 @@ class StandardRoIHead(nn.Module):
             # only each detection's class channel, and in chunks: the (D, 256, 28, 28) upsampled features of all
             # detections at once would be the largest tensor of the whole inference (80 MB for 100 detections)
             roi_feats = self.mask_roi_extractor(feats, rois)
+            exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()  # no data-dependent chunk count
+            chunk = len(rois) if exporting else _MASK_CHUNK
             probs_all = torch.cat([self.mask_head.forward_labels(f, lab).sigmoid()
-                                   for f, lab in zip(roi_feats.split(_MASK_CHUNK), labels.split(_MASK_CHUNK))])
+                                   for f, lab in zip(roi_feats.split(chunk), labels.split(chunk))])
         start = 0
         for det, meta in zip(dets, metas):
             n = len(det["boxes"])
