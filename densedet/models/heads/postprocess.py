@@ -126,12 +126,56 @@ class Candidates(NamedTuple):
         return Candidates(*(torch.cat([getattr(p, f) for p in parts], 1) for f in Candidates._fields))
 
 
+def nms_best_survivors(boxes: Tensor, scores: Tensor, groups: Tensor, image: Tensor, num_images: int,
+                       iou_threshold: float, limit: int) -> Tensor:
+    """``batched_nms(boxes, scores, groups, iou_threshold)`` when only each image's ``limit`` best survivors are
+    wanted: the same survivors, found by NMS over a prefix of the candidates.
+
+    Greedy NMS decides a box only from the boxes of its group scored above it (torchvision's kernel sorts stably, so
+    equal scores meet in candidate order, which the prefix keeps), so NMS over each image's ``k`` best candidates
+    (plus all tied with the k-th) keeps exactly the boxes the full run keeps among them, and every candidate outside
+    scores lower. Once a prefix keeps ``limit`` boxes of an image (or holds all its candidates) its ``limit`` best
+    survivors are final; ``k`` starts at ``4 * limit`` and grows 4x until every image is done. With Mask R-CNN's
+    ``score_thr`` 0.05 on weak scores, or 0, the R-CNN stage hands up to 1000 x 80 candidates to NMS for 100
+    detections. Survivors with exactly equal scores may be listed in another order than ``batched_nms``'s (whose
+    final sort is unstable).
+
+    Args:
+        boxes (N, 4), scores (N,), groups (N,) NMS groups (image * classes + class), image (N,) image index.
+    Returns:
+        kept indices into the N candidates, by decreasing score; at least each image's ``limit`` best survivors (all
+        of its survivors when it has fewer).
+    """
+    order = scores.sort(descending=True, stable=True)[1]
+    order = order[image[order].sort(stable=True)[1]]  # by image, then by decreasing score
+    counts = torch.bincount(image, minlength=num_images)
+    starts = counts.cumsum(0) - counts
+    img_sorted = image[order]
+    sorted_scores = scores[order]
+    k = 4 * limit
+    while True:
+        cut_pos = starts + torch.clamp(counts - 1, max=k - 1).clamp(min=0)
+        cut = sorted_scores[cut_pos.clamp(max=max(order.numel() - 1, 0))]  # the k-th best score of each image
+        take = sorted_scores >= cut[img_sorted]
+        sel = order[take].sort()[0]  # candidates in their original order: NMS meets equal scores as the full run
+        keep = sel[batched_nms(boxes[sel], scores[sel], groups[sel], iou_threshold)]
+        kept = torch.bincount(image[keep], minlength=num_images)
+        taken = torch.bincount(img_sorted[take], minlength=num_images)
+        if bool(((kept >= limit) | (taken >= counts)).all()):
+            return keep
+        k *= 4
+
+
 def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid: Tensor, num_classes: int,
-                           cfg: TestConfig) -> list[dict[str, Tensor]]:
+                           cfg: TestConfig, best_only: bool = False) -> list[dict[str, Tensor]]:
     """Class-wise NMS (or soft-NMS, per ``cfg.nms.type``) for every image of a batch in one call.
 
     Args:
         boxes: (B, K, 4) xyxy; scores, labels, valid: (B, K).
+        best_only: with hard NMS and ``max_per_img > 0``, run NMS over a score prefix (:func:`nms_best_survivors`):
+            the same detections, much faster when the candidates far outnumber ``max_per_img`` (the R-CNN stage's
+            proposals x classes); survivors with exactly equal scores may come in another order (torchvision's
+            final sort is unstable), so paths whose output order feeds a seeded sampler (the RPN) keep the default.
     Returns:
         one dict per image: ``boxes`` (D, 4), ``scores`` (D,) (decayed scores with soft-NMS), ``labels`` (D,),
         D <= ``max_per_img`` (all survivors when ``max_per_img <= 0``), sorted by decreasing score.
@@ -147,6 +191,11 @@ def multiclass_nms_batched(boxes: Tensor, scores: Tensor, labels: Tensor, valid:
     kwargs = cfg.nms_kwargs()
     if cfg.nms["type"] == "soft_nms":
         keep, kept_scores = batched_soft_nms(fb, fs, groups, max_per_group=cfg.max_per_img_limit, **kwargs)
+    elif (best_only and cfg.max_per_img_limit is not None and fs.numel() > 4 * cfg.max_per_img * b
+          and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):  # its loop is data-dependent
+        keep = nms_best_survivors(fb.float(), fs.float(), groups, fi, b, float(kwargs["iou_threshold"]),
+                                  cfg.max_per_img)
+        kept_scores = fs[keep]
     else:
         keep = batched_nms(fb.float(), fs.float(), groups, float(kwargs["iou_threshold"]))
         kept_scores = fs[keep]

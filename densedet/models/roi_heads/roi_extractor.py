@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from densedet.models.roi_heads.roi_align import multilevel_roi_align, sparse_roi_align_supported
 from densedet.registry import ConfigError
 
 __all__ = ["SingleRoIExtractor", "map_roi_levels"]
@@ -29,6 +30,10 @@ def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: int = 56) -> Ten
 class SingleRoIExtractor(nn.Module):
     """RoIAlign each RoI on its level: ``torchvision.ops.roi_align(aligned=True)`` with mmcv ``RoIAlign``'s
     ``spatial_scale = 1 / stride`` and ``sampling_ratio`` (0: adaptive, ``ceil(roi_size / output_size)`` points).
+
+    On CPU (eager mode) through sparse products,
+    :func:`~densedet.models.roi_heads.roi_align.multilevel_roi_align`: the same values and gradients, several times
+    faster than torchvision's CPU kernels; on CUDA, and while tracing / exporting, torchvision's op per level.
 
     Args:
         roi_layer: ``{type: RoIAlign, output_size: 7, sampling_ratio: 0}`` (``aligned`` must stay true).
@@ -65,10 +70,14 @@ class SingleRoIExtractor(nn.Module):
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         """``feats``: FPN levels ``(B, C, H_l, W_l)``; ``rois`` ``(R, 5)`` ``(batch_index, x1, y1, x2, y2)`` in input
         pixels. Returns ``(R, C, out_h, out_w)``."""
-        out = feats[0].new_zeros((rois.shape[0], self.out_channels, *self.output_size))
         if rois.shape[0] == 0:
-            return out
+            return feats[0].new_zeros((0, self.out_channels, *self.output_size))
         levels = map_roi_levels(rois, self.num_inputs, self.finest_scale)
+        feats = feats[:self.num_inputs]
+        if sparse_roi_align_supported(feats) and rois.device.type == "cpu":
+            scales = [1.0 / s for s in self.featmap_strides]
+            return multilevel_roi_align(feats, rois, levels, self.output_size, scales, self.sampling_ratio, True)
+        out = feats[0].new_zeros((rois.shape[0], self.out_channels, *self.output_size))
         for lvl in range(self.num_inputs):
             idx = (levels == lvl).nonzero(as_tuple=True)[0]
             if idx.numel() == 0:

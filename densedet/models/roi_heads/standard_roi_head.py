@@ -33,6 +33,9 @@ _COMPONENTS: dict[str, dict[str, type]] = {
 }
 
 
+_MASK_CHUNK = 32  # detections per mask-head call at inference (bounds its temporary memory)
+
+
 def _build(key: str, cfg: dict) -> nn.Module:
     cfg = dict(cfg)
     kinds = _COMPONENTS[key]
@@ -188,7 +191,7 @@ class StandardRoIHead(nn.Module):
     def _mask_loss(self, feats: tuple[Tensor, ...], s: dict[str, Tensor], targets: list[dict[str, Any]]) -> Tensor:
         pos = s["gt_inds"] >= 0
         rois, inds, labels = s["rois"][pos], s["gt_inds"][pos], s["labels"][pos]
-        mask_pred = self.mask_head(self.mask_roi_extractor(feats, rois))
+        mask_pred = self.mask_head.forward_labels(self.mask_roi_extractor(feats, rois), labels)  # (P, 28, 28)
         size = self.train_cfg.mask_size
         mask_targets = mask_pred.new_zeros((rois.shape[0], size, size))
         img_idx = rois[:, 0].long()
@@ -216,7 +219,7 @@ class StandardRoIHead(nn.Module):
         deltas[b_idx, p_idx] = bbox_pred.float()
         img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=props.device, dtype=torch.float32)
         dets = multiclass_nms_batched(*self.bbox_candidates(props, valid, scores, deltas, img_shapes), c,
-                                      self.nms_cfg)
+                                      self.nms_cfg, best_only=True)
         if self.with_mask:
             self._predict_masks(feats, dets, metas, rescale)
         if rescale:
@@ -252,7 +255,16 @@ class StandardRoIHead(nn.Module):
 
         rois = torch.cat([torch.cat([d["boxes"].new_full((len(d["boxes"]), 1), float(i)), d["boxes"]], 1)
                           for i, d in enumerate(dets)], 0)
-        mask_pred = self.mask_head(self.mask_roi_extractor(feats, rois)) if len(rois) else None
+        labels = torch.cat([d["labels"] for d in dets])
+        probs_all = None
+        if len(rois):
+            # only each detection's class channel, and in chunks: the (D, 256, 28, 28) upsampled features of all
+            # detections at once would be the largest tensor of the whole inference (80 MB for 100 detections)
+            roi_feats = self.mask_roi_extractor(feats, rois)
+            exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()  # no data-dependent chunk count
+            chunk = len(rois) if exporting else _MASK_CHUNK
+            probs_all = torch.cat([self.mask_head.forward_labels(f, lab).sigmoid()
+                                   for f, lab in zip(roi_feats.split(chunk), labels.split(chunk))])
         start = 0
         for det, meta in zip(dets, metas):
             n = len(det["boxes"])
@@ -264,7 +276,7 @@ class StandardRoIHead(nn.Module):
                 h, w = meta["img_shape"][:2]
                 boxes = det["boxes"]
             if n:
-                probs = mask_pred[start:start + n][torch.arange(n, device=rois.device), det["labels"]].sigmoid()
+                probs = probs_all[start:start + n]
                 crops = paste_masks_in_boxes(probs, boxes, int(h), int(w), self.test_cfg.mask_thr_binary)
             else:
                 crops = []
