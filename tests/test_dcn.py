@@ -263,3 +263,52 @@ def test_layers_use_the_selected_implementation(monkeypatch) -> None:
     a = layer(x)
     monkeypatch.setattr(dcn, "DCN_IMPL", "sampled")
     torch.testing.assert_close(layer(x), a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads,mask", [(3, True), (2, False)])
+def test_single_image_chunked_sampling_equals_torchvision(threads: int, mask: bool) -> None:
+    """One image and one deform group (inference) is sampled as ``threads`` chunks of an expanded input so that
+    grid_sample uses every thread; values and gradients stay torchvision's (3 chunks do not divide the 8 x 7 = 56
+    output locations: the padded points are cut off)."""
+    from torchvision.ops import deform_conv2d
+
+    from densedet.models import dcn
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 6, 8, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    off = (3 * torch.randn(1, 18, 8, 7, generator=g, dtype=torch.float64)).requires_grad_()
+    m = torch.rand(1, 9, 8, 7, generator=g, dtype=torch.float64).requires_grad_() if mask else None
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)  # 2 conv groups
+    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = {"padding": (1, 1), "mask": m}
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert dcn._sampling_chunks(x, 1) == threads
+        got = dcn.deform_conv2d_sampled(x, off, weight, bias, **kw)
+        inputs = [x, off, weight, bias] + ([m] if m is not None else [])
+        cot = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        grads = torch.autograd.grad(got, inputs, cot)
+    finally:
+        torch.set_num_threads(old)
+    ref = deform_conv2d(x, off, weight, bias, **kw)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(ref, inputs, cot), grads):
+        torch.testing.assert_close(b, a, rtol=1e-7, atol=1e-7)
+
+
+def test_bf16_autocast_keeps_sampling_positions_in_float32() -> None:
+    """Under bf16 autocast the offsets come in bf16; the positions must still be computed in float32 (bf16 cannot
+    hold a column index of 300 plus a fraction): the result stays within bf16 matmul rounding of fp32."""
+    from densedet.models.dcn import deform_conv2d_sampled
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 8, 4, 320, generator=g)
+    off = torch.rand(1, 18, 4, 320, generator=g) * 0.9  # sub-pixel offsets, sampled along a wide row
+    weight = torch.randn(8, 8, 3, 3, generator=g)
+    ref = deform_conv2d_sampled(x, off, weight, padding=(1, 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = deform_conv2d_sampled(x.bfloat16(), off.bfloat16(), weight, padding=(1, 1))
+    # bf16 offsets themselves are rounded (|off| < 1: ~0.004 px); bf16 positions (~1 px at 300) would be far off
+    err = float((got.float() - ref).abs().max() / ref.abs().max())
+    assert err < 0.03, err

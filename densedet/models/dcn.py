@@ -67,22 +67,67 @@ def deform_conv2d_sampled(x: torch.Tensor, offset: torch.Tensor, weight: torch.T
     groups, k = c // cin_g, kh * kw
     dg = offset.shape[1] // (2 * k)
     ho, wo = offset.shape[-2:]
-    dev, dt = x.device, offset.dtype
+    dev = x.device
+    # Sampling positions in at least float32: under bf16 autocast the offsets arrive in bf16, whose 8-bit mantissa
+    # cannot even hold a pixel row index above 256 exactly, let alone its fraction.
+    dt = offset.dtype if offset.dtype in (torch.float32, torch.float64) else torch.float32
     ky = (torch.arange(kh, device=dev, dtype=dt) * dilation[0]).repeat_interleave(kw)
     kx = (torch.arange(kw, device=dev, dtype=dt) * dilation[1]).repeat(kh)
     ys = torch.arange(ho, device=dev, dtype=dt) * stride[0] - padding[0]
     xs = torch.arange(wo, device=dev, dtype=dt) * stride[1] - padding[1]
-    off = offset.reshape(b, dg, k, 2, ho, wo)
+    off = offset.to(dt).reshape(b, dg, k, 2, ho, wo)
     py = ky.view(1, 1, k, 1, 1) + ys.view(1, 1, 1, ho, 1) + off[:, :, :, 0]
     px = kx.view(1, 1, k, 1, 1) + xs.view(1, 1, 1, 1, wo) + off[:, :, :, 1]
     # pixel p <-> normalised (2p + 1) / size - 1 with align_corners=False; zeros padding = zero outside corners
     grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], -1).reshape(b * dg, k, ho * wo, 2)
-    cols = F.grid_sample(x.reshape(b * dg, c // dg, h, w), grid.to(x.dtype), mode="bilinear",
-                         padding_mode="zeros", align_corners=False).reshape(b, dg, c // dg, k, ho * wo)
+    # grid_sample runs in the positions' precision (autocast would cast a bf16 input up anyway; doing it here
+    # keeps the cast out of the expanded view below)
+    xs_in = x.reshape(b * dg, c // dg, h, w).to(dt)
+    chunks = _sampling_chunks(x, b * dg)
+    if chunks > 1:
+        return _deform_conv2d_chunked(xs_in, grid, weight, bias, mask, chunks, (ho, wo))
+    cols = F.grid_sample(xs_in, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False).reshape(b, dg, c // dg, k, ho * wo)
     if mask is not None:
         cols = cols * mask.reshape(b, dg, 1, k, ho * wo).to(cols.dtype)
     cols = cols.reshape(b, groups, cin_g * k, ho * wo)  # channel order (group, channel, point): weight's order
     out = torch.matmul(weight.reshape(groups, cout // groups, cin_g * k), cols).reshape(b, cout, ho, wo)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def _sampling_chunks(x: torch.Tensor, batches: int) -> int:
+    """How many pieces to cut the sampled points into: PyTorch's CPU ``grid_sample`` parallelises over the batch
+    only, so a single image (batch 1, one deform group: inference) samples on one thread; as ``threads`` batches of
+    an expanded (not copied) input it uses them all. 1 (no chunking) on CUDA, with several batches, or one thread."""
+    if x.device.type != "cpu" or batches != 1 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def _deform_conv2d_chunked(xs: torch.Tensor, grid: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           mask: torch.Tensor | None, chunks: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """:func:`deform_conv2d_sampled` for one image and one deform group with the output locations cut into
+    ``chunks`` batches of ``grid_sample`` over an expanded (stride-0) input: the same per-point arithmetic, so the
+    same values, on all threads. ``xs (1, C, H, W)``, ``grid (1, K, P, 2)``, ``mask (1, K, Ho, Wo)`` or None."""
+    _, c, _, _ = xs.shape
+    cout, cin_g, _, _ = weight.shape
+    groups, k = c // cin_g, grid.shape[1]
+    p = grid.shape[2]
+    per = -(-p // chunks)
+    pad = per * chunks - p
+    # padded points sample far outside the image (zeros) and are cut off the output
+    g = F.pad(grid, (0, 0, 0, pad), value=-4.0) if pad else grid
+    g = g.reshape(k, chunks, per, 2).transpose(0, 1)  # (chunks, K, per, 2)
+    cols = F.grid_sample(xs.expand(chunks, -1, -1, -1), g, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)  # (chunks, C, K, per)
+    if mask is not None:
+        m = mask.reshape(k, p).to(cols.dtype)
+        m = F.pad(m, (0, pad)) if pad else m
+        cols = cols * m.reshape(k, chunks, per).transpose(0, 1).unsqueeze(1)
+    cols = cols.reshape(chunks, groups, cin_g * k, per)
+    out = torch.matmul(weight.reshape(groups, cout // groups, cin_g * k), cols)  # (chunks, G, Cout / G, per)
+    out = out.reshape(chunks, cout, per).transpose(0, 1).reshape(cout, chunks * per)[:, :p]
+    out = out.reshape(1, cout, *out_hw)
     return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
