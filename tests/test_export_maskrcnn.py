@@ -85,7 +85,9 @@ def test_static_multilevel_roi_align_equals_the_extractor_in_torch_and_onnxrunti
     assert set(map_roi_levels(rois, 4).tolist()) == {0, 1, 2, 3}
     with torch.no_grad():
         ref = ext(feats, rois)
-        torch.testing.assert_close(Pool()(*feats, rois), ref, rtol=0, atol=0)
+        # the extractor's CPU path is the sparse-product RoIAlign (same values to float rounding); the static
+        # per-level path is torchvision's kernel, as the exported RoiAlign
+        torch.testing.assert_close(Pool()(*feats, rois), ref, rtol=1e-5, atol=1e-6)
     names = ["f0", "f1", "f2", "f3", "rois"]
     torch.onnx.export(Pool().eval(), (*feats, rois), dynamo=True, opset_version=OPSET, input_names=names,
                       verbose=False).save(str(tmp_path / "roi.onnx"))
