@@ -57,3 +57,19 @@ def test_runtime_compile_is_a_typed_config_value():
     assert load_config("atss_r18_fpn_synth", ["runtime.compile=true"]).runtime.compile is True
     with pytest.raises(ConfigError, match="runtime.compile"):
         load_config("atss_r18_fpn_synth", ["runtime.compile=sometimes"])
+
+
+def test_onnx_model_refuses_compile_and_bf16_as_config_errors():
+    """An exported file runs as exported: --compile / --precision bf16 are one-line config errors (exit 2), not
+    tracebacks; compile=False / fp32 are accepted (what Predictor passes by default)."""
+    from densedet.deploy.runtime import OnnxRuntimeModel
+    from densedet.registry import ConfigError
+
+    model = OnnxRuntimeModel.__new__(OnnxRuntimeModel)  # the options never touch the session
+    assert model.set_compile(False) is model and model.set_precision("fp32") is model
+    with pytest.raises(ConfigError, match="drop --compile") as err:
+        model.set_compile(True)
+    assert err.value.path == "runtime.compile" and err.value.exit_code == 2
+    with pytest.raises(ConfigError, match="drop --precision") as err:
+        model.set_precision("bf16")
+    assert err.value.path == "runtime.precision"

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from densedet.errors import ConfigError
+
 __all__ = ["OnnxDetector", "OnnxRuntimeModel", "is_onnx_path", "load_onnx_model"]
 
 
@@ -131,7 +133,7 @@ class OnnxRuntimeModel(nn.Module):
 
     def set_precision(self, precision: str) -> OnnxRuntimeModel:
         if precision != "fp32":
-            raise ValueError("the ONNX model runs as exported (fp32); drop --precision")
+            raise ConfigError("the ONNX model runs as exported (fp32); drop --precision", path="runtime.precision")
         return self
 
     def fuse(self) -> OnnxRuntimeModel:
@@ -139,7 +141,8 @@ class OnnxRuntimeModel(nn.Module):
 
     def set_compile(self, enable: bool = True) -> OnnxRuntimeModel:
         if enable:
-            raise ValueError("the ONNX model runs in onnxruntime, which optimises it itself; drop --compile")
+            raise ConfigError("the ONNX model runs in onnxruntime, which optimises it itself; drop --compile",
+                              path="runtime.compile")
         return self
 
 

@@ -119,10 +119,10 @@ class DeployTwoStage(PixelsIn):
         torch._check(n >= 1)
         torch._check(n <= self.max_det)
         boxes_n, labels_n = out_boxes[:, :n], out_labels[:, :n]
-        mask_pred = roi.mask_head(roi_align_levels(roi.mask_roi_extractor, feats, _with_batch_index(boxes_n)))
-        m = mask_pred.shape[-1]
-        own = labels_n.clamp_min(0).reshape(-1, 1, 1, 1).expand(-1, 1, m, m)
-        probs = mask_pred.float().gather(1, own).reshape(b, n, m, m).sigmoid()
+        mask_feats = roi_align_levels(roi.mask_roi_extractor, feats, _with_batch_index(boxes_n))
+        logits = roi.mask_head.forward_labels(mask_feats, labels_n.clamp_min(0).reshape(-1))  # (B * n, 28, 28)
+        m = logits.shape[-1]
+        probs = logits.float().reshape(b, n, m, m).sigmoid()
         probs = torch.where((labels_n >= 0)[..., None, None], probs, torch.zeros_like(probs))
         masks = torch.cat([probs, probs.new_zeros((b, self.max_det - n, m, m))], 1)
         return out_boxes, out_scores, out_labels, num_dets, masks
