@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from densedet.bench import cpu_name
+from densedet.analysis.bench import cpu_name
 
 INPUT_SIZE = (800, 1344)  # (H, W): 800x1333 padded to a multiple of 32, as the detectors' collate does
 

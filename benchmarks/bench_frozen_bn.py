@@ -22,7 +22,7 @@ def worker(config: str, variant: str, size: tuple[int, int], batch: int) -> dict
     import torch
 
     import densedet
-    from densedet.bench import make_batch, peak_rss_bytes, rss_bytes
+    from densedet.analysis.bench import make_batch, peak_rss_bytes, rss_bytes
     from densedet.models.backbones import resnet
     from densedet.models.layers import FrozenBatchNorm2d
 

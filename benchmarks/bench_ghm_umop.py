@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from densedet.config import load_config
-    from densedet.diagnostics import format_level_table, read_level_log
+    from densedet.analysis.levels import format_level_table, read_level_log
     from densedet.engine import train
 
     rows = {}

@@ -120,7 +120,7 @@ def copy_weights(densedet_model: Any, tv_model: Any) -> None:
 
 
 def build_densedet(mode: str) -> Any:
-    from densedet.data.masks import InstanceMasks, decode_segmentation
+    from densedet.structures.masks import InstanceMasks, decode_segmentation
 
     model = _densedet_model()
     if mode != "train":
@@ -135,7 +135,7 @@ def build_densedet(mode: str) -> Any:
         tgts = []
         for t in targets:
             # the dataset's form: each mask decoded from an RLE into its box crop
-            from densedet.data.masks import BitmapCrop
+            from densedet.structures.masks import BitmapCrop
             from densedet.evaluation.segm import encode_crop_rle
 
             rles = [encode_crop_rle(BitmapCrop(0, 0, m), h, w) for m in t["masks"]]
@@ -236,7 +236,7 @@ def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
     from faster_coco_eval.core import mask as coco_mask
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from densedet.data.masks import InstanceMasks
+    from densedet.structures.masks import InstanceMasks
     from densedet.evaluation.segm import encode_instance_masks
     from densedet.models.roi_heads import paste_masks_in_boxes
 

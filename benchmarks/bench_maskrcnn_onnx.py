@@ -34,7 +34,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from densedet.bench import cpu_name
+    from densedet.analysis.bench import cpu_name
     from densedet.config import load_config
     from densedet.deploy import export
     from densedet.deploy.command import parse_size

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from densedet.bench import cpu_name, peak_rss_bytes, rss_bytes
+from densedet.analysis.bench import cpu_name, peak_rss_bytes, rss_bytes
 
 DD_CONFIGS = {"retinanet": "retinanet_r50_fpn_1x_coco", "fcos": "fcos_r50_caffe_fpn_gn-head_1x_coco"}
 TRAIN_SIZE = (512, 512)  # (H, W), batch 2
@@ -130,7 +130,7 @@ def build_densedet(model: str, timer: PartTimer) -> Any:
 
 def build_torchvision(model: str, mode: str, timer: PartTimer) -> Any:
     """torchvision's pretrained-recipe architecture (FrozenBN, trainable_layers=3), without weights."""
-    from densedet.bench import build_torchvision_detector
+    from densedet.analysis.bench import build_torchvision_detector
 
     m = build_torchvision_detector(model, NUM_CLASSES, TRAIN_SIZE if mode == "train" else INFER_SIZE,
                                    score_thresh=0.0, nms_thresh=0.5, detections=100, topk=1000)

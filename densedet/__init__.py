@@ -9,11 +9,10 @@ Public API::
     densedet.export("atss_r18_fpn_synth", "work_dirs/demo/latest.pth", "model.onnx")  # needs densedet[export]
 """
 
+from densedet.analysis.data_check import data_check
 from densedet.api import build_model
-from densedet.compat.mmdet import convert_mmdet_checkpoint
 from densedet.config import Config, ConfigError, list_configs, load_config
 from densedet.data import CocoDataset, DataError, build_dataloader, make_synthetic_coco
-from densedet.data.check import data_check
 from densedet.data.formats import detect_layout, prepare_dataset
 from densedet.deploy import ExportDependencyError, OnnxDetector, export
 from densedet.engine import Trainer, evaluate, load_checkpoint, load_model_weights, train
@@ -22,9 +21,8 @@ from densedet.evaluation import EvalResult, evaluate_coco
 from densedet.inference.predictor import Predictor
 from densedet.inference.visualize import draw_detections
 from densedet.models.build import build_detector
-from densedet.zoo import ZOO, fetch_zoo_weights
-
-__version__ = "0.1.0"
+from densedet.version import __version__
+from densedet.weights import ZOO, convert_mmdet_checkpoint, fetch_zoo_weights
 
 __all__ = [
     "CheckpointError", "CocoDataset", "Config", "ConfigError", "DataError", "DenseDetError", "EvalResult",

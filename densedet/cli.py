@@ -18,7 +18,7 @@ def _resolve_checkpoint(path: str, config: str | None = None) -> Path:
     from densedet.engine.swa import SWA_FINAL
 
     if path == "zoo" or path.startswith("zoo:"):
-        from densedet.zoo import fetch_zoo_weights
+        from densedet.weights import fetch_zoo_weights
 
         return fetch_zoo_weights(path.removeprefix("zoo").removeprefix(":") or config)
     found = resolve_checkpoint(path)
@@ -33,7 +33,7 @@ def _zoo_row_config(args: argparse.Namespace) -> None:
     if getattr(args, "checkpoint", None) != "zoo":
         return
     from densedet.config import list_configs
-    from densedet.zoo import get_entry
+    from densedet.weights import get_entry
 
     if args.config not in list_configs():
         entry = get_entry(args.config)
@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume: Any = args.resume
     if resume == "auto":
         resume = True
-    from densedet.engine.dist import cleanup
+    from densedet.dist import cleanup
 
     try:
         train(cfg, work_dir, resume=resume)
@@ -196,7 +196,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from densedet.data.check import data_check
+    from densedet.analysis.data_check import data_check
 
     text, png, _ = data_check(args.path, args.config, args.img_size, args.out, args.max_images, args.overrides)
     print(text)
@@ -215,7 +215,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from densedet.compat.mmdet import convert_mmdet_checkpoint
+    from densedet.weights.mmdet import convert_mmdet_checkpoint
 
     key_map = dict(kv.split("=", 1) for kv in args.key_map or [])
     model = None
@@ -235,7 +235,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from densedet.zoo import fetch_zoo_weights, format_zoo_table
+    from densedet.weights import fetch_zoo_weights, format_zoo_table
 
     if args.fetch:
         print(f"{args.fetch}: {fetch_zoo_weights(args.fetch)}")
@@ -252,7 +252,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_levels(args: argparse.Namespace) -> int:
-    from densedet.diagnostics import LevelLogError, levels_report
+    from densedet.analysis.levels import LevelLogError, levels_report
     from densedet.errors import DataError
 
     try:
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     from densedet.deploy.command import add_export_parser
 
     add_export_parser(sub, EPILOG).set_defaults(fn=cmd_export)
-    from densedet.bench import add_bench_parser, cmd_bench
+    from densedet.analysis.bench import add_bench_parser, cmd_bench
 
     add_bench_parser(sub, EPILOG).set_defaults(fn=cmd_bench)
 

@@ -18,6 +18,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "DataError",
+    "DataWarning",
     "DenseDetError",
     "NonFiniteError",
     "NotImplementedConfigError",
@@ -52,6 +53,11 @@ class DataError(DenseDetError, ValueError):
 
     exit_code = 3
     kind = "data"
+
+
+class DataWarning(UserWarning):
+    """Data that was skipped or fixed (annotations skipped while loading, one warning per kind, with counts), or a
+    data setting that works but is likely a mistake."""
 
 
 class CheckpointError(DenseDetError, RuntimeError):

@@ -163,10 +163,10 @@ def compare_losses(ref: dict[str, float], got: dict[str, float], where: str) -> 
 def _generate_before() -> dict[str, Any]:  # pragma: no cover - run by hand against the pre-redesign code
     """Summaries computed with the pre-redesign API: Normalize from the val pipeline, model fed normalised floats."""
     from densedet.config import list_configs, load_config
-    from densedet.data.masks import InstanceMasks
     from densedet.data.transforms import Normalize
     from densedet.deploy.onnx_export import normalize_params
     from densedet.models.build import build_detector
+    from densedet.structures.masks import InstanceMasks
 
     torch.set_num_threads(1)  # as the test suite (conftest.py): same reduction order, same rounding
     pixels = make_pixels()

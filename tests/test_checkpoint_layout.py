@@ -12,8 +12,8 @@ import torch
 import torchvision
 
 import densedet
-from densedet.compat.mmdet import convert_mmdet_checkpoint
 from densedet.engine.checkpoint import load_checkpoint, load_model_weights
+from densedet.weights.mmdet import convert_mmdet_checkpoint
 
 
 def _backbone_r50() -> dict[str, tuple]:

@@ -1,6 +1,7 @@
 """Before/after equality of the detector-contract redesign: every built-in config, at name-seeded weights, gives the
 detections and losses that the code before the redesign gave (``tests/data/contract_reference.pt``, written by
-``tests/contract_fixture.py`` from commit 0fb0683). See :mod:`contract_fixture` for what is compared."""
+``tests/contract_fixture.py`` from commit 0fb0683, when the data pipeline normalised and the model took floats).
+Now the batch is uint8 pixels and the model's ``data_preprocessor`` normalises: the same numbers must come out."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from contract_fixture import (
 )
 
 from densedet.config import list_configs, load_config
-from densedet.data.masks import InstanceMasks
 from densedet.data.transforms import Normalize
 from densedet.deploy.onnx_export import normalize_params
 from densedet.models.build import build_detector
+from densedet.structures.masks import InstanceMasks
 
 REF = torch.load(REFERENCE, weights_only=True) if REFERENCE.is_file() else {"configs": {}, "models": {}}
 # one test per distinct model (configs that differ only in data / schedule share their model's reference)
@@ -46,12 +47,9 @@ def test_outputs_equal_the_pre_redesign_code(name: str) -> None:
     torch.manual_seed(0)
     model = build_detector(cfg.model, init=False)
     fill_weights(model)
-    mean, std, to_rgb = normalize_params(cfg)
-    step = Normalize(mean, std, to_rgb)
-    batch = torch.zeros(2, 3, 96, 128)
+    batch = torch.zeros(2, 3, 96, 128, dtype=torch.uint8)  # pixels, as collate pads them: the model normalises
     for i, px in enumerate(make_pixels()):
-        img = step({"img": px.copy(), "meta": {}})["img"]
-        batch[i, :, : img.shape[1], : img.shape[2]] = img
+        batch[i, :, : px.shape[0], : px.shape[1]] = torch.from_numpy(px).permute(2, 0, 1)
     with_mask = kind == "two" and model.with_mask
     targets = make_targets(model.num_classes, with_mask)
     for t, (h, w) in zip(targets, IMAGE_SHAPES):

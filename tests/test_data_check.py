@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from densedet.analysis.data_check import data_check
 from densedet.cli import main
-from densedet.data.check import data_check
 from densedet.data.synth import make_synthetic_coco
 
 

@@ -57,8 +57,8 @@ def _cfg(toy, root: Path, per_gpu: int, kind: str):
 
 def _run(root: Path, work: Path, per_gpu: int, kind: str = "toy") -> None:
     """Train 2 iterations (1 per epoch) and save this rank's weights and the final metrics."""
+    from densedet.dist import cleanup, get_rank
     from densedet.engine import Trainer
-    from densedet.engine.dist import cleanup, get_rank
     from densedet.models.build import build_detector
 
     toy = _toy_module()

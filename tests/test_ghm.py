@@ -298,8 +298,8 @@ def test_authors_release_layout_converts_with_a_key_map(tmp_path) -> None:
     its towers from plain ``nn.Conv2d`` (``bbox_head.cls_convs.0.weight``, no ``.conv``) and has ``9 * 80``
     class channels (81 classes with background, sigmoid over the 80), ordered anchor-major like ours: only the
     tower keys need renaming, through the converter's prefix key map."""
-    from densedet.compat.mmdet import convert_mmdet_checkpoint
     from densedet.engine.checkpoint import load_checkpoint
+    from densedet.weights.mmdet import convert_mmdet_checkpoint
 
     model = densedet.build_model("retinanet_ghm_r50_fpn_1x_coco", **TINY)
     ours = {k: v for k, v in model.state_dict().items() if ".loss_" not in k}

@@ -16,7 +16,8 @@ from torchvision.ops import roi_align
 
 from densedet.data import CocoDataset, collate
 from densedet.data.coco import DataError, DataWarning
-from densedet.data.masks import (
+from densedet.data.transforms import RandomCrop, RandomFlip, Resize
+from densedet.structures.masks import (
     BitmapCrop,
     InstanceMasks,
     MaskFormatError,
@@ -25,7 +26,6 @@ from densedet.data.masks import (
     nearest_source_index,
     rasterize_polygons,
 )
-from densedet.data.transforms import RandomCrop, RandomFlip, Resize
 
 
 def _uncompressed_rle(full: np.ndarray) -> dict:

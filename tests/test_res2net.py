@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from densedet.models.backbones.res2net import Bottle2neck, Res2Net
-from densedet.models.backbones.resnet import OPEN_MMLAB_URLS
 from densedet.models.dcn import DeformConv2dPack
 from densedet.registry import BACKBONES, ConfigError
+from densedet.weights.sources import OPEN_MMLAB_URLS
 
 H, W = 333, 517
 # timm / official Res2Net stem names -> mmdet's deep-stem names (conv1.{0,1,3,4,6} + bn1 -> stem.{0,1,3,4,6,7}).

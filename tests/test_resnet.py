@@ -347,7 +347,7 @@ def test_torchvision_scheme_offline_error(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setenv("DENSEDET_HOME", str(tmp_path / "dd"))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(urllib.request, "urlopen", offline)  # downloads go through densedet.zoo.download
+    monkeypatch.setattr(urllib.request, "urlopen", offline)  # downloads go through densedet.weights.download
     filename = Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url).name
     with pytest.raises(RuntimeError, match=rf"{filename}.*local path"):
         ResNet(50, pretrained="torchvision://resnet50").init_weights()
@@ -359,8 +359,8 @@ def test_timm_scheme_offline_error(monkeypatch, tmp_path) -> None:
     """``timm:NAME`` asks timm for its weights; offline the error says how to provide a local file."""
     import timm
 
-    from densedet.models.backbones.resnet import read_checkpoint
     from densedet.registry import ConfigError
+    from densedet.weights.sources import read_state_dict as read_checkpoint
 
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")

@@ -11,10 +11,10 @@ import torch
 import torchvision
 from torch import nn
 
-from densedet.models.backbones.resnet import OPEN_MMLAB_URLS
 from densedet.models.backbones.resnext import Bottleneck, ResNeXt
 from densedet.models.dcn import ModulatedDeformConv2dPack
 from densedet.registry import BACKBONES, ConfigError
+from densedet.weights.sources import OPEN_MMLAB_URLS
 
 H, W = 333, 517
 

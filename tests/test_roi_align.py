@@ -116,7 +116,7 @@ def _tiny_mask_rcnn() -> torch.nn.Module:
 
 
 def test_tiny_mask_rcnn_losses_and_gradients_equal_with_either_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    from densedet.data.masks import BitmapCrop, InstanceMasks
+    from densedet.structures.masks import BitmapCrop, InstanceMasks
 
     model = _tiny_mask_rcnn().train()
     images = torch.randn(2, 3, 128, 128)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from faster_coco_eval.core import mask as coco_mask
 
-from densedet.data.masks import BitmapCrop, InstanceMasks
 from densedet.evaluation import evaluate_coco
 from densedet.evaluation.segm import detections_to_segm_results, encode_crop_rle, encode_instance_masks
 from densedet.inference.visualize import class_color, draw_detections
 from densedet.models.roi_heads import paste_masks_in_boxes
+from densedet.structures.masks import BitmapCrop, InstanceMasks
 
 
 def _full_paste(prob: torch.Tensor, box: torch.Tensor, h: int, w: int, thr: float = 0.5) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 
 from densedet.data import CocoDataset, make_synthetic_coco
 from densedet.data.coco import DataWarning
-from densedet.data.masks import InstanceMasks, PolygonMask, decode_segmentation
 from densedet.data.synth import _render
+from densedet.structures.masks import InstanceMasks, PolygonMask, decode_segmentation
 
 
 def test_segmentations_match_drawn_pixels():

@@ -22,8 +22,8 @@ from torchvision.ops import sigmoid_focal_loss
 from densedet.config import config_from_dict
 from densedet.config.schema import Config
 from densedet.data import make_synthetic_coco
+from densedet.dist import reduce_mean
 from densedet.engine import Trainer, evaluate, load_checkpoint, run_inference
-from densedet.engine.dist import reduce_mean
 from densedet.engine.logging import JsonlLogger, TrainProgress
 
 

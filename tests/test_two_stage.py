@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densedet.data.masks import InstanceMasks, PolygonMask
 from densedet.errors import ConfigError
 from densedet.models.build import build_detector
 from densedet.models.heads.rpn_head import RPNHead
@@ -23,6 +22,7 @@ from densedet.models.roi_heads import (
     random_sample,
 )
 from densedet.structures import bbox_overlaps
+from densedet.structures.masks import InstanceMasks, PolygonMask
 
 ROI_HEAD = {
     "bbox_roi_extractor": {"type": "SingleRoIExtractor", "roi_layer": {"type": "RoIAlign", "output_size": 7,

@@ -267,7 +267,7 @@ def test_umop_r50_checkpoint_layout_is_atss_r50() -> None:
 # -------------------------------------------------------------------------------------------------- DDP averaging
 def _worker(out: Path) -> None:
     """Rank r of 2 (gloo): the same head, different targets; rank 1 has no positive at all."""
-    from densedet.engine.dist import cleanup, get_rank, init_distributed
+    from densedet.dist import cleanup, get_rank, init_distributed
 
     init_distributed()
     rank = get_rank()

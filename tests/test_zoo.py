@@ -18,8 +18,8 @@ from densedet.config import list_configs, load_config
 from densedet.engine.checkpoint import load_checkpoint, load_for_finetune, load_model_weights
 from densedet.models.build import build_detector
 from densedet.models.heads.dense_head import bias_init_with_prob
-from densedet.zoo import ZOO, ZooEntry, ZooError, download, fetch_zoo_weights, format_zoo_table
-from densedet.zoo import registry as zoo_registry
+from densedet.weights import ZOO, ZooEntry, ZooError, download, fetch_zoo_weights, format_zoo_table
+from densedet.weights import zoo as zoo_registry
 
 
 class _Server:
@@ -204,7 +204,7 @@ def test_offline_message(monkeypatch) -> None:
 
 
 def test_backbone_url_goes_through_the_cache(server, tmp_path) -> None:
-    from densedet.models.backbones.resnet import read_checkpoint
+    from densedet.weights.sources import read_state_dict as read_checkpoint
 
     buf = io.BytesIO()
     torch.save({"conv1.weight": torch.ones(2, 3, 1, 1)}, buf)
@@ -238,7 +238,7 @@ def test_timm_weights_go_through_the_cache(server, monkeypatch, tmp_path) -> Non
     import safetensors.torch
     import timm
 
-    from densedet.models.backbones import resnet
+    from densedet.weights import sources as resnet
 
     torch.manual_seed(0)
     want = timm.create_model("test_resnet.r160_in1k", pretrained=False).state_dict()
@@ -249,6 +249,6 @@ def test_timm_weights_go_through_the_cache(server, monkeypatch, tmp_path) -> Non
     assert url == "https://huggingface.co/timm/test_resnet.r160_in1k/resolve/main/model.safetensors"
     monkeypatch.setattr(resnet, "_timm_weight_url", lambda name: (server.url("/timm/test_resnet/model.safetensors"),
                                                                   fname))
-    got = resnet.read_checkpoint("timm:test_resnet.r160_in1k")
+    got = resnet.read_state_dict("timm:test_resnet.r160_in1k")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (tmp_path / "home" / "checkpoints" / fname).is_file()

@@ -11,12 +11,16 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from densedet.config.legacy import BUILTIN_CONFIG_DIR, OVERRIDE_ORIGIN
+from densedet.config.own_data import apply_dataset, apply_img_size
 from densedet.config.schema import Config, config_from_dict
+from densedet.models.build import build_detector
 from densedet.registry import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = BUILTIN_CONFIG_DIR
 
 
 def list_configs() -> list[str]:
@@ -142,8 +146,6 @@ def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
     Raises :class:`ConfigError` naming the file and key for an unknown or mistyped key anywhere, model
     components included (their keys are checked against the constructors of the registered classes).
     """
-    from densedet.config.own_data import OVERRIDE_ORIGIN, apply_dataset, apply_img_size
-
     path = resolve_config_path(name_or_path)
     origins: dict[str, str] = {}
     raw = load_raw(path, origins)
@@ -161,10 +163,6 @@ def load_config(name_or_path: str | Path, overrides: list[str] | dict[str, Any] 
 
 def validate_model_config(model: dict[str, Any], origins: dict[str, str] | None = None, source: str = "") -> None:
     """Construct the model on the ``meta`` device (no memory, no weight loading) to check every key."""
-    import torch
-
-    from densedet.models.build import build_detector
-
     origins = origins or {}
     try:
         with torch.device("meta"):

@@ -17,11 +17,12 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from densedet.config.legacy import OVERRIDE_ORIGIN, is_builtin_origin
+from densedet.data.formats import prepare_dataset
 from densedet.registry import ConfigError
 
-__all__ = ["apply_dataset", "apply_img_size", "parse_img_size", "pipeline_scales"]
+__all__ = ["OVERRIDE_ORIGIN", "apply_dataset", "apply_img_size", "parse_img_size", "pipeline_scales"]
 
-OVERRIDE_ORIGIN = "command-line override"
 
 
 def parse_img_size(value: str | int | tuple[int, int]) -> tuple[int, int]:
@@ -112,23 +113,10 @@ def apply_img_size(raw: dict[str, Any], size: str | int | tuple[int, int]) -> di
     return raw
 
 
-def _is_builtin(origin: str | None) -> bool:
-    from densedet.config.loader import CONFIG_DIR
-
-    if not origin or origin == OVERRIDE_ORIGIN:
-        return False
-    try:
-        return Path(origin).resolve().is_relative_to(CONFIG_DIR.resolve())
-    except OSError:
-        return False
-
-
 def apply_dataset(raw: dict[str, Any], origins: dict[str, str], root: str | Path) -> dict[str, Any]:
     """A copy of the merged raw config reading the dataset at ``root`` (COCO / VOC / YOLO) for every split, with
     ``model.bbox_head.num_classes`` set from its classes (an explicit disagreeing value is a :class:`ConfigError`).
     """
-    from densedet.data.formats import prepare_dataset
-
     ds = prepare_dataset(root)
     raw = copy.deepcopy(raw)
     n = len(ds.classes)
@@ -137,7 +125,7 @@ def apply_dataset(raw: dict[str, Any], origins: dict[str, str], root: str | Path
         raise ConfigError("--data: the config's model has no bbox_head to size from the dataset's classes")
     key = "model.bbox_head.num_classes"
     origin = origins.get(key)
-    if "num_classes" in head and head["num_classes"] != n and origin is not None and not _is_builtin(origin):
+    if "num_classes" in head and head["num_classes"] != n and origin is not None and not is_builtin_origin(origin):
         shown = ds.classes if n <= 20 else ds.classes[:20] + ["..."]
         raise ConfigError(
             f"{origin}: {key} is {head['num_classes']} but the dataset {ds.root} ({ds.kind}) has {n} classes "

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from densedet.config.legacy import move_normalize_into_model
 from densedet.registry import ConfigError
 
 
@@ -425,6 +426,7 @@ def config_from_dict(raw: dict[str, Any], origins: dict[str, str] | None = None,
                      source: str = "") -> Config:
     """Validate a merged raw dict into a :class:`Config` (see :func:`densedet.config.load_config`)."""
     origins = origins or {}
+    raw = move_normalize_into_model(raw, origins, source)
     unknown = set(raw) - set(SECTIONS) - {"model"}
     for key in sorted(unknown):
         raise ConfigError(f"{origins.get(key, source or 'config')}: unknown top-level key '{key}'; "

@@ -2,7 +2,6 @@
 
 from densedet.data.coco import CocoDataset, DataError, DataWarning, load_coco_json
 from densedet.data.collate import collate
-from densedet.data.masks import InstanceMasks
 from densedet.data.samplers import (
     DistributedGroupSampler,
     GroupSampler,
@@ -21,6 +20,7 @@ from densedet.data.transforms import (
     transform_rng,
 )
 from densedet.data.tta import MultiScaleFlipAug, tta_pipeline
+from densedet.structures.masks import InstanceMasks
 
 __all__ = [
     "SYNTH_CLASSES",

@@ -22,13 +22,9 @@ import torch
 
 from densedet.data.image_io import decode_image
 from densedet.data.transforms import Compose, build_pipeline
-from densedet.errors import DataError
+from densedet.errors import DataError, DataWarning
 
 __all__ = ["CocoDataset", "DataError", "DataWarning", "load_coco_json"]
-
-
-class DataWarning(UserWarning):
-    """Annotations that were skipped or fixed while loading (one warning per kind, with counts)."""
 
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -442,8 +438,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
 def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
     img = sample["img"]
-    if isinstance(img, np.ndarray):  # pipeline without Normalize: raw 0-255 values, CHW float32
-        img = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))).float()
+    if isinstance(img, np.ndarray):  # (H, W, 3) pixels -> (3, H, W), dtype kept (uint8): the model normalises
+        img = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
     meta = sample["meta"]
     meta["img_shape"] = tuple(int(v) for v in meta["img_shape"])
     meta["scale_factor"] = tuple(float(v) for v in meta["scale_factor"])
@@ -455,6 +451,6 @@ def _to_tensors(sample: dict[str, Any]) -> dict[str, Any]:
         "ignore_boxes": torch.as_tensor(np.asarray(sample["ignore_boxes"], dtype=np.float32)).reshape(-1, 4),
         "meta": meta,
     }
-    if "masks" in sample:  # densedet.data.masks.InstanceMasks, one per box
+    if "masks" in sample:  # densedet.structures.masks.InstanceMasks, one per box
         out["masks"] = sample["masks"]
     return out

@@ -18,15 +18,16 @@ def collate(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, 
     """Collate dataset items into a batch.
 
     Args:
-        samples: items of :class:`~densedet.data.coco.CocoDataset` (``img`` float ``(3, H, W)``, ``boxes``,
-            ``labels``, ``ignore_boxes``, ``meta``).
+        samples: items of :class:`~densedet.data.coco.CocoDataset` (``img`` ``(3, H, W)`` pixels, uint8 as the
+            pipeline leaves them; the model normalises them), ``boxes``, ``labels``, ``ignore_boxes``, ``meta``).
         size_divisor: the padded height and width are multiples of it (0: no rounding).
 
     Returns:
-        ``images``: ``(B, 3, Hp, Wp)`` tensor, each image at the top-left, zero-padded bottom/right, where
+        ``images``: ``(B, 3, Hp, Wp)`` tensor of the images' dtype (uint8 pixels; float when the dtypes differ),
+        each image at the top-left, zero-padded bottom/right, where
         ``Hp, Wp`` are the largest height/width in the batch rounded up to ``size_divisor``;
         ``targets``: list of ``{"boxes", "labels", "ignore_boxes"}`` (boxes ``xyxy`` pixels, unchanged by padding),
-        plus ``masks`` (:class:`~densedet.data.masks.InstanceMasks`) when the dataset loads masks;
+        plus ``masks`` (:class:`~densedet.structures.masks.InstanceMasks`) when the dataset loads masks;
         ``metas``: list of meta dicts (copies) with ``pad_shape`` = the image's own ``(h, w)`` rounded up to
         ``size_divisor`` (as MMDetection's ``Pad``, used for anchor valid flags) and ``batch_input_shape`` =
         ``(Hp, Wp)``.
@@ -41,13 +42,15 @@ def collate(samples: list[dict[str, Any]], size_divisor: int = 32) -> dict[str, 
     channels = {int(im.shape[0]) for im in imgs}
     if len(channels) != 1:
         raise ValueError(f"collate: images have different channel counts {sorted(channels)}")
+    if len({im.dtype for im in imgs}) > 1:  # e.g. uint8 pixels beside a float image: one batch dtype
+        imgs = [im.float() for im in imgs]
     hp = _round_up(max(int(im.shape[1]) for im in imgs), size_divisor)
     wp = _round_up(max(int(im.shape[2]) for im in imgs), size_divisor)
     images = imgs[0].new_zeros((len(imgs), channels.pop(), hp, wp))
     targets, metas = [], []
     for i, s in enumerate(samples):
         h, w = s["img"].shape[1:]
-        images[i, :, :h, :w] = s["img"]  # one copy per image: sizes differ, nothing to vectorise
+        images[i, :, :h, :w] = imgs[i]  # one copy per image: sizes differ, nothing to vectorise
         targets.append({"boxes": s["boxes"], "labels": s["labels"], "ignore_boxes": s["ignore_boxes"]})
         if "masks" in s:  # InstanceMasks in image pixels: bottom/right padding leaves them as they are
             targets[-1]["masks"] = s["masks"]

@@ -1,9 +1,9 @@
 """Instance-mask loading for :class:`~densedet.data.coco.CocoDataset` (``with_mask=True``).
 
 Kept apart from the box loader so that a dataset without masks runs exactly the code it ran before. At load time
-every non-crowd annotation's ``segmentation`` is checked cheaply (:func:`~densedet.data.masks.check_segmentation`)
+every non-crowd annotation's ``segmentation`` is checked cheaply (:func:`~densedet.structures.masks.check_segmentation`)
 and kept as the json object (no decoding, so no memory beyond the json itself); it is decoded per item into an
-:class:`~densedet.data.masks.InstanceMasks` when the image is read.
+:class:`~densedet.structures.masks.InstanceMasks` when the image is read.
 
 An annotation whose segmentation is missing, an empty or odd-length polygon, NaN coordinates or an RLE of the
 wrong size is skipped with its box (Mask R-CNN needs a mask for every box), counted, and reported in one
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from densedet.data.masks import InstanceMasks, MaskFormatError, check_segmentation, decode_segmentation
+from densedet.structures.masks import InstanceMasks, MaskFormatError, check_segmentation, decode_segmentation
 
 __all__ = ["attach_segmentations", "sample_masks"]
 

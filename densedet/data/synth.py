@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from densedet.data.coco import DataError
+from densedet.io import atomic_write_bytes, atomic_write_text
 
 __all__ = ["SYNTH_CLASSES", "SYNTH_MARKER", "check_auto_create", "make_synthetic_coco", "synthetic_target_problem"]
 
@@ -138,18 +139,13 @@ def _sha256(data: bytes) -> str:
 
 def _write_bytes(path: Path, data: bytes, written: dict[str, str], root: Path) -> None:
     """Write ``data`` to ``path`` through a temporary name (a file is either old or whole) and record its hash."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     written[path.relative_to(root).as_posix()] = _sha256(data)
 
 
 def _write_marker(root: Path, params: dict[str, Any], files: dict[str, str | None], complete: bool) -> None:
     body = {"densedet_synthetic": 1, "params": params, "complete": complete, "files": dict(sorted(files.items()))}
-    tmp = root / (SYNTH_MARKER + ".tmp")
-    tmp.write_text(json.dumps(body, indent=0))
-    os.replace(tmp, root / SYNTH_MARKER)
+    atomic_write_text(root / SYNTH_MARKER, json.dumps(body, indent=0))
 
 
 def _segmentation(cls: int, x0: int, y0: int, side: int, mask: np.ndarray, on_top: np.ndarray,
@@ -161,8 +157,8 @@ def _segmentation(cls: int, x0: int, y0: int, side: int, mask: np.ndarray, on_to
     the compressed RLE of exactly its drawn pixels; a partly hidden shape is the uncompressed RLE of exactly its
     visible pixels (what COCO annotates).
     """
-    from densedet.data.masks import BitmapCrop
-    from densedet.evaluation.segm import crop_rle_counts, encode_crop_rle
+    from densedet.structures.masks import BitmapCrop
+    from densedet.structures.rle import crop_rle_counts, encode_crop_rle
 
     visible = mask & on_top
     if visible.sum() < mask.sum():

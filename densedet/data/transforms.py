@@ -6,7 +6,7 @@ Every transform is a callable on a *sample* dict and returns it (modified in pla
   so it comes last);
 - ``boxes``: ``(n, 4)`` float32 numpy array, ``xyxy`` absolute pixels of the current image;
 - ``labels``: ``(n,)`` int64 numpy array; ``ignore_boxes``: ``(k, 4)`` float32 numpy array, ``xyxy``;
-- ``masks`` (only when the dataset loads masks): :class:`~densedet.data.masks.InstanceMasks`, one per box; Resize,
+- ``masks`` (only when the dataset loads masks): :class:`~densedet.structures.masks.InstanceMasks`, one per box; Resize,
   RandomFlip and RandomCrop move them with the boxes;
 - ``meta``: dict with ``ori_shape`` (h, w), ``img_shape`` (h, w), ``scale_factor`` (w_scale, h_scale), ``flip``.
 
@@ -25,6 +25,7 @@ pads the batch, so MMDetection's ``LoadImageFromFile``, ``LoadAnnotations``, ``P
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densedet.errors import DataWarning
 from densedet.registry import TRANSFORMS, ConfigError
 
 __all__ = [
@@ -249,6 +251,10 @@ class RandomFlip:
 class Normalize:
     """``(img - mean) / std`` per channel, then a float32 ``(3, H, W)`` torch tensor (mmcv ``imnormalize``).
 
+    Deprecated in DenseDet pipelines: the model normalises (``model.data_preprocessor``,
+    :class:`densedet.models.preprocess.DetPreprocessor`, same arithmetic); :func:`densedet.config.load_config` moves
+    a pipeline's ``Normalize`` into the model. Kept for pipelines used outside a DenseDet model.
+
     ``mean``/``std`` are in 0-255 units and in the channel order of the output: ``to_rgb=True`` keeps the RGB
     image (torchvision/ImageNet style); ``to_rgb=False`` swaps it to BGR first (Caffe style, with
     ``mean=(103.53, 116.28, 123.675), std=(1, 1, 1)``). Images here are decoded as RGB, where mmcv decodes BGR.
@@ -260,6 +266,10 @@ class Normalize:
         std: Sequence[float] = (58.395, 57.12, 57.375),
         to_rgb: bool = True,
     ) -> None:
+        warnings.warn("Normalize in a data pipeline: DenseDet models normalise their input themselves "
+                      "(model.data_preprocessor), so a pipeline that normalises too feeds them twice-normalised "
+                      "images. Configs read by load_config have this step moved into the model.", DataWarning,
+                      stacklevel=2)
         if len(mean) != 3 or len(std) != 3:
             raise ConfigError(f"Normalize: mean and std need 3 values each, got {mean!r}, {std!r}")
         if min(std) <= 0:

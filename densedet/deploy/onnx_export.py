@@ -241,7 +241,7 @@ MASK_IOU_MIN = 0.99
 
 
 def mask_iou(a: Any, i: int, b: Any, j: int) -> float:
-    """IoU of instance ``i`` of ``a`` and instance ``j`` of ``b`` (:class:`~densedet.data.masks.InstanceMasks` of
+    """IoU of instance ``i`` of ``a`` and instance ``j`` of ``b`` (:class:`~densedet.structures.masks.InstanceMasks` of
     one image size); 1.0 when both are empty."""
     ma, mb = a.to_full(i).astype(bool), b.to_full(j).astype(bool)
     union = int((ma | mb).sum())
@@ -251,9 +251,9 @@ def mask_iou(a: Any, i: int, b: Any, j: int) -> float:
 def paste_onnx_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5) -> Any:
     """The graph's ``(D, 28, 28)`` mask probabilities of ``(D, 4)`` boxes (pixels of a ``height x width`` image)
     pasted into their boxes with DenseDet's own box-only paste (:func:`densedet.models.roi_heads.
-    paste_masks_in_boxes`, as the eager model) -> :class:`~densedet.data.masks.InstanceMasks`."""
-    from densedet.data.masks import InstanceMasks
+    paste_masks_in_boxes`, as the eager model) -> :class:`~densedet.structures.masks.InstanceMasks`."""
     from densedet.models.roi_heads import paste_masks_in_boxes
+    from densedet.structures.masks import InstanceMasks
 
     crops = paste_masks_in_boxes(torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(boxes), height, width,
                                  threshold) if len(boxes) else []

@@ -69,7 +69,7 @@ class OnnxRuntimeModel(nn.Module):
 
     A graph with a ``masks`` output (Mask R-CNN) adds ``"masks"``: its 28x28 probabilities pasted into the rescaled
     boxes of the original image (``ori_shape``) with the eager model's box-only paste at ``mask_thr``
-    (:func:`~densedet.deploy.onnx_export.paste_onnx_masks`) -> :class:`~densedet.data.masks.InstanceMasks`.
+    (:func:`~densedet.deploy.onnx_export.paste_onnx_masks`) -> :class:`~densedet.structures.masks.InstanceMasks`.
 
     A static graph gets each image zero-padded (in pixels) to its input size: detections then can differ from eager
     near the padding (the eager model pads after normalising); export with ``--dynamic`` for exact results.

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from densedet.dist import all_gather_object, broadcast_object, get_world_size, is_main_process
 from densedet.engine.checkpoint import unwrap_model
-from densedet.engine.dist import all_gather_object, broadcast_object, get_world_size, is_main_process
 
 __all__ = ["evaluate", "run_inference"]
 
@@ -71,7 +71,7 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
                               "scores": det["scores"].detach().float().cpu(),
                               "labels": det["labels"].detach().long().cpu()})
                 if "masks" in det:  # instance masks travel as compact RLE (encoded from their box crops)
-                    from densedet.evaluation.segm import encode_instance_masks
+                    from densedet.structures.rle import encode_instance_masks
 
                     local[-1]["segms"] = encode_instance_masks(det["masks"])
     finally:

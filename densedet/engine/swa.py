@@ -41,12 +41,13 @@ import torch
 from torch import nn
 
 from densedet.config.schema import SWAConfig, SWALrConfig
+from densedet.dist import all_reduce_dict, barrier
 from densedet.engine.checkpoint import CheckpointError, load_model_weights, save_checkpoint, unwrap_model
-from densedet.engine.dist import all_reduce_dict, barrier
 from densedet.engine.logging import TrainProgress, format_seconds
 from densedet.engine.lr_schedule import FactorLrScheduler
 from densedet.engine.optim import build_optimizer
 from densedet.registry import ConfigError
+from densedet.weights.workdir import SWA_FINAL
 
 if TYPE_CHECKING:
     from densedet.engine.trainer import Trainer
@@ -63,7 +64,6 @@ __all__ = [
 
 logger = logging.getLogger("densedet")
 
-SWA_FINAL = "swa_final.pth"
 SWA_MODEL_TMPL = "swa_model_{}.pth"
 SWA_VAL_RESULTS = "swa_val_results.bbox.json"
 

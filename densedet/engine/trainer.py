@@ -29,6 +29,12 @@ import yaml
 from torch import nn
 
 from densedet.config.schema import Config
+from densedet.dist import (
+    all_gather_object,
+    all_reduce_dict,
+    barrier,
+    init_distributed,
+)
 from densedet.engine.checkpoint import (
     CheckpointError,
     collect_rng_state,
@@ -44,12 +50,6 @@ from densedet.engine.checkpoint import (
     save_checkpoint,
     to_plain,
     unwrap_model,
-)
-from densedet.engine.dist import (
-    all_gather_object,
-    all_reduce_dict,
-    barrier,
-    init_distributed,
 )
 from densedet.engine.evaluator import evaluate, to_device
 from densedet.engine.logging import JsonlLogger, TrainProgress, format_seconds, setup_logger

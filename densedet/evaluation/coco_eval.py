@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
+
+from densedet.io import atomic_write, atomic_write_json
 
 __all__ = [
     "EvalResult",
@@ -300,31 +300,6 @@ def format_per_class_table(result: EvalResult) -> str:
     return "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule])
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, then ``os.replace`` it into place.
-
-    A reader never sees a half-written file and a crash leaves the previous version intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name the writer creates itself, so the file gets normal (umask) permissions, unlike mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_results_json(results: list[dict], path: str | Path) -> Path:
-    """Write COCO results entries to ``path`` atomically (temp file, then ``os.replace``)."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w") as f:
-            json.dump(results, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    return atomic_write(path, write)
+    """Write COCO results entries to ``path`` atomically (:func:`densedet.io.atomic_write_json`)."""
+    return atomic_write_json(path, results)

@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from densedet.evaluation.coco_eval import EvalResult, atomic_write
+from densedet.evaluation.coco_eval import EvalResult
+from densedet.io import atomic_write
 
 __all__ = ["plot_pr_curves", "plot_training_curves", "read_log_jsonl"]
 

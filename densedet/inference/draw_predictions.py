@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from densedet.errors import DataError
-from densedet.evaluation.segm import encode_instance_masks
 from densedet.inference.predictor import Predictor, list_images, read_image
 from densedet.inference.visualize import draw_detections, save_detection_grid
+from densedet.structures.rle import encode_instance_masks
 
 __all__ = ["GRID_TILES", "GRID_TILE_SIDE", "ImageItem", "coco_images", "folder_images", "predict_and_draw",
            "split_files"]

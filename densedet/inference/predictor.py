@@ -56,7 +56,7 @@ class Predictor:
 
     ``Predictor("atss_r18_fpn_synth", "work_dirs/demo")(images)`` returns, per image, a dict with ``boxes`` (K, 4)
     xyxy in that image's pixels, ``scores`` (K,), ``labels`` (K,) and ``class_names`` (K names); a Mask R-CNN
-    adds ``masks`` (:class:`~densedet.data.masks.InstanceMasks`, box-cropped, in that image's pixels).
+    adds ``masks`` (:class:`~densedet.structures.masks.InstanceMasks`, box-cropped, in that image's pixels).
 
     ``checkpoint`` is a checkpoint file or a training work dir, resolved as ``densedet test/predict`` do
     (:func:`densedet.engine.checkpoint.resolve_checkpoint`: the SWA average of a finished SWA run, else the latest

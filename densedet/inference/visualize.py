@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from densedet.evaluation.coco_eval import atomic_write
+from densedet.io import atomic_write
 
 __all__ = ["class_color", "draw_detections", "save_detection_grid"]
 
@@ -120,7 +120,7 @@ def draw_detections(
             and the boxes are scaled with it: a small image is enlarged before drawing, so its labels get a
             readable size instead of being drawn at 10 px on a thumbnail (the overview grid of ``densedet
             predict`` draws every tile so).
-        masks: optional :class:`~densedet.data.masks.InstanceMasks` aligned with ``boxes``: each drawn instance's
+        masks: optional :class:`~densedet.structures.masks.InstanceMasks` aligned with ``boxes``: each drawn instance's
             mask gets a translucent fill (50 %) and a one-pixel outline in its class colour.
 
     Returns:

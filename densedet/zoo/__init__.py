@@ -1,9 +1,20 @@
-"""Released weights by name: the table (:mod:`densedet.zoo.table`), downloads into ``$DENSEDET_HOME``
-(:mod:`densedet.zoo.download`), conversion and loading (:mod:`densedet.zoo.registry`)."""
+"""Deprecated: the released-weights table and downloads moved to :mod:`densedet.weights` (``densedet.weights.zoo``,
+``densedet.weights.zoo_table``, ``densedet.weights.download``). The old names keep working with a
+``DeprecationWarning``."""
 
-from densedet.zoo.download import ZooError, cached_download, download
-from densedet.zoo.registry import fetch_zoo_weights, format_zoo_table, get_entry, resolve_weights
-from densedet.zoo.table import ZOO, ZooEntry
+from __future__ import annotations
 
-__all__ = ["ZOO", "ZooEntry", "ZooError", "cached_download", "download", "fetch_zoo_weights", "format_zoo_table",
-           "get_entry", "resolve_weights"]
+import warnings
+from typing import Any
+
+from densedet import weights as _weights
+
+_NAMES = ("ZOO", "ZooEntry", "ZooError", "cached_download", "download", "fetch_zoo_weights", "format_zoo_table",
+          "get_entry", "resolve_weights")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        warnings.warn(f"densedet.zoo.{name} moved to densedet.weights.{name}", DeprecationWarning, stacklevel=2)
+        return getattr(_weights, name)
+    raise AttributeError(f"module 'densedet.zoo' has no attribute '{name}'")

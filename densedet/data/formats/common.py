@@ -9,9 +9,6 @@ Problems that would silently train the wrong thing (a class id out of range, a m
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,20 +110,6 @@ class CocoBuilder:
     def to_dict(self) -> dict[str, Any]:
         return {"images": self.images, "annotations": self.annotations,
                 "categories": [{"id": i + 1, "name": n} for i, n in enumerate(self.classes)]}
-
-
-def write_json_atomic(obj: Any, path: Path) -> Path:
-    """Write ``obj`` as json to ``path`` via a temporary file + rename (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_class_file(path: Path) -> list[str]:

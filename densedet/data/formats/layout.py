@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from densedet.data.coco import DataError, load_coco_json
-from densedet.data.formats.common import IMAGE_EXTS, ProblemLog, write_json_atomic
+from densedet.data.formats.common import IMAGE_EXTS, ProblemLog
 from densedet.data.formats.voc import voc_classes, voc_split_ids, voc_to_coco
 from densedet.data.formats.yolo import label_dir_for, read_data_yaml, yolo_classes, yolo_split_dirs, yolo_to_coco
 from densedet.home import densedet_home
+from densedet.io import atomic_write_json
 
 __all__ = ["HOLDOUT_EVERY", "PreparedDataset", "SplitFiles", "detect_layout", "prepare_dataset", "split_holdout"]
 
@@ -154,9 +155,9 @@ def _cached(cache: Path, key: str, build: Any, log: ProblemLog | None = None) ->
             log.counts, log.examples = saved["counts"], saved["examples"]
         return paths
     for s, coco in build().items():
-        write_json_atomic(coco, paths[s])
+        atomic_write_json(paths[s], coco)
     if log is not None:
-        write_json_atomic({"counts": log.counts, "examples": log.examples}, problems)
+        atomic_write_json(problems, {"counts": log.counts, "examples": log.examples})
     stamp.write_text(key + "\n")
     return paths
 

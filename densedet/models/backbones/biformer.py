@@ -32,8 +32,8 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from densedet.models.backbones.resnet import load_checkpoint_to, pretrained_source
 from densedet.registry import BACKBONES, ConfigError
+from densedet.weights.sources import load_pretrained, pretrained_source
 
 __all__ = ["BiFormer", "BiFormerBlock", "BiLevelRoutingAttention", "GlobalAttention", "pad_to_multiple"]
 
@@ -512,7 +512,7 @@ class BiFormer(nn.Module):
         self._default_init()
         if self.pretrained is not None:
             source, prefix = self.pretrained
-            load_checkpoint_to(self, source, prefix=prefix, ignore_unexpected=("head.", "norm.", "pre_logits."))
+            load_pretrained(self, source, prefix=prefix, ignore_unexpected=("head.", "norm.", "pre_logits."))
 
     def _freeze_stages(self) -> None:
         if self.frozen_stages >= 0:

@@ -20,19 +20,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from densedet.models.backbones.resnet import _DEFAULT_NORM, OPEN_MMLAB_URLS, ResNet, conv2_config, read_checkpoint
+from densedet.models.backbones.resnet import _DEFAULT_NORM, ResNet, conv2_config
 from densedet.models.backbones.resnet import Bottleneck as _Bottleneck
 from densedet.models.backbones.resnext import BlockFactory, signature_with_base
 from densedet.models.layers import build_conv_layer, build_norm_layer
 from densedet.registry import BACKBONES, ConfigError
+from densedet.weights.sources import read_state_dict
 
 __all__ = ["Bottle2neck", "Res2Net", "official_to_mmdet"]
-
-# ``open-mmlab://NAME`` of the R2-101 ImageNet checkpoint in mmdet layout (mmcv/model_zoo/open_mmlab.json).
-OPEN_MMLAB_URLS.setdefault(
-    "res2net101_v1d_26w_4s",
-    "https://download.openmmlab.com/pretrain/third_party/res2net101_v1d_26w_4s_mmdetv2-f0a600f9.pth",
-)
 
 # Official Res2Net (Res2Net-PretrainedModels ``res2net*_v1b/v1d``) and timm name the deep stem ``conv1.{0,1,3,4,6}`` +
 # ``bn1``; mmdet names it ``stem.{0,1,3,4,6,7}``. Every other key is the same in the three layouts.
@@ -195,7 +190,7 @@ class Res2Net(ResNet):
             super().init_weights()
             return
         source = self.pretrained[0]
-        state = read_checkpoint(source)
+        state = read_state_dict(source)
         if "conv1.0.weight" not in state:
             super().init_weights()  # mmdet layout (or a detector checkpoint): ResNet's loader handles it
             return

@@ -9,9 +9,7 @@ Reference: He et al., "Deep Residual Learning for Image Recognition" (2016); "Ba
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -19,7 +17,6 @@ import torch.utils.checkpoint as cp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from densedet.errors import CheckpointError, CheckpointNotFoundError
 from densedet.models.layers import (
     build_conv_layer,
     build_norm_layer,
@@ -28,25 +25,11 @@ from densedet.models.layers import (
     kaiming_init,
 )
 from densedet.registry import BACKBONES, ConfigError
+from densedet.weights.sources import load_pretrained, pretrained_source
 
-__all__ = ["BasicBlock", "Bottleneck", "ResLayer", "ResNet", "ResNetV1d", "load_checkpoint_to", "read_checkpoint"]
+__all__ = ["BasicBlock", "Bottleneck", "ResLayer", "ResNet", "ResNetV1d"]
 
 _DEFAULT_NORM = {"type": "BN", "requires_grad": True}
-
-# Checkpoints mmcv resolves for ``open-mmlab://NAME`` that a ResNet can load (from mmcv/model_zoo/open_mmlab.json).
-OPEN_MMLAB_URLS = {
-    "detectron/resnet50_caffe": "https://download.openmmlab.com/pretrain/third_party/resnet50_caffe-788b5fa3.pth",
-    "detectron2/resnet50_caffe": "https://download.openmmlab.com/pretrain/third_party/resnet50_msra-5891d200.pth",
-    "detectron/resnet101_caffe": "https://download.openmmlab.com/pretrain/third_party/resnet101_caffe-3ad79236.pth",
-    "detectron2/resnet101_caffe": "https://download.openmmlab.com/pretrain/third_party/resnet101_msra-6cc46731.pth",
-    "contrib/resnet50_gn": "https://download.openmmlab.com/pretrain/third_party/resnet50_gn_thangvubk-ad1730dd.pth",
-    "detectron/resnet50_gn": "https://download.openmmlab.com/pretrain/third_party/resnet50_gn-9186a21c.pth",
-    "detectron/resnet101_gn": "https://download.openmmlab.com/pretrain/third_party/resnet101_gn-cac0ab98.pth",
-    "resnet18_v1c": "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth",
-    "resnet50_v1c": "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth",
-    "resnet101_v1c": "https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth",
-}
-
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs (ResNet-18/34). Keys: ``conv1, bn1, conv2, bn2[, downsample]``; stride on ``conv1``."""
@@ -434,7 +417,7 @@ class ResNet(nn.Module):
         self._default_init()
         if self.pretrained is not None:
             source, prefix = self.pretrained
-            load_checkpoint_to(self, source, prefix=prefix)
+            load_pretrained(self, source, prefix=prefix)
 
     def _freeze_stages(self) -> None:
         # mmdet ResNet._freeze_stages: stem and layer1..k -> eval mode and requires_grad False.
@@ -492,197 +475,3 @@ class ResNetV1d(ResNet):
             if key in kwargs:
                 raise ConfigError(f"ResNetV1d: '{key}' is fixed to True; use ResNet to choose it")
         super().__init__(deep_stem=True, avg_down=True, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pretrained checkpoints
-
-
-def pretrained_source(pretrained: str | None, init_cfg: dict[str, Any] | None,
-                      owner: str = "ResNet") -> tuple[str, str | None] | None:
-    """Normalise ``pretrained`` / ``init_cfg`` (mmdet 2.x accepts either, not both) to ``(source, prefix)``.
-
-    Shared by every backbone; ``owner`` names the backbone in error messages.
-    """
-    if pretrained is not None and init_cfg is not None:
-        raise ConfigError(f"{owner}: give 'pretrained' or 'init_cfg', not both (mmdet 2.x raises the same)")
-    if pretrained is not None:
-        if not isinstance(pretrained, str):
-            raise ConfigError(f"{owner}: pretrained must be a path or URL string, got {pretrained!r}")
-        return pretrained, None
-    if init_cfg is None:
-        return None
-    if not isinstance(init_cfg, Mapping) or init_cfg.get("type") != "Pretrained" or "checkpoint" not in init_cfg:
-        raise ConfigError(
-            f"{owner}: init_cfg must be {{'type': 'Pretrained', 'checkpoint': PATH_OR_URL[, 'prefix': ...]}}, "
-            f"got {init_cfg!r} (the default initialisation needs no init_cfg)"
-        )
-    extra = set(init_cfg) - {"type", "checkpoint", "prefix", "map_location"}
-    if extra:
-        raise ConfigError(f"{owner}: unknown init_cfg keys {sorted(extra)}")
-    return str(init_cfg["checkpoint"]), init_cfg.get("prefix")
-
-
-def _download(url: str, what: str) -> Any:
-    """Weights at ``url`` through the DenseDet cache (``$DENSEDET_HOME/checkpoints``: progress bar, resume, the
-    SHA-256 prefix of the file name checked); a file already in torch.hub's cache is used as it is."""
-    from densedet.zoo.download import ZooError, cached_download
-
-    try:
-        path = cached_download(url, legacy_dirs=[Path(torch.hub.get_dir()) / "checkpoints"])
-    except ZooError as err:
-        raise CheckpointError(f"pretrained weights for '{what}': {err} Or set pretrained / init_cfg.checkpoint to a "
-                           f"local path of the .pth file.") from err
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _timm_weight_url(name: str) -> tuple[str, str]:
-    """``(url, cache file name)`` of timm's pretrained weights for ``name``: its release URL when it has one, else
-    the Hugging Face Hub file timm would fetch."""
-    from timm.models import get_pretrained_cfg
-
-    cfg = get_pretrained_cfg(name)
-    if cfg is not None and cfg.url:
-        return cfg.url, cfg.url.split("?")[0].rsplit("/", 1)[-1]
-    if cfg is not None and cfg.hf_hub_id:
-        fname = cfg.hf_hub_filename or "model.safetensors"
-        return (f"https://huggingface.co/{cfg.hf_hub_id}/resolve/main/{fname}",
-                f"{cfg.hf_hub_id.replace('/', '--')}--{fname}")
-    raise ConfigError(f"pretrained 'timm:{name}': timm knows no download location for its weights")
-
-
-def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights of timm model ``name``, downloaded through the DenseDet cache and loaded by timm (its
-    checkpoint filters applied); offline: a clear error."""
-    import timm
-
-    from densedet.zoo.download import ZooError, cached_download
-
-    if not timm.list_models(name, pretrained=True):
-        raise ConfigError(f"pretrained 'timm:{name}': timm has no pretrained model of that name "
-                          f"(see timm.list_models(pretrained=True))")
-    hint = (f"Without internet access, save them elsewhere with torch.save(timm.create_model('{name}', "
-            f"pretrained=True).state_dict(), '{name}.pth') and set pretrained to that local file.")
-    url, fname = _timm_weight_url(name)
-    try:
-        path = cached_download(url, fname)
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}).state_dict()
-    except ZooError as err:
-        raise CheckpointError(f"could not get timm's pretrained weights for '{name}': {err} {hint}") from err
-    except Exception as err:  # timm / safetensors errors come in many types
-        raise CheckpointError(f"could not get timm's pretrained weights for '{name}' ({type(err).__name__}: {err}). "
-                           f"{hint}") from err
-
-
-def read_checkpoint(source: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a local path, ``torchvision://NAME``, ``open-mmlab://NAME``, ``timm:NAME`` or an
-    http(s) URL.
-
-    Unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` and strips a leading ``module.`` (DataParallel/DDP). Files are
-    read with ``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code.
-    """
-    if source.startswith("torchvision://"):
-        import torchvision
-
-        name = source.removeprefix("torchvision://")
-        try:
-            url = torchvision.models.get_model_weights(name).IMAGENET1K_V1.url
-        except (ValueError, KeyError, AttributeError) as err:
-            raise ConfigError(f"pretrained '{source}': torchvision has no IMAGENET1K_V1 weights for '{name}'") from err
-        ckpt = _download(url, source)
-    elif source.startswith("open-mmlab://"):
-        name = source.removeprefix("open-mmlab://")
-        if name not in OPEN_MMLAB_URLS:
-            raise ConfigError(
-                f"pretrained '{source}': unknown open-mmlab name; known: {sorted(OPEN_MMLAB_URLS)}. "
-                "Download the file and give its local path instead."
-            )
-        ckpt = _download(OPEN_MMLAB_URLS[name], source)
-    elif source.startswith(("http://", "https://")):
-        ckpt = _download(source, source)
-    elif source.startswith("timm:"):
-        ckpt = _timm_state_dict(source.removeprefix("timm:"))
-    else:
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"pretrained checkpoint '{source}' does not exist (expected a .pth file)")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises UnpicklingError / RuntimeError variants for unsafe or corrupt files
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CheckpointError(
-                f"pretrained checkpoint '{source}' cannot be read with torch.load(weights_only=True), so it is "
-                f"corrupt or holds pickled objects DenseDet will not run ({first}). Save just the state dict "
-                "(torch.save(model.state_dict(), path)) and try again."
-            ) from err
-
-    for key in ("state_dict", "model"):
-        if isinstance(ckpt, Mapping) and key in ckpt and isinstance(ckpt[key], Mapping):
-            ckpt = ckpt[key]
-            break
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(f"pretrained checkpoint '{source}' does not hold a state dict (got "
-                              f"{type(ckpt).__name__})")
-    return {k.removeprefix("module."): v for k, v in ckpt.items()}
-
-
-def load_checkpoint_to(
-    module: nn.Module, source: str, prefix: str | None = None, ignore_unexpected: Sequence[str] = ("fc.",)
-) -> dict[str, list[str]]:
-    """Load a checkpoint into ``module`` non-strictly, warning about what did not match.
-
-    ``prefix`` (mmcv ``Pretrained.prefix``) keeps only keys under it and strips it; without a prefix, a checkpoint
-    holding ``backbone.*`` keys (a whole detector) contributes only those, stripped. Keys whose shapes differ are
-    skipped. Missing ``num_batches_tracked`` buffers (old/caffe checkpoints lack them) and unexpected keys starting
-    with one of ``ignore_unexpected`` (the classifier ``fc.*``) are not reported.
-
-    Returns ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}`` (the reported lists).
-    """
-    state = select_prefix(read_checkpoint(source), source, prefix)
-    return load_matching(module, state, source, ignore_unexpected=ignore_unexpected,
-                         ignore_missing=("num_batches_tracked",))
-
-
-def select_prefix(state: dict[str, torch.Tensor], source: str, prefix: str | None) -> dict[str, torch.Tensor]:
-    """Keep the keys under ``prefix`` (stripped); without one, a whole detector's ``backbone.*`` keys."""
-    if prefix is None and any(k.startswith("backbone.") for k in state):
-        prefix = "backbone."
-    if prefix:
-        prefix = prefix if prefix.endswith(".") else prefix + "."
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if not state:
-            raise CheckpointError(f"pretrained checkpoint '{source}' has no keys under prefix '{prefix}'")
-    return state
-
-
-def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str,
-                  ignore_unexpected: Sequence[str] = (), ignore_missing: Sequence[str] = ()) -> dict[str, list[str]]:
-    """Load the tensors of ``state`` whose names and shapes match; warn once about the rest.
-
-    Unexpected keys starting with an entry of ``ignore_unexpected`` and missing keys containing an entry of
-    ``ignore_missing`` are not reported. Returns ``{'missing', 'unexpected', 'mismatched'}`` (the reported lists).
-    """
-    own = module.state_dict()
-    loadable: dict[str, torch.Tensor] = {}
-    unexpected, mismatched = [], []
-    for k, v in state.items():
-        if k not in own or not isinstance(v, torch.Tensor):
-            if not any(k.startswith(p) for p in ignore_unexpected):
-                unexpected.append(k)
-        elif v.shape != own[k].shape:
-            mismatched.append(f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}")
-        else:
-            loadable[k] = v
-    missing = [k for k in own if k not in loadable and not any(m in k for m in ignore_missing)]
-    module.load_state_dict(loadable, strict=False)
-
-    problems = []
-    if missing:
-        problems.append(f"missing keys in checkpoint: {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys in checkpoint: {unexpected}")
-    if mismatched:
-        problems.append(f"size mismatch (skipped): {mismatched}")
-    if problems:
-        warnings.warn(f"{type(module).__name__}: loading '{source}': " + "; ".join(problems), UserWarning, stacklevel=3)
-    return {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}

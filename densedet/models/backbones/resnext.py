@@ -14,20 +14,11 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from densedet.models.backbones.resnet import OPEN_MMLAB_URLS, ResNet
 from densedet.models.backbones.resnet import Bottleneck as _Bottleneck
+from densedet.models.backbones.resnet import ResNet
 from densedet.registry import BACKBONES, ConfigError
 
 __all__ = ["BlockFactory", "Bottleneck", "ResNeXt", "signature_with_base"]
-
-# ``open-mmlab://NAME`` checkpoints of ResNeXt (mmcv/model_zoo/open_mmlab.json); the configs name them.
-for _name, _file in (
-    ("resnext50_32x4d", "resnext50-32x4d-0ab1a123.pth"),
-    ("resnext101_32x4d", "resnext101_32x4d-a5af3160.pth"),
-    ("resnext101_64x4d", "resnext101_64x4d-ee2c6f71.pth"),
-):
-    OPEN_MMLAB_URLS.setdefault(_name, f"https://download.openmmlab.com/pretrain/third_party/{_file}")
-
 
 def signature_with_base(own: Callable[..., Any], base: Callable[..., Any]) -> inspect.Signature:
     """``own``'s parameters followed by ``base``'s (keyword-only), without ``self`` / ``**kwargs``.

@@ -35,8 +35,9 @@ import torch.utils.checkpoint as cp
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
-from densedet.models.backbones.resnet import load_matching, pretrained_source, read_checkpoint, select_prefix
 from densedet.registry import BACKBONES, ConfigError
+from densedet.weights.sources import pretrained_source, read_state_dict
+from densedet.weights.state_dict import load_matching, select_prefix
 
 __all__ = [
     "PatchEmbed",
@@ -506,7 +507,7 @@ def convert_swin_state_dict(state: Mapping[str, torch.Tensor], module: SwinTrans
 def load_swin_checkpoint(module: SwinTransformer, source: str, prefix: str | None = None) -> dict[str, list[str]]:
     """Load a Swin checkpoint into ``module`` non-strictly and warn about every key that did not match.
 
-    ``source``: local path or URL (read by :func:`densedet.models.backbones.resnet.read_checkpoint`, which unwraps
+    ``source``: local path or URL (read by :func:`densedet.weights.sources.read_state_dict`, which unwraps
     ``model`` / ``state_dict`` and strips ``module.``). ``prefix`` keeps and strips keys under it; without it, a
     detector checkpoint's ``backbone.*`` keys are used. Then :func:`convert_swin_state_dict`. The classifier
     (``head.*``) and the final ``norm.*`` of ImageNet checkpoints are reported as unexpected; the output norms
@@ -514,6 +515,6 @@ def load_swin_checkpoint(module: SwinTransformer, source: str, prefix: str | Non
 
     Returns ``{'missing': [...], 'unexpected': [...], 'mismatched': [...]}``.
     """
-    state = convert_swin_state_dict(select_prefix(read_checkpoint(source), source, prefix), module)
+    state = convert_swin_state_dict(select_prefix(read_state_dict(source), source, prefix), module)
     # relative_position_index is rebuilt from the window size, never needed from a file
     return load_matching(module, state, source, ignore_missing=("relative_position_index",))

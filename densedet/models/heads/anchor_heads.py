@@ -11,6 +11,7 @@ GIoU weighted by the centerness target and normalised by its cross-process mean 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from densedet.assigners import AssignResult, atss_assign, max_iou_assign
-from densedet.engine.dist import reduce_mean
+from densedet.dist import reduce_mean
 from densedet.losses import build_loss
 from densedet.models.heads.dense_head import (
     CENTERNESS_LOSS,
@@ -26,6 +27,7 @@ from densedet.models.heads.dense_head import (
     GN_32,
     VFL_LOSS,
     DenseHead,
+    LevelPredictions,
     flatten_levels,
     iou_class_targets,
     level_kwargs,
@@ -158,13 +160,12 @@ class AnchorDenseHead(DenseHead):
     def _assign(self, priors: Tensor, num_per_level: list[int], gt: PaddedTargets, valid: Tensor) -> AssignResult:
         raise NotImplementedError(f"{type(self).__name__} must define _assign() (abstract in AnchorDenseHead)")
 
-    def _decoder(self, priors: Tensor, num_per_level: list[int], bbox_flat: list[Tensor], img_shapes: Tensor):
-        starts = [0]
-        for n in num_per_level[:-1]:
-            starts.append(starts[-1] + n)
+    def _decoder(self, priors: Tensor, num_per_level: list[int], bbox_flat: list[Tensor],
+                 img_shapes: Tensor) -> Callable[[int, Tensor], Tensor]:
+        slices = self.level_slices(num_per_level)
 
         def decode(lvl: int, idx: Tensor) -> Tensor:
-            pri = priors[starts[lvl]:starts[lvl] + num_per_level[lvl]][idx]  # (B, k, 4)
+            pri = priors[slices[lvl]][idx]  # (B, k, 4)
             deltas = bbox_flat[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
             return self.bbox_coder.decode(pri, deltas, max_shape=img_shapes)
 
@@ -253,16 +254,13 @@ class RetinaHead(AnchorDenseHead):
                                         label_weights, soft)}
 
     @torch.no_grad()
-    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
-                rescale: bool = True) -> list[dict[str, Tensor]]:
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Sigmoid class scores; anchors decoded by the delta coder and clipped to each image."""
         cls_scores, bbox_preds = outs
         device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        priors, per_level = self.priors(sizes, device, cls_scores[0].dtype)
-        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
-        bbox_flat = [flatten_levels([b], 4) for b in bbox_preds]
-        decode = self._decoder(priors, per_level, bbox_flat, self.img_shapes(metas, device))
-        return self._postprocess(scores, None, decode, metas, rescale)
+        priors, per_level = self.priors(self.level_sizes(cls_scores), device, cls_scores[0].dtype)
+        decode = self._decoder(priors, per_level, self.flat_levels(bbox_preds, 4), self.img_shapes(metas, device))
+        return LevelPredictions(self.flat_levels(cls_scores, self.num_classes, sigmoid=True), None, decode)
 
 
 @HEADS.register()
@@ -363,17 +361,14 @@ class ATSSHead(AnchorDenseHead):
                                         label_weights, soft)}
 
     @torch.no_grad()
-    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
-                rescale: bool = True) -> list[dict[str, Tensor]]:
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Sigmoid class scores, sigmoid centerness as the score factor, anchors decoded and clipped."""
         cls_scores, bbox_preds, centernesses = outs
         device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        priors, per_level = self.priors(sizes, device, cls_scores[0].dtype)
-        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
-        factors = [flatten_levels([c], 1)[..., 0].sigmoid() for c in centernesses]
-        bbox_flat = [flatten_levels([b], 4) for b in bbox_preds]
-        decode = self._decoder(priors, per_level, bbox_flat, self.img_shapes(metas, device))
-        return self._postprocess(scores, factors, decode, metas, rescale)
+        priors, per_level = self.priors(self.level_sizes(cls_scores), device, cls_scores[0].dtype)
+        factors = [f[..., 0] for f in self.flat_levels(centernesses, 1, sigmoid=True)]
+        decode = self._decoder(priors, per_level, self.flat_levels(bbox_preds, 4), self.img_shapes(metas, device))
+        return LevelPredictions(self.flat_levels(cls_scores, self.num_classes, sigmoid=True), factors, decode)
 
 
 # VarifocalNet's name for the ATSS head with the ``use_vfl`` switch (atss_vgfl_head.py); same layers and keys.

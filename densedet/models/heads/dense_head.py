@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,9 @@ from densedet.losses.focal import FocalLoss, labels_to_binary, sigmoid_focal_los
 from densedet.models.heads.postprocess import (
     Candidates,
     TestConfig,
+    multiclass_nms_batched,
     parse_test_cfg,
-    postprocess_levels,
+    rescale_results,
     select_candidates,
 )
 from densedet.models.layers import ConvModule
@@ -128,10 +129,26 @@ def level_kwargs(loss_fn: nn.Module, level_ids: Tensor, num_levels: int) -> dict
     return {}
 
 
+@dataclass
+class LevelPredictions:
+    """A head's per-level outputs as the shared inference template needs them (:meth:`DenseHead.decode_levels`).
+
+    ``scores``: per level (B, N_l, C) class probabilities; ``factors``: per level (B, N_l) score factors applied
+    after the ``score_thr`` / ``nms_pre`` selection (sigmoid centerness), or None; ``decode(level, prior_idx)``:
+    ``prior_idx`` (B, k) indices into that level's priors -> (B, k, 4) boxes xyxy in the input frame, clipped to
+    each image's ``img_shape``.
+    """
+
+    scores: list[Tensor]
+    factors: list[Tensor] | None
+    decode: Callable[[int, Tensor], Tensor]
+
+
 class DenseHead(nn.Module):
     """Shared machinery: conv towers, flattening, level bookkeeping and batched post-processing.
 
-    Subclasses implement ``_init_predictors``, ``forward_level``, ``loss`` and ``predict``.
+    Subclasses implement ``classifier``, ``forward_level``, ``loss`` and, for inference, only
+    :meth:`decode_levels`: :meth:`candidates` and :meth:`predict` are the same for every head.
 
     ``collect_level_stats``: when True (the trainer sets it on the iterations it logs), ``loss`` also returns the
     per-level imbalance statistics of :meth:`level_stats` (docs/diagnostics.md).
@@ -194,6 +211,24 @@ class DenseHead(nn.Module):
                 nn.init.zeros_(m.bias)
         cls = self.classifier()
         nn.init.constant_(cls.bias, bias_init_with_prob(0.01))
+
+    def reset_classifier(self, num_classes: int | None = None) -> None:
+        """Re-create the classification conv (:meth:`classifier`) for ``num_classes`` (None: the current count),
+        initialised as :meth:`init_weights` does (weight ~ N(0, 0.01), bias at the 0.01 prior)."""
+        old = self.classifier()
+        n = self.num_classes if num_classes is None else int(num_classes)
+        if n < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}", path="model.bbox_head.num_classes")
+        per_class = old.out_channels // self.num_classes  # priors per location
+        new = nn.Conv2d(old.in_channels, per_class * n, old.kernel_size, old.stride, old.padding,
+                        bias=old.bias is not None).to(device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.normal_(new.weight, 0.0, 0.01)
+        if new.bias is not None:
+            nn.init.constant_(new.bias, bias_init_with_prob(0.01))
+        parent_name, _, attr = next(name for name, m in self.named_modules() if m is old).rpartition(".")
+        setattr(self.get_submodule(parent_name) if parent_name else self, attr, new)
+        self.num_classes = n
+        self.cls_out_channels = n
 
     def classifier(self) -> nn.Conv2d:
         """The classification conv whose bias starts at the 0.01 prior (each head names its own)."""
@@ -317,25 +352,49 @@ class DenseHead(nn.Module):
             masks.append((ys[None] < vh[:, None]) & (xs[None] < vw[:, None]))
         return torch.cat(masks, 1)
 
-    def _postprocess(self, cls_scores: list[Tensor], score_factors: list[Tensor] | None, decode: Any,
-                     metas: list[dict[str, Any]], rescale: bool) -> list[dict[str, Tensor]] | Candidates:
-        if self._want_candidates:  # predict_candidates(): test-time augmentation runs NMS after merging views
-            return select_candidates(cls_scores, score_factors, decode, self.test_cfg)
-        return postprocess_levels(cls_scores, score_factors, decode, self.num_classes, self.test_cfg, metas, rescale)
+    # ------------------------------------------------------------------------------------------------ inference
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """What inference needs from this head's per-level outputs ``outs``: per level class probabilities, score
+        factors and a box decoder (:class:`LevelPredictions`). The one method a head writes for inference."""
+        raise NotImplementedError(f"{type(self).__name__} must define decode_levels() (abstract in DenseHead)")
 
-    _want_candidates: bool = False
+    def candidates(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
+                   cfg: TestConfig | None = None) -> Candidates:
+        """Everything :meth:`predict` does before NMS (MMDetection 2.25 ``_get_bboxes_single`` on a batch): per
+        level the (prior, class) pairs above ``score_thr``, the ``nms_pre`` best of them, score factors applied,
+        only those boxes decoded and clipped. :class:`Candidates` (B, K), boxes xyxy in the input frame (resized,
+        possibly flipped: test-time augmentation maps them back, the exported graph keeps them). ``cfg`` defaults
+        to the head's ``test_cfg``."""
+        lp = self.decode_levels(outs, metas)
+        return select_candidates(lp.scores, lp.factors, lp.decode, cfg or self.test_cfg)
 
-    def predict_candidates(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> Candidates:
-        """What :meth:`predict` computes before NMS: (B, K) candidates, boxes xyxy in the input (resized,
-        possibly flipped) frame. Used by :mod:`densedet.models.tta`."""
-        self._want_candidates = True
-        try:
-            out = self.predict(outs, metas, rescale=False)
-        finally:
-            self._want_candidates = False
-        if not isinstance(out, Candidates):
-            raise NotImplementedError(f"{type(self).__name__} does not support test-time augmentation: its predict() "
-                                      f"does not go through DenseHead._postprocess")
+    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
+                rescale: bool = True) -> list[dict[str, Tensor]]:
+        """Detections of a batch: :meth:`candidates`, then one class-wise NMS (or soft-NMS) for the whole batch and
+        ``max_per_img``. Per image ``{"boxes" (D, 4) xyxy, "scores" (D,), "labels" (D,)}``, by decreasing score;
+        boxes in original-image pixels (divided by ``scale_factor``) when ``rescale``."""
+        results = multiclass_nms_batched(*self.candidates(outs, metas), self.num_classes, self.test_cfg)
+        return rescale_results(results, metas) if rescale else results
+
+    @staticmethod
+    def level_sizes(maps: list[Tensor]) -> list[tuple[int, int]]:
+        """``(H_l, W_l)`` of every level's map."""
+        return [tuple(m.shape[-2:]) for m in maps]  # type: ignore[misc]
+
+    @staticmethod
+    def flat_levels(maps: list[Tensor], channels: int, sigmoid: bool = False) -> list[Tensor]:
+        """Per level ``(B, A*channels, H, W)`` -> ``(B, H*W*A, channels)`` (:func:`flatten_levels` of one level),
+        optionally through a sigmoid."""
+        out = [flatten_levels([m], channels) for m in maps]
+        return [o.sigmoid() for o in out] if sigmoid else out
+
+    @staticmethod
+    def level_slices(num_per_level: list[int]) -> list[slice]:
+        """The slice of each level in the priors of all levels concatenated."""
+        out, start = [], 0
+        for n in num_per_level:
+            out.append(slice(start, start + n))
+            start += n
         return out
 
     @staticmethod

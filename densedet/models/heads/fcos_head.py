@@ -18,9 +18,16 @@ import torch
 from torch import Tensor, nn
 
 from densedet.assigners import expand_regress_ranges, fcos_assign
-from densedet.engine.dist import reduce_mean
+from densedet.dist import reduce_mean
 from densedet.losses import build_loss
-from densedet.models.heads.dense_head import CENTERNESS_LOSS, FOCAL_LOSS, GN_32, DenseHead, flatten_levels
+from densedet.models.heads.dense_head import (
+    CENTERNESS_LOSS,
+    FOCAL_LOSS,
+    GN_32,
+    DenseHead,
+    LevelPredictions,
+    flatten_levels,
+)
 from densedet.models.layers import Scale
 from densedet.registry import HEADS
 from densedet.structures import DistancePointBBoxCoder, PointGenerator, pad_targets
@@ -149,23 +156,18 @@ class FCOSHead(DenseHead):
                 **self.loss_level_stats(per_level, pos, ~pos, cls_flat, labels)}
 
     @torch.no_grad()
-    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
-                rescale: bool = True) -> list[dict[str, Tensor]]:
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Sigmoid class scores, sigmoid centerness as the score factor, distances decoded around each point."""
         cls_scores, bbox_preds, centernesses = outs
         device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        points, per_level = self.points(sizes, device, cls_scores[0].dtype)
-        starts = [0]
-        for n in per_level[:-1]:
-            starts.append(starts[-1] + n)
-        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
-        factors = [flatten_levels([c], 1)[..., 0].sigmoid() for c in centernesses]
-        dists = [flatten_levels([d], 4) for d in bbox_preds]
+        points, per_level = self.points(self.level_sizes(cls_scores), device, cls_scores[0].dtype)
+        slices = self.level_slices(per_level)
+        dists = self.flat_levels(bbox_preds, 4)
         img_shapes = self.img_shapes(metas, device)
 
         def decode(lvl: int, idx: Tensor) -> Tensor:
-            pts = points[starts[lvl]:starts[lvl] + per_level[lvl]][idx]
             d = dists[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
-            return self.bbox_coder.decode(pts, d, max_shape=img_shapes)
+            return self.bbox_coder.decode(points[slices[lvl]][idx], d, max_shape=img_shapes)
 
-        return self._postprocess(scores, factors, decode, metas, rescale)
+        factors = [f[..., 0] for f in self.flat_levels(centernesses, 1, sigmoid=True)]
+        return LevelPredictions(self.flat_levels(cls_scores, self.num_classes, sigmoid=True), factors, decode)

@@ -26,7 +26,14 @@ from torch import Tensor, nn
 from densedet.assigners import fovea_assign
 from densedet.losses import GIoULoss, IoULoss, VarifocalLoss, build_loss
 from densedet.models.dcn import DeformConv2d
-from densedet.models.heads.dense_head import FOCAL_LOSS, VFL_LOSS, DenseHead, flatten_levels, iou_class_targets
+from densedet.models.heads.dense_head import (
+    FOCAL_LOSS,
+    VFL_LOSS,
+    DenseHead,
+    LevelPredictions,
+    flatten_levels,
+    iou_class_targets,
+)
 from densedet.models.layers import ConvModule
 from densedet.registry import HEADS, ConfigError
 from densedet.structures import PointGenerator, bbox_overlaps, pad_targets
@@ -234,24 +241,19 @@ class FoveaHead(DenseHead):
         return iou_class_targets(pos, labels, ious, self.num_classes)
 
     @torch.no_grad()
-    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
-                rescale: bool = True) -> list[dict[str, Tensor]]:
-        """Per image ``{"boxes": (K, 4) xyxy, "scores": (K,), "labels": (K,)}``; boxes in original-image pixels
-        when ``rescale`` (``test_cfg``: ``score_thr``, ``nms_pre`` per level, class-wise NMS, ``max_per_img``)."""
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Sigmoid class scores; boxes decoded from each location's edge-normalised offsets, clipped to each
+        image's own size."""
         cls_scores, bbox_preds = outs
         device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        points, edges, per_level = self.points(sizes, device)
-        starts = [0]
-        for n in per_level[:-1]:
-            starts.append(starts[-1] + n)
-        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
-        dists = [flatten_levels([d], 4) for d in bbox_preds]
+        points, edges, per_level = self.points(self.level_sizes(cls_scores), device)
+        slices = self.level_slices(per_level)
+        dists = self.flat_levels(bbox_preds, 4)
         img_shapes = self.img_shapes(metas, device)
 
         def decode(lvl: int, idx: Tensor) -> Tensor:
-            sl = slice(starts[lvl], starts[lvl] + per_level[lvl])
+            sl = slices[lvl]
             d = dists[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
             return self.decode(points[sl][idx], edges[sl][idx], d, img_shapes)
 
-        return self._postprocess(scores, None, decode, metas, rescale)
+        return LevelPredictions(self.flat_levels(cls_scores, self.num_classes, sigmoid=True), None, decode)

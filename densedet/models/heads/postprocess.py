@@ -89,6 +89,11 @@ def parse_test_cfg(cfg: dict[str, Any] | None) -> TestConfig:
     return TestConfig(**cfg)
 
 
+def candidates_per_level(num_priors: list[int], num_classes: int, nms_pre: int) -> list[int]:
+    """How many (prior, class) candidates :func:`select_candidates` keeps of each level (its ``K_l``)."""
+    return [min(nms_pre, n * num_classes) if nms_pre > 0 else n * num_classes for n in num_priors]
+
+
 def select_topk_candidates(scores: Tensor, score_thr: float, nms_pre: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-level candidate selection on a batch.
 
@@ -100,7 +105,7 @@ def select_topk_candidates(scores: Tensor, score_thr: float, nms_pre: int) -> tu
     """
     b, n, c = scores.shape
     flat = scores.reshape(b, n * c)
-    k = min(nms_pre, n * c) if nms_pre > 0 else n * c  # nms_pre <= 0 keeps all, as the references
+    k = candidates_per_level([n], c, nms_pre)[0]  # nms_pre <= 0 keeps all, as the references
     # Scores below the threshold are pushed below every valid score so top-k never prefers them.
     masked = torch.where(flat > score_thr, flat, flat.new_full((), -1.0))
     top, idx = masked.topk(k, dim=1)

@@ -33,6 +33,7 @@ from densedet.models.heads.dense_head import (
     FOCAL_LOSS,
     VFL_LOSS,
     DenseHead,
+    LevelPredictions,
     flatten_levels,
     iou_class_targets,
     level_kwargs,
@@ -308,15 +309,13 @@ class RepPointsHead(DenseHead):
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
-                rescale: bool = True) -> list[dict[str, Tensor]]:
-        """Boxes of the refined points (decoded around each location, clipped to the image), batched NMS."""
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Sigmoid class scores; boxes of the refined points (decoded around each location, clipped)."""
         cls_scores, _, pts_refine = outs
         device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        per_level = self.prior_generator.grid_priors(sizes, dtype=torch.float32, device=device)
-        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
-        offsets = [flatten_levels([p], 2 * self.num_points).float() for p in pts_refine]
+        per_level = self.prior_generator.grid_priors(self.level_sizes(cls_scores), dtype=torch.float32,
+                                                     device=device)
+        offsets = [o.float() for o in self.flat_levels(pts_refine, 2 * self.num_points)]
         img_shapes = self.img_shapes(metas, device)
 
         def decode(lvl: int, idx: Tensor) -> Tensor:
@@ -325,4 +324,4 @@ class RepPointsHead(DenseHead):
             boxes = self.points2bbox(self.offsets_to_xy(off)) * self.strides[lvl] + centre
             return clip_boxes(boxes, img_shapes)
 
-        return self._postprocess(scores, None, decode, metas, rescale)
+        return LevelPredictions(self.flat_levels(cls_scores, self.num_classes, sigmoid=True), None, decode)

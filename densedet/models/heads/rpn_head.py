@@ -12,6 +12,8 @@ with ``w, h <= min_bbox_size`` dropped, NMS per level (mmdet ``batched_nms`` wit
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -21,8 +23,14 @@ from torch import Tensor, nn
 from densedet.assigners import max_iou_assign
 from densedet.losses import build_loss
 from densedet.models.heads.anchor_heads import _build_anchor_generator, _build_delta_coder
-from densedet.models.heads.dense_head import DenseHead, flatten_levels, parse_train_cfg
-from densedet.models.heads.postprocess import Candidates, TestConfig, multiclass_nms_batched, parse_test_cfg
+from densedet.models.heads.dense_head import DenseHead, LevelPredictions, flatten_levels
+from densedet.models.heads.postprocess import (
+    Candidates,
+    TestConfig,
+    candidates_per_level,
+    multiclass_nms_batched,
+    parse_test_cfg,
+)
 from densedet.models.roi_heads.sampler import random_sample, sampling_generator
 from densedet.registry import HEADS, ConfigError, check_kwargs
 from densedet.structures import pad_targets
@@ -37,7 +45,7 @@ RPN_SAMPLER = {"type": "RandomSampler", "num": 256, "pos_fraction": 0.5, "neg_po
 
 
 @HEADS.register()
-class RPNHead(nn.Module):
+class RPNHead(DenseHead):
     """``rpn_conv`` (3x3 + ReLU) -> ``rpn_cls`` (1x1, one sigmoid logit per anchor) / ``rpn_reg`` (1x1, 4 per anchor).
 
     ``train_cfg`` is mmdet's ``train_cfg.rpn`` (assigner, sampler, allowed_border, pos_weight, debug); ``test_cfg``
@@ -50,11 +58,18 @@ class RPNHead(nn.Module):
                  reg_decoded_bbox: bool = False, loss_cls: dict | None = None, loss_bbox: dict | None = None,
                  num_convs: int = 1, train_cfg: dict | None = None, test_cfg: dict | None = None,
                  init_cfg: dict | None = None) -> None:
-        super().__init__()
         if num_classes != 1 or num_convs != 1 or reg_decoded_bbox:
             raise ConfigError("model.rpn_head: only num_classes=1, num_convs=1, reg_decoded_bbox=false (mmdet's "
                               "RPN) are available", path="model.rpn_head")
-        self.anchor_generator = _build_anchor_generator(anchor_generator, RPN_ANCHORS)
+        anchors = _build_anchor_generator(anchor_generator, RPN_ANCHORS)
+        cfg = dict(train_cfg or {})
+        sampler = dict(cfg.pop("sampler", None) or RPN_SAMPLER)
+        # DenseHead's train_cfg knows no sampler: the RPN keeps its RandomSampler settings itself
+        super().__init__(1, in_channels, feat_channels, stacked_convs=0, strides=anchors.strides,
+                         train_cfg={**cfg, "assigner": cfg.get("assigner") or RPN_ASSIGNER},
+                         test_cfg=test_cfg or {"nms_pre": 1000, "max_per_img": 1000,
+                                               "nms": {"type": "nms", "iou_threshold": 0.7}, "min_bbox_size": 0})
+        self.anchor_generator = anchors
         self.bbox_coder = _build_delta_coder(bbox_coder, (1.0, 1.0, 1.0, 1.0))
         loss_cls = loss_cls or {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0}
         if not loss_cls.get("use_sigmoid", False):
@@ -62,11 +77,7 @@ class RPNHead(nn.Module):
                               path="model.rpn_head.loss_cls")
         self.loss_cls = build_loss(loss_cls, "model.rpn_head.loss_cls")
         self.loss_bbox = build_loss(loss_bbox or {"type": "L1Loss", "loss_weight": 1.0}, "model.rpn_head.loss_bbox")
-        self.strides = [int(s[0]) for s in self.anchor_generator.strides]
         self.num_base_priors = self.anchor_generator.num_base_priors[0]
-        cfg = dict(train_cfg or {})
-        sampler = dict(cfg.pop("sampler", None) or RPN_SAMPLER)
-        self.train_cfg = parse_train_cfg({**cfg, "assigner": cfg.get("assigner") or RPN_ASSIGNER})
         a = dict(self.train_cfg.assigner or RPN_ASSIGNER)
         if a.pop("type", "MaxIoUAssigner") != "MaxIoUAssigner":
             raise ConfigError("model.train_cfg.rpn.assigner.type: only MaxIoUAssigner is available")
@@ -76,9 +87,6 @@ class RPNHead(nn.Module):
             raise ConfigError("model.train_cfg.rpn.sampler: only RandomSampler without add_gt_as_proposals")
         check_kwargs(lambda num, pos_fraction, neg_pos_ub=-1: None, sampler, "model.train_cfg.rpn.sampler")
         self.sampler_kwargs = sampler
-        self.test_cfg = parse_test_cfg(test_cfg or {"nms_pre": 1000, "max_per_img": 1000,
-                                                    "nms": {"type": "nms", "iou_threshold": 0.7},
-                                                    "min_bbox_size": 0})
         self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_base_priors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_base_priors * 4, 1)
@@ -135,6 +143,25 @@ class RPNHead(nn.Module):
             loss_bbox = bbox_flat.sum() * 0
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
 
+    def classifier(self) -> nn.Conv2d:
+        return self.rpn_cls
+
+    def decode_levels(self, outs: tuple[list[Tensor], list[Tensor]], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Objectness (sigmoid, detached, float32) as a one-class score; anchors decoded by the delta coder and
+        clipped to each image (a ``(1, 2)`` image shape from a single meta covers the whole batch)."""
+        cls_scores, bbox_preds = outs
+        priors, per_level, _ = self._priors(cls_scores)
+        slices = self.level_slices(per_level)
+        scores = [s.detach().float() for s in self.flat_levels(cls_scores, 1, sigmoid=True)]
+        deltas = [d.detach().float() for d in self.flat_levels(bbox_preds, 4)]
+        img_shapes = self.img_shapes(metas, priors.device)
+
+        def decode(lvl: int, idx: Tensor) -> Tensor:
+            d = deltas[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
+            return self.bbox_coder.decode(priors[slices[lvl]][idx], d, max_shape=img_shapes)
+
+        return LevelPredictions(scores, None, decode)
+
     @torch.no_grad()
     def proposals(self, outs: tuple[list[Tensor], list[Tensor]], metas: list[dict[str, Any]],
                   cfg: dict | None = None) -> list[Tensor]:
@@ -142,36 +169,22 @@ class RPNHead(nn.Module):
         sorted by decreasing score. ``cfg``: an mmdet ``rpn_proposal`` / ``test_cfg.rpn`` dict (default: the
         head's ``test_cfg``)."""
         tc = parse_test_cfg(cfg) if cfg is not None else self.test_cfg
-        img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=outs[0][0].device, dtype=torch.float32)
-        cand = self.proposal_candidates(outs, img_shapes, tc)
+        cand = self.proposal_candidates(outs, metas, tc)
         nms_cfg = parse_test_cfg({"nms": tc.nms, "max_per_img": tc.max_per_img, "min_bbox_size": 0})
         dets = multiclass_nms_batched(*cand, len(outs[0]), nms_cfg)
         return [torch.cat([d["boxes"], d["scores"][:, None]], 1) for d in dets]
 
-    def proposal_candidates(self, outs: tuple[list[Tensor], list[Tensor]], img_shapes: Tensor,
-                            tc: TestConfig) -> Candidates:
-        """Everything of :meth:`proposals` before the NMS: per level the ``nms_pre`` best anchors by objectness,
-        decoded and clipped to ``img_shapes`` (``(B, 2)`` per image, or ``(1, 2)`` for the whole batch), ``valid``
-        where ``w, h > min_bbox_size``. ``labels`` are the level indices (NMS runs per level). Shapes ``(B, K)``,
-        ``K = sum_l min(nms_pre, N_l)`` (shared by :mod:`densedet.deploy`'s exported graph)."""
-        cls_scores, bbox_preds = outs
-        priors, per_level, _ = self._priors(cls_scores)
-        b = cls_scores[0].shape[0]
-        boxes, scores, levels = [], [], []
-        start = 0
-        for lvl, (cls, reg) in enumerate(zip(cls_scores, bbox_preds)):
-            n = per_level[lvl]
-            s = cls.detach().permute(0, 2, 3, 1).reshape(b, -1).float().sigmoid()
-            d = reg.detach().permute(0, 2, 3, 1).reshape(b, -1, 4).float()
-            k = min(tc.nms_pre, n) if tc.nms_pre > 0 else n
-            top, idx = s.topk(k, dim=1)
-            pri = priors[start:start + n][idx]
-            deltas = d.gather(1, idx[..., None].expand(-1, -1, 4))
-            boxes.append(self.bbox_coder.decode(pri, deltas, max_shape=img_shapes))
-            scores.append(top)
-            levels.append(torch.full_like(idx, lvl))
-            start += n
-        boxes_t, scores_t, levels_t = torch.cat(boxes, 1), torch.cat(scores, 1), torch.cat(levels, 1)
-        wh = boxes_t[..., 2:] - boxes_t[..., :2]
+    def proposal_candidates(self, outs: tuple[list[Tensor], list[Tensor]], metas: list[dict[str, Any]],
+                            tc: TestConfig | None = None) -> Candidates:
+        """Everything of :meth:`proposals` before the NMS: the shared :meth:`candidates` with no score threshold
+        (per level the ``nms_pre`` best anchors by objectness, decoded and clipped), ``valid`` where ``w, h >
+        min_bbox_size``, and the level index as the label (NMS runs per level). Shapes ``(B, K)``, ``K = sum_l
+        min(nms_pre, N_l)``; shared by :mod:`densedet.deploy`'s exported graph."""
+        tc = tc or self.test_cfg
+        cand = self.candidates(outs, metas, replace(tc, score_thr=-math.inf))
+        sizes = [m.shape[-2] * m.shape[-1] * self.num_base_priors for m in outs[0]]
+        levels = torch.cat([torch.full((cand.boxes.shape[0], k), lvl, dtype=torch.long, device=cand.boxes.device)
+                            for lvl, k in enumerate(candidates_per_level(sizes, 1, tc.nms_pre))], 1)
+        wh = cand.boxes[..., 2:] - cand.boxes[..., :2]
         valid = (wh > tc.min_bbox_size).all(-1)  # mmdet 2.x drops w, h <= min_bbox_size even at 0
-        return Candidates(boxes_t, scores_t, levels_t, valid)
+        return Candidates(cand.boxes, cand.scores, levels, valid)

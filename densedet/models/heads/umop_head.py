@@ -26,22 +26,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from densedet.engine.dist import reduce_mean
+from densedet.dist import reduce_mean
 from densedet.losses.focal import labels_to_binary, sigmoid_focal_loss
 from densedet.losses.pfocal import ProgressiveFocalLoss, positive_ce_condition
-from densedet.models.detector import SingleStageDetector
 from densedet.models.heads.anchor_heads import ATSSHead, centerness_normaliser, images_at_least_one_positive
 from densedet.models.heads.dense_head import flatten_levels
-from densedet.registry import DETECTORS, HEADS, ConfigError
+from densedet.registry import HEADS, ConfigError
 
 # The reference config's loss_cls (configs/umop/umop_r50_fpn_1x_coco.py; gamma keeps the loss's default 2.0).
 PROGRESSIVE_FOCAL_LOSS = {"type": "ProgressiveFocalLoss", "use_sigmoid": True, "gamma": 2.0, "delta": 0.5, "w": 0.5,
                           "loss_weight": 1.0}
-
-
-@DETECTORS.register("UMOP")
-class UMOP(SingleStageDetector):
-    """UMOP: a single-stage detector (the reference's ``UMOP`` detector is mmdet's ``SingleStageDetector``)."""
 
 
 @HEADS.register()

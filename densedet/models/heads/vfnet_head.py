@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from densedet.assigners import atss_assign, expand_regress_ranges, fcos_assign
-from densedet.engine.dist import reduce_mean
+from densedet.dist import reduce_mean
 from densedet.losses import build_loss
 from densedet.models.dcn import DeformConv2d
 from densedet.models.heads.anchor_heads import _build_anchor_generator
@@ -45,6 +45,7 @@ from densedet.models.heads.dense_head import (
     GN_32,
     VFL_LOSS,
     DenseHead,
+    LevelPredictions,
     bias_init_with_prob,
     flatten_levels,
     iou_class_targets,
@@ -324,28 +325,21 @@ class VFNetHead(DenseHead):
         return iou_class_targets(pos, labels, pos_ious, self.num_classes)
 
     @torch.no_grad()
-    def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
-                rescale: bool = True) -> list[dict[str, Tensor]]:
-        """Detections ranked by sigmoid(IACS) (no score factor), boxes decoded from the refined distances,
-        clipped to each image; per image ``{"boxes" (D, 4) xyxy, "scores" (D,), "labels" (D,)}``, in
-        original-image pixels when ``rescale``."""
+    def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:
+        """Detections ranked by sigmoid(IACS) (no score factor), boxes decoded from the refined distances and
+        clipped to each image."""
         cls_scores, _, bbox_preds_refine = outs
         device = cls_scores[0].device
-        sizes = [tuple(m.shape[-2:]) for m in cls_scores]
-        points, per_level = self.points(sizes, device, bbox_preds_refine[0].dtype)
-        starts = [0]
-        for n in per_level[:-1]:
-            starts.append(starts[-1] + n)
-        scores = [flatten_levels([s], self.num_classes).sigmoid() for s in cls_scores]
-        dists = [flatten_levels([d], 4) for d in bbox_preds_refine]
+        points, per_level = self.points(self.level_sizes(cls_scores), device, bbox_preds_refine[0].dtype)
+        slices = self.level_slices(per_level)
+        dists = self.flat_levels(bbox_preds_refine, 4)
         img_shapes = self.img_shapes(metas, device)
 
         def decode(lvl: int, idx: Tensor) -> Tensor:
-            pts = points[starts[lvl]:starts[lvl] + per_level[lvl]][idx]
             d = dists[lvl].gather(1, idx[..., None].expand(-1, -1, 4))
-            return self.bbox_coder.decode(pts, d, max_shape=img_shapes)
+            return self.bbox_coder.decode(points[slices[lvl]][idx], d, max_shape=img_shapes)
 
-        return self._postprocess(scores, None, decode, metas, rescale)
+        return LevelPredictions(self.flat_levels(cls_scores, self.num_classes, sigmoid=True), None, decode)
 
 
 __all__ = ["VFNetHead", "star_dcn_offset"]

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densedet.data.masks import BitmapCrop
 from densedet.models.layers import ConvModule
 from densedet.registry import ConfigError
+from densedet.structures.masks import BitmapCrop
 
 __all__ = ["FCNMaskHead", "paste_masks_in_boxes"]
 
@@ -59,6 +59,17 @@ class FCNMaskHead(nn.Module):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(m.bias)
 
+    def reset_classifier(self, num_classes: int | None = None) -> None:
+        """Re-create ``conv_logits`` for ``num_classes`` (None: same count), initialised as :meth:`init_weights`."""
+        n = self.num_classes if num_classes is None else int(num_classes)
+        if n < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        old = self.conv_logits
+        self.conv_logits = nn.Conv2d(old.in_channels, n, 1).to(old.weight.device, old.weight.dtype)
+        nn.init.kaiming_normal_(self.conv_logits.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv_logits.bias)
+        self.num_classes = n
+
     def forward(self, x: Tensor) -> Tensor:
         """``(R, C, 14, 14)`` -> ``(R, num_classes, 28, 28)`` logits."""
         for conv in self.convs:
@@ -100,7 +111,7 @@ def paste_masks_in_boxes(probs: Tensor, boxes: Tensor, img_h: int, img_w: int,
     of the box areas, never ``D x H x W``.
 
     Returns:
-        one :class:`~densedet.data.masks.BitmapCrop` (uint8 bits, placed at its box) per detection.
+        one :class:`~densedet.structures.masks.BitmapCrop` (uint8 bits, placed at its box) per detection.
     """
     if threshold < 0.5:
         raise ValueError(f"paste_masks_in_boxes: threshold must be >= 0.5 for the box-only paste, got {threshold}")

@@ -12,7 +12,13 @@ from torchvision.ops import roi_align
 from densedet.models.roi_heads.roi_align import multilevel_roi_align, sparse_roi_align_supported
 from densedet.registry import ConfigError
 
-__all__ = ["SingleRoIExtractor", "map_roi_levels"]
+__all__ = ["SingleRoIExtractor", "map_roi_levels", "roi_align_levels", "static_shapes"]
+
+
+def static_shapes() -> bool:
+    """Whether the code runs under tracing, ``torch.export`` / the ONNX exporter or ``torch.compile``: then the RoI
+    stages take their static-shape paths (every slot, no data-dependent loops or chunk counts)."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling())
 
 
 def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: int = 56) -> Tensor:
@@ -27,13 +33,36 @@ def map_roi_levels(rois: Tensor, num_levels: int, finest_scale: int = 56) -> Ten
     return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(min=0, max=num_levels - 1).long()
 
 
+def roi_align_levels(extractor: SingleRoIExtractor, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
+    """:class:`SingleRoIExtractor`'s output with static shapes: ``rois`` ``(R, 5)`` ``(batch_index, x1, y1, x2, y2)``
+    -> ``(R, C, out_h, out_w)``, each RoI pooled on its own level (:func:`map_roi_levels`).
+
+    Every level runs RoIAlign on all R RoIs, but a RoI that is not on that level gets the empty box ``(0, 0, 0,
+    0)`` there: adaptive sampling (``sampling_ratio=0``) then samples no point for it, so the extra levels cost
+    next to nothing; ``torch.where`` keeps each RoI's own level. torchvision's ``roi_align(aligned=True)`` exports
+    as ONNX ``RoiAlign`` with ``coordinate_transformation_mode=half_pixel`` (onnxscript's translation).
+    """
+    levels = map_roi_levels(rois, extractor.num_inputs, extractor.finest_scale)
+    out: Tensor | None = None
+    for lvl in range(extractor.num_inputs):
+        here = (levels == lvl).unsqueeze(-1)
+        level_rois = torch.where(here, rois, torch.cat([rois[:, :1], torch.zeros_like(rois[:, 1:])], 1))
+        feat = feats[lvl]
+        pooled = roi_align(feat, level_rois.to(feat.dtype), extractor.output_size,
+                           1.0 / extractor.featmap_strides[lvl], extractor.sampling_ratio, True)
+        out = pooled if out is None else torch.where(here[..., None, None], pooled, out)
+    assert out is not None
+    return out
+
+
 class SingleRoIExtractor(nn.Module):
     """RoIAlign each RoI on its level: ``torchvision.ops.roi_align(aligned=True)`` with mmcv ``RoIAlign``'s
     ``spatial_scale = 1 / stride`` and ``sampling_ratio`` (0: adaptive, ``ceil(roi_size / output_size)`` points).
 
     On CPU (eager mode) through sparse products,
     :func:`~densedet.models.roi_heads.roi_align.multilevel_roi_align`: the same values and gradients, several times
-    faster than torchvision's CPU kernels; on CUDA, and while tracing / exporting, torchvision's op per level.
+    faster than torchvision's CPU kernels; on CUDA torchvision's op per level; while tracing / exporting the static
+    :func:`roi_align_levels`.
 
     Args:
         roi_layer: ``{type: RoIAlign, output_size: 7, sampling_ratio: 0}`` (``aligned`` must stay true).
@@ -69,7 +98,9 @@ class SingleRoIExtractor(nn.Module):
 
     def forward(self, feats: Sequence[Tensor], rois: Tensor) -> Tensor:
         """``feats``: FPN levels ``(B, C, H_l, W_l)``; ``rois`` ``(R, 5)`` ``(batch_index, x1, y1, x2, y2)`` in input
-        pixels. Returns ``(R, C, out_h, out_w)``."""
+        pixels. Returns ``(R, C, out_h, out_w)``. While tracing / exporting: :func:`roi_align_levels`."""
+        if static_shapes():
+            return roi_align_levels(self, feats, rois)
         if rois.shape[0] == 0:
             return feats[0].new_zeros((0, self.out_channels, *self.output_size))
         levels = map_roi_levels(rois, self.num_inputs, self.finest_scale)

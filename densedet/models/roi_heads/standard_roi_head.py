@@ -8,6 +8,7 @@ are prepended to the proposals after assignment and assigned to themselves (mmde
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,13 @@ from densedet.assigners import max_iou_assign
 from densedet.models.heads.postprocess import Candidates, multiclass_nms_batched, parse_test_cfg
 from densedet.models.roi_heads.bbox_head import Shared2FCBBoxHead
 from densedet.models.roi_heads.mask_head import FCNMaskHead, paste_masks_in_boxes
-from densedet.models.roi_heads.roi_extractor import SingleRoIExtractor
+from densedet.models.roi_heads.roi_extractor import SingleRoIExtractor, static_shapes
 from densedet.models.roi_heads.sampler import random_sample, sampling_generator
 from densedet.registry import ConfigError, check_kwargs
 from densedet.structures import pad_targets
+from densedet.structures.masks import InstanceMasks
 
-__all__ = ["RCNNTestConfig", "RCNNTrainConfig", "StandardRoIHead", "pad_proposals"]
+__all__ = ["RCNNTestConfig", "RCNNTrainConfig", "StandardRoIHead", "pad_proposals", "rois_of_all_slots"]
 
 _COMPONENTS: dict[str, dict[str, type]] = {
     "bbox_roi_extractor": {"SingleRoIExtractor": SingleRoIExtractor},
@@ -104,6 +106,13 @@ def pad_proposals(proposals: list[Tensor]) -> tuple[Tensor, Tensor]:
     return boxes, valid
 
 
+def rois_of_all_slots(boxes: Tensor) -> Tensor:
+    """``(B, N, 4)`` -> ``(B * N, 5)`` RoIs ``(batch_index, x1, y1, x2, y2)`` of every slot (static shapes)."""
+    b, n = boxes.shape[:2]
+    idx = torch.arange(b, device=boxes.device, dtype=boxes.dtype).view(b, 1, 1).expand(b, n, 1)
+    return torch.cat([idx, boxes], -1).reshape(-1, 5)
+
+
 def rois_from(boxes: Tensor, sel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Selected entries of ``(B, P, 4)`` boxes as ``(R, 5)`` RoIs ``(batch_index, x1, y1, x2, y2)``, with their
     image and slot indices."""
@@ -138,10 +147,17 @@ class StandardRoIHead(nn.Module):
         self.test_cfg: RCNNTestConfig = _parse(RCNNTestConfig, test_cfg, "model.test_cfg.rcnn")
         self.nms_cfg = parse_test_cfg({"score_thr": self.test_cfg.score_thr, "nms": self.test_cfg.nms,
                                        "max_per_img": self.test_cfg.max_per_img})
+        self.precision = "fp32"  # the detector's inference precision (TwoStageDetector.set_precision)
 
     @property
     def num_classes(self) -> int:
         return self.bbox_head.num_classes
+
+    def reset_classifier(self, num_classes: int | None = None) -> None:
+        """Re-create the class-dependent layers (``fc_cls``, ``fc_reg``, ``conv_logits``) for ``num_classes``."""
+        self.bbox_head.reset_classifier(num_classes)
+        if self.with_mask:
+            self.mask_head.reset_classifier(num_classes)
 
     def init_weights(self) -> None:
         self.bbox_head.init_weights()
@@ -207,64 +223,94 @@ class StandardRoIHead(nn.Module):
     def predict(self, feats: tuple[Tensor, ...], proposals: list[Tensor], metas: list[dict[str, Any]],
                 rescale: bool = True) -> list[dict[str, Any]]:
         """Per image ``boxes (D, 4)`` xyxy (original-image pixels when ``rescale``), ``scores``, ``labels`` and,
-        with a mask head, ``masks`` (:class:`~densedet.data.masks.InstanceMasks` of the original image)."""
+        with a mask head, ``masks`` (:class:`~densedet.structures.masks.InstanceMasks` of the original image).
+
+        :meth:`box_candidates` -> class-wise NMS (``score_thr``, ``max_per_img``) -> :meth:`mask_probs` of the kept
+        boxes -> masks pasted into their boxes; the exported graph runs the same two pieces with static shapes."""
         props, valid = pad_proposals(proposals)
-        rois, b_idx, p_idx = rois_from(props, valid)
-        cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
-        b, p = valid.shape
-        c = self.num_classes
-        scores = props.new_zeros((b, p, c + 1))
-        scores[b_idx, p_idx] = cls_score.float().softmax(-1)
-        deltas = props.new_zeros((b, p, 4 * c))
-        deltas[b_idx, p_idx] = bbox_pred.float()
         img_shapes = torch.tensor([m["img_shape"][:2] for m in metas], device=props.device, dtype=torch.float32)
-        dets = multiclass_nms_batched(*self.bbox_candidates(props, valid, scores, deltas, img_shapes), c,
+        dets = multiclass_nms_batched(*self.box_candidates(feats, props, valid, img_shapes), self.num_classes,
                                       self.nms_cfg, best_only=True)
         if self.with_mask:
-            self._predict_masks(feats, dets, metas, rescale)
+            self._paste_masks(feats, dets, metas, rescale)
         if rescale:
             for det, meta in zip(dets, metas):
                 sw, sh = meta["scale_factor"][:2]
                 det["boxes"] = det["boxes"] / det["boxes"].new_tensor([sw, sh, sw, sh])
         return dets
 
-    def bbox_candidates(self, props: Tensor, valid: Tensor, probs: Tensor, deltas: Tensor,
-                        img_shapes: Tensor) -> Candidates:
-        """The pre-NMS detections of :meth:`predict`: every (proposal, class) pair, ``(B, P * C)``.
+    def box_predictions(self, feats: tuple[Tensor, ...], props: Tensor, valid: Tensor,
+                        img_shapes: Tensor) -> tuple[Tensor, Tensor]:
+        """The box branch on proposals: ``(boxes (B, P, C, 4), probs (B, P, C + 1))``, the class-specific boxes
+        decoded from each proposal and clipped, and the softmax probabilities (background last).
 
         Args:
-            props: ``(B, P, 4)`` proposals xyxy input pixels, ``valid`` ``(B, P)``.
-            probs: ``(B, P, C + 1)`` softmax (background last); ``deltas`` ``(B, P, 4C)`` class-specific.
+            feats: FPN levels; props: ``(B, P, 4)`` proposals xyxy input pixels; valid: ``(B, P)``.
             img_shapes: ``(B, 2)`` per image ``(h, w)`` (or ``(1, 2)`` for the batch) to clip the boxes.
-        Returns:
-            :class:`Candidates`: class-specific boxes, the class probabilities, class labels, valid where the
-            probability is above ``score_thr`` (shared by :mod:`densedet.deploy`'s exported graph).
+
+        Eagerly only the valid proposals run through the box head (padding slots get probability 0); while tracing /
+        exporting every slot does (static shapes) and the caller masks the padding by ``valid``.
         """
         b, p = valid.shape
+        static = static_shapes()
+        if static:
+            rois = rois_of_all_slots(props)
+        else:
+            rois, b_idx, p_idx = rois_from(props, valid)
+        with self.autocast():
+            cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
+        if static:
+            probs = cls_score.float().softmax(-1).reshape(b, p, -1)
+            deltas = bbox_pred.float().reshape(b, p, -1)
+        else:
+            probs = props.new_zeros((b, p, self.num_classes + 1))
+            probs[b_idx, p_idx] = cls_score.float().softmax(-1)
+            deltas = props.new_zeros((b, p, 4 * self.num_classes))
+            deltas[b_idx, p_idx] = bbox_pred.float()
+        return self.bbox_head.decode(props, deltas, img_shapes), probs
+
+    def box_candidates(self, feats: tuple[Tensor, ...], props: Tensor, valid: Tensor,
+                       img_shapes: Tensor) -> Candidates:
+        """The box branch up to NMS (arguments as :meth:`box_predictions`): every (proposal, class) pair as a
+        candidate, ``(B, P * C)`` (:meth:`candidates_from`). Eager :meth:`predict` and the exported graph both call
+        it."""
+        boxes, probs = self.box_predictions(feats, props, valid, img_shapes)
+        return self.candidates_from(boxes, probs, valid)
+
+    def candidates_from(self, boxes: Tensor, probs: Tensor, valid: Tensor) -> Candidates:
+        """``boxes (B, P, C, 4)``, ``probs (B, P, C + 1)``, ``valid (B, P)`` -> :class:`Candidates` ``(B, P * C)``:
+        class labels, valid where the class probability is above ``score_thr`` (mmdet ``multiclass_nms``)."""
+        b, p = valid.shape
         c = self.num_classes
-        boxes = self.bbox_head.decode(props, deltas, img_shapes)  # (B, P, C, 4)
         fg = probs[..., :c]
         cand_valid = (fg > self.test_cfg.score_thr) & valid[..., None]
-        labels = torch.arange(c, device=props.device).expand(b, p, c)
+        labels = torch.arange(c, device=boxes.device).expand(b, p, c)
         return Candidates(boxes.reshape(b, p * c, 4), fg.reshape(b, p * c), labels.reshape(b, p * c),
                           cand_valid.reshape(b, p * c))
 
-    def _predict_masks(self, feats: tuple[Tensor, ...], dets: list[dict[str, Any]], metas: list[dict[str, Any]],
-                       rescale: bool) -> None:
-        from densedet.data.masks import InstanceMasks
+    def mask_probs(self, feats: tuple[Tensor, ...], rois: Tensor, labels: Tensor) -> Tensor:
+        """Mask probabilities of detections: ``rois`` ``(R, 5)`` ``(batch_index, x1, y1, x2, y2)`` input pixels and
+        their class ``labels`` ``(R,)`` -> ``(R, M, M)`` float32 sigmoid of each RoI's own class channel. Eagerly in
+        chunks of 32 detections (the ``(D, 256, 28, 28)`` upsampled features of all detections at once would be the
+        largest tensor of the whole inference); in one piece while tracing / exporting."""
+        roi_feats = self.mask_roi_extractor(feats, rois)
+        chunk = max(1, len(rois)) if static_shapes() else _MASK_CHUNK
+        out = []
+        for f, lab in zip(roi_feats.split(chunk), labels.split(chunk)):
+            with self.autocast():
+                logits = self.mask_head.forward_labels(f, lab)
+            out.append(logits.float().sigmoid())
+        if not out:
+            m = 2 * self.mask_roi_extractor.output_size[0]
+            return roi_feats.new_zeros((0, m, m))
+        return torch.cat(out)
 
+    def _paste_masks(self, feats: tuple[Tensor, ...], dets: list[dict[str, Any]], metas: list[dict[str, Any]],
+                     rescale: bool) -> None:
         rois = torch.cat([torch.cat([d["boxes"].new_full((len(d["boxes"]), 1), float(i)), d["boxes"]], 1)
                           for i, d in enumerate(dets)], 0)
         labels = torch.cat([d["labels"] for d in dets])
-        probs_all = None
-        if len(rois):
-            # only each detection's class channel, and in chunks: the (D, 256, 28, 28) upsampled features of all
-            # detections at once would be the largest tensor of the whole inference (80 MB for 100 detections)
-            roi_feats = self.mask_roi_extractor(feats, rois)
-            exporting = torch.jit.is_tracing() or torch.compiler.is_compiling()  # no data-dependent chunk count
-            chunk = len(rois) if exporting else _MASK_CHUNK
-            probs_all = torch.cat([self.mask_head.forward_labels(f, lab).sigmoid()
-                                   for f, lab in zip(roi_feats.split(chunk), labels.split(chunk))])
+        probs_all = self.mask_probs(feats, rois, labels) if len(rois) else None
         start = 0
         for det, meta in zip(dets, metas):
             n = len(det["boxes"])
@@ -276,9 +322,17 @@ class StandardRoIHead(nn.Module):
                 h, w = meta["img_shape"][:2]
                 boxes = det["boxes"]
             if n:
-                probs = probs_all[start:start + n]
-                crops = paste_masks_in_boxes(probs, boxes, int(h), int(w), self.test_cfg.mask_thr_binary)
+                assert probs_all is not None
+                crops = paste_masks_in_boxes(probs_all[start:start + n], boxes, int(h), int(w),
+                                             self.test_cfg.mask_thr_binary)
             else:
                 crops = []
             det["masks"] = InstanceMasks(crops, int(h), int(w))
             start += n
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast around the box and mask heads when the detector runs bf16 inference (``precision``)."""
+        if self.precision == "bf16" and not self.training:
+            device = next(self.parameters()).device
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()

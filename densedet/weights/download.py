@@ -19,7 +19,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from densedet.engine.checkpoint import CheckpointError
+from densedet.errors import CheckpointError
 from densedet.home import densedet_home
 
 __all__ = ["ZooError", "cached_download", "checkpoint_dir", "download", "file_sha256", "hash_prefix_of"]

@@ -37,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from densedet.errors import NotImplementedConfigError
-from densedet.evaluation.coco_eval import atomic_write
+from densedet.io import atomic_write
 
 __all__ = ["AssignmentReport", "DatasetStats", "assign_gt", "assignment_report", "data_check", "dataset_stats",
            "format_report", "plot_report", "prior_size_range", "train_scale"]

@@ -1,8 +1,8 @@
 """Look up, fetch and convert released weights by name (``densedet zoo``, ``load_from: zoo``, ``predict NAME zoo``).
 
 ``fetch_zoo_weights(NAME)`` downloads the row's file once into ``$DENSEDET_HOME/checkpoints`` (see
-:mod:`densedet.zoo.download`) and converts it once into ``$DENSEDET_HOME/checkpoints/densedet/NAME.pth`` with
-:func:`densedet.compat.mmdet.convert_mmdet_checkpoint` (unwraps ``state_dict`` / ``model`` / ``module.``, keeps
+:mod:`densedet.weights.download`) and converts it once into ``$DENSEDET_HOME/checkpoints/densedet/NAME.pth`` with
+:func:`densedet.weights.mmdet.convert_mmdet_checkpoint` (unwraps ``state_dict`` / ``model`` / ``module.``, keeps
 the class names, reads the file with safe loading only). Every seed release uses MMDetection 2.x parameter names,
 which are DenseDet's, so the conversion needs no renaming; the caller loads the result with ``strict=True``.
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from densedet.zoo.download import ZooError, cached_download, checkpoint_dir
-from densedet.zoo.table import MMDET, ZOO, ZooEntry
+from densedet.weights.download import ZooError, cached_download, checkpoint_dir
+from densedet.weights.mmdet import convert_mmdet_checkpoint
+from densedet.weights.zoo_table import MMDET, ZOO, ZooEntry
 
 __all__ = ["fetch_zoo_weights", "format_zoo_table", "get_entry", "resolve_weights"]
 
@@ -34,8 +35,6 @@ def get_entry(name: str) -> ZooEntry:
 
 def fetch_zoo_weights(name: str, progress: bool = True) -> Path:
     """Path of the converted DenseDet checkpoint of zoo row (or config) ``name``, downloading it if needed."""
-    from densedet.compat.mmdet import convert_mmdet_checkpoint
-
     entry = get_entry(name)
     if not entry.urls:
         raise ZooError(f"'{entry.name}' ({entry.source}, box AP {entry.box_ap}): no weights were published for this "

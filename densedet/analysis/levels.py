@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from densedet.evaluation.coco_eval import atomic_write
 from densedet.evaluation.plots import read_log_jsonl
+from densedet.io import atomic_write
 
 __all__ = ["LevelLog", "LevelLogError", "format_level_table", "levels_report", "plot_levels", "read_level_log"]
 
