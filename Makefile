@@ -28,6 +28,8 @@ demo: venv
 	@echo "Curves: $(DEMO_DIR)/curves.png  Drawn predictions: $(DEMO_DIR)/predictions/"
 
 test: venv
+	# the layer contracts of pyproject.toml (docs/architecture.md): imports point one way
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -x --durations=15
 
 lint: venv

@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from densedet.analysis.bench import add_bench_parser, cmd_bench, parse_size
+from densedet.analysis.data_check import data_check
+from densedet.analysis.levels import LevelLogError, levels_report
+from densedet.api import export
+from densedet.config import list_configs, load_config
+from densedet.data import CocoDataset, build_dataloader, tta_pipeline
+from densedet.data.formats import prepare_dataset
+from densedet.data.synth import make_synthetic_coco
+from densedet.dist import cleanup
+from densedet.engine import evaluate, train
+from densedet.errors import DataError, DenseDetError
+from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
+from densedet.inference import Predictor
+from densedet.inference import draw_predictions as dp
+from densedet.inference.loading import load_detector, model_device, resolve_weights_path
+from densedet.io import atomic_write_text
+from densedet.weights import SWA_FINAL, convert_mmdet_checkpoint, fetch_zoo_weights, format_zoo_table, get_entry
 
 EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML files; key=value overrides any key."
 
 
 def _resolve_checkpoint(path: str, config: str | None = None) -> Path:
-    """:func:`densedet.engine.checkpoint.resolve_checkpoint`, saying on stderr when a work dir means its SWA average;
-    ``zoo`` / ``zoo:NAME`` are released weights by name (downloaded once into the cache)."""
-    from densedet.engine.checkpoint import resolve_checkpoint
-    from densedet.engine.swa import SWA_FINAL
-
-    if path == "zoo" or path.startswith("zoo:"):
-        from densedet.weights import fetch_zoo_weights
-
-        return fetch_zoo_weights(path.removeprefix("zoo").removeprefix(":") or config)
-    found = resolve_checkpoint(path)
+    """:func:`densedet.inference.resolve_weights_path` (a file, a work dir, ``zoo`` / ``zoo:NAME``), saying on
+    stderr when a work dir means its SWA average."""
+    found = resolve_weights_path(path, config)
     if Path(path).is_dir() and found.name == SWA_FINAL:
         print(f"using the SWA-averaged weights {found} (pass another .pth to test something else)", file=sys.stderr)
     return found
@@ -32,9 +44,6 @@ def _zoo_row_config(args: argparse.Namespace) -> None:
     trainings, ``atss_r50_fpn_1x_coco_vfnetrepo``); use that row's config and weights."""
     if getattr(args, "checkpoint", None) != "zoo":
         return
-    from densedet.config import list_configs
-    from densedet.weights import get_entry
-
     if args.config not in list_configs():
         entry = get_entry(args.config)
         if entry.config:
@@ -43,8 +52,6 @@ def _zoo_row_config(args: argparse.Namespace) -> None:
 
 def _load_cfg(args: argparse.Namespace) -> Any:
     """The config with overrides, ``--data`` and ``--img-size`` applied."""
-    from densedet.config import load_config
-
     return load_config(args.config, args.overrides, data=getattr(args, "data", None),
                        img_size=getattr(args, "img_size", None))
 
@@ -57,15 +64,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from densedet.engine import train
-
     cfg = _load_cfg(args)
     work_dir = Path(args.work_dir or cfg.runtime.work_dir or Path("work_dirs") / cfg.name)
     resume: Any = args.resume
     if resume == "auto":
         resume = True
-    from densedet.dist import cleanup
-
     try:
         train(cfg, work_dir, resume=resume)
     finally:
@@ -73,9 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None):
-    from densedet.data import CocoDataset, tta_pipeline
-
+def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDataset:
     spec = getattr(cfg.data, split) or cfg.data.val
     root = Path(cfg.data.root)
     pipeline = tta_pipeline(spec.pipeline, tta, where=f"data.{split}.pipeline")
@@ -83,52 +84,28 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None):
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    import torch
-
-    from densedet.data import build_dataloader
-    from densedet.deploy.runtime import is_onnx_path, load_onnx_model
-    from densedet.engine import evaluate
-    from densedet.engine.checkpoint import load_checkpoint, load_model_weights
-    from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
-    from densedet.models.build import build_detector
-
     _zoo_row_config(args)
     cfg = _load_cfg(args)
     ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
-    if args.backend == "onnxruntime" or (args.backend == "auto" and is_onnx_path(ckpt_path)):
-        model, device, args.tta = load_onnx_model(cfg, ckpt_path), torch.device("cpu"), False
-    else:
-        model_cfg = {**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}
-        model = build_detector(model_cfg, init=False)
-        load_model_weights(model, load_checkpoint(ckpt_path), strict=True, source=str(ckpt_path))
-        device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
-        model.to(device).use_channels_last(cfg.runtime.channels_last)
-        _apply_inference_options(model, cfg, args)
-    dataset = _build_eval_dataset(cfg, args.split, args.tta)
+    model = load_detector(cfg, ckpt_path, device=args.device, precision=args.precision, fuse=args.fuse,
+                          compile=args.compile, backend=args.backend)
+    dataset = _build_eval_dataset(cfg, args.split, args.tta if model.supports_tta else False)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
     zoo = args.checkpoint.startswith("zoo")  # released weights: results go to work_dirs, not into the cache
     out = Path(args.out) if args.out else (Path("work_dirs") / cfg.name / "test_zoo" if zoo else
                                            ckpt_path.parent / "test")
     out.mkdir(parents=True, exist_ok=True)
-    result = evaluate(model, loader, dataset, device, out_json=out / "results.bbox.json")
+    result = evaluate(model, loader, dataset, model_device(model), out_json=out / "results.bbox.json")
     print(format_metrics_table(result))
     print(format_per_class_table(result))
     if result.segm is not None:  # a mask model: segm metrics beside bbox (results.segm.json)
         print(format_metrics_table(result.segm))
         print(format_per_class_table(result.segm))
     plot_pr_curves(result, dataset.classes, out / "pr_curves.png")
-    (out / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
     print(f"results: {out / 'results.bbox.json'}  metrics: {out / 'metrics.json'}  PR curves: {out / 'pr_curves.png'}")
     return 0
-
-
-def _apply_inference_options(model: Any, cfg: Any, args: argparse.Namespace) -> None:
-    """--precision (default runtime.precision), BN folding (unless --no-fuse), then --compile (runtime.compile)."""
-    model.set_precision(args.precision or cfg.runtime.precision)
-    if args.fuse:
-        model.fuse()
-    model.set_compile(cfg.runtime.compile if args.compile is None else args.compile)
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
@@ -141,14 +118,11 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="fold BatchNorm into the preceding convs (default on; same detections to float rounding)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile backbone/neck/head (default: runtime.compile; single-stage models; the first "
-                        "image of each new padded size compiles, tens of seconds); decode and NMS stay eager")
+                   help="torch.compile the network (default: runtime.compile; the first image of each new padded size "
+                        "compiles, tens of seconds); decode, NMS and a second stage stay eager")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from densedet.inference import draw_predictions as dp
-    from densedet.inference.predictor import Predictor
-
     if args.input and "=" in args.input and not Path(args.input).exists():  # `predict CFG CKPT --split val k=v`:
         args.overrides, args.input = [args.input, *(args.overrides or [])], None  # argparse took k=v for INPUT
     if bool(args.split) == bool(args.input):
@@ -180,14 +154,37 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from densedet.deploy.command import cmd_export as run
+    if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
+        args.overrides, args.checkpoint = [args.checkpoint, *(args.overrides or [])], None  # an override, no weights
+    result = export(args.config, _resolve_checkpoint(args.checkpoint, args.config) if args.checkpoint else None,
+                    args.out, nms=args.nms, dynamic=args.dynamic, size=args.size, batch=args.batch,
+                    max_det=args.max_det, overrides=args.overrides, check=args.check, check_image=args.check_image)
+    print(result.summary())
+    return 0 if result.check is None or result.check["ok"] else 1
 
-    return run(args, _resolve_checkpoint)
+
+def add_export_parser(sub: argparse._SubParsersAction, epilog: str) -> argparse.ArgumentParser:
+    x = sub.add_parser("export", help="export to ONNX (pixels in, NMS inside, padded outputs) and check it in "
+                                      "onnxruntime", epilog=epilog)
+    x.add_argument("config")
+    x.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint file or work dir (omit for random weights, e.g. to time the graph)")
+    x.add_argument("overrides", nargs="*")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--no-nms", dest="nms", action="store_false",
+                   help="output the decoded pre-NMS candidates (boxes, scores, labels) instead of detections")
+    x.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    x.add_argument("--size", type=parse_size, default=None,
+                   help="input HEIGHTxWIDTH (default: the config's test scale rounded up to data.size_divisor)")
+    x.add_argument("--batch", type=int, default=1, help="batch size of a static graph (default 1)")
+    x.add_argument("--max-det", type=int, default=None, help="detections per image (default test_cfg.max_per_img)")
+    x.add_argument("--check-image", default=None,
+                   help="image for the onnxruntime-vs-eager check (default: first val image, or a synthetic one)")
+    x.add_argument("--no-check", dest="check", action="store_false", help="skip the onnxruntime check")
+    return x
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from densedet.data.synth import make_synthetic_coco
-
     nval = args.num_val if args.num_val is not None else max(1, args.num_images // 4)
     paths = make_synthetic_coco(args.out, num_train=args.num_images, num_val=nval, size=args.size, seed=args.seed,
                                 force=args.force)
@@ -196,8 +193,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from densedet.analysis.data_check import data_check
-
     text, png, _ = data_check(args.path, args.config, args.img_size, args.out, args.max_images, args.overrides)
     print(text)
     print(f"\nwrote {png}")
@@ -205,8 +200,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from densedet.data.formats import prepare_dataset
-
     ds = prepare_dataset(args.src, out_dir=args.out, expect=args.fmt)
     for split, f in ds.splits.items():
         print(f"{split}: {f.ann_file}  (images in {f.img_dir})")
@@ -215,16 +208,11 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from densedet.weights.mmdet import convert_mmdet_checkpoint
-
     key_map = dict(kv.split("=", 1) for kv in args.key_map or [])
     model = None
     if args.config:  # check the fit before writing: an unfit file is never left at dst
-        from densedet.config import load_config
-        from densedet.models.build import build_detector
-
-        cfg = load_config(args.config)
-        model = build_detector({**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}}, init=False)
+        model = load_detector(load_config(args.config), None, device="cpu", fuse=False, compile=False,
+                              precision="fp32", backend="eager")
     report = convert_mmdet_checkpoint(args.src, args.dst, key_map, model=model)
     print(f"wrote {report['dst']} ({report['num_tensors']} tensors)")
     if report["refused_meta"]:
@@ -235,8 +223,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from densedet.weights import fetch_zoo_weights, format_zoo_table
-
     if args.fetch:
         print(f"{args.fetch}: {fetch_zoo_weights(args.fetch)}")
         return 0
@@ -245,16 +231,11 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_configs(args: argparse.Namespace) -> int:
-    from densedet.config import list_configs
-
     print("\n".join(list_configs()))
     return 0
 
 
 def cmd_levels(args: argparse.Namespace) -> int:
-    from densedet.analysis.levels import LevelLogError, levels_report
-    from densedet.errors import DataError
-
     try:
         table, png = levels_report(args.work_dir, args.out)
     except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line: a data error
@@ -319,11 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(r)
     r.set_defaults(fn=cmd_predict)
 
-    from densedet.deploy.command import add_export_parser
-
     add_export_parser(sub, EPILOG).set_defaults(fn=cmd_export)
-    from densedet.analysis.bench import add_bench_parser, cmd_bench
-
     add_bench_parser(sub, EPILOG).set_defaults(fn=cmd_bench)
 
     d = sub.add_parser("data", help="dataset tools")
@@ -383,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     and mapped to its kind's exit code; ``--debug`` (anywhere on the line) or ``DENSEDET_DEBUG=1`` re-raises it
     with its traceback instead.
     """
-    import os
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("DENSEDET_DEBUG", "") not in ("", "0")
@@ -414,8 +390,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_error_exit(err: BaseException, debug: bool) -> int | None:
     """Print a user error as one line and return its exit code; None for a bug (or ``debug``): re-raise it."""
-    from densedet.errors import DataError, DenseDetError
-
     if isinstance(err, DenseDetError):
         kind, code = err.kind, err.exit_code
     elif isinstance(err, FileNotFoundError):  # an input path given on the command line that does not exist

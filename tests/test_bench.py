@@ -41,6 +41,25 @@ def test_bench_train_mode_with_torchvision_peer(capsys):
     assert abs(ips - 2000.0 / med) <= 0.02 * ips + 0.01  # batch 2: images/s = 2/median (median printed rounded)
 
 
-def test_bench_of_a_two_stage_config_points_to_its_benchmark(capsys):
-    assert main(["bench", "mask_rcnn_r18_fpn_synth", "--size", "64x64"]) == 2
-    assert "benchmarks/bench_maskrcnn.py" in capsys.readouterr().err
+def test_bench_of_a_two_stage_config_takes_the_same_options(capsys):
+    """Mask R-CNN through the same bench: fp32 and bf16 variants (BN folded), inference and training."""
+    for mode in ("infer", "train"):
+        rc = main(["bench", "mask_rcnn_r18_fpn_synth", "--size", "64x96", "--iters", "1", "--warmup", "1",
+                   "--precision", "fp32", "bf16", "--mode", mode, "--threads", "1"])
+        out = capsys.readouterr().out
+        assert rc == 0, out
+        fused = " + fused" if mode == "infer" else ""
+        rows = _rows(out)
+        assert list(rows) == ["densedet fp32 (default, channels_last)", f"densedet fp32{fused}",
+                              f"densedet bf16{fused}"], out
+        assert all(float(r[0]) > 0 for r in rows.values())
+
+
+def test_bench_against_torchvision_mask_rcnn_shares_the_weights(capsys):
+    """torchvision's Mask R-CNN as the peer of mask_rcnn_r50_fpn_1x_coco, holding the same weights."""
+    rc = main(["bench", "mask_rcnn_r50_fpn_1x_coco", "--size", "64x64", "--iters", "1", "--warmup", "0",
+               "--against", "torchvision", "--threads", "1", "--no-baseline"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert list(_rows(out)) == ["densedet fp32 + fused", "torchvision maskrcnn fp32"], out
+    assert "holds DenseDet's weights" in out

@@ -18,8 +18,8 @@ TINY = [
     "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
     "model.bbox_head.norm_cfg={type: GN, num_groups: 4}", "model.test_cfg.score_thr=0.0",
     "data.samples_per_gpu=4", "data.val_samples_per_gpu=2", "data.workers_per_gpu=0",
-    "data.train.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: RandomFlip, flip_ratio: 0.5}, {type: Normalize}]",
-    "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: Normalize}]",
+    "data.train.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: RandomFlip, flip_ratio: 0.5}]",
+    "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}]",
     "schedule.epochs=1", "runtime.val_interval=1", "runtime.device=cpu",
 ]
 

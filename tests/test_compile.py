@@ -39,9 +39,24 @@ def test_compiled_network_equals_eager_and_training_stays_eager():
     assert model._compiled is None
 
 
-def test_compile_not_available_for_two_stage_and_without_a_compiler(monkeypatch):
-    with pytest.raises(NotImplementedConfigError, match="two-stage"):
-        build_model("mask_rcnn_r18_fpn_synth").set_compile(True)
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler")
+def test_compiled_two_stage_network_gives_the_eager_detections():
+    """Mask R-CNN: backbone + neck + RPN compiled; proposals, the RoI head and the mask paste stay eager."""
+    torch.manual_seed(0)
+    model = build_model("mask_rcnn_r18_fpn_synth").eval().fuse()
+    model.set_score_thr(0.0)
+    x = torch.randint(0, 256, (1, 3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = model(x, mode="predict")[0]
+        model.set_compile(True)
+        got = model(x, mode="predict")[0]
+    n = min(len(ref["boxes"]), 30)
+    assert n > 0 and torch.allclose(got["boxes"][:n], ref["boxes"][:n], rtol=1e-3, atol=1e-2)
+    assert torch.equal(got["labels"][:n], ref["labels"][:n])
+    assert len(got["masks"]) == len(got["boxes"])
+
+
+def test_compile_needs_a_compiler(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(compile_mod.shutil, "which", lambda name: None)
     with pytest.raises(NotImplementedConfigError, match="C\\+\\+ compiler") as err:
@@ -59,17 +74,19 @@ def test_runtime_compile_is_a_typed_config_value():
         load_config("atss_r18_fpn_synth", ["runtime.compile=sometimes"])
 
 
-def test_onnx_model_refuses_compile_and_bf16_as_config_errors():
-    """An exported file runs as exported: --compile / --precision bf16 are one-line config errors (exit 2), not
-    tracebacks; compile=False / fp32 are accepted (what Predictor passes by default)."""
-    from densedet.deploy.runtime import OnnxRuntimeModel
+def test_onnx_model_refuses_compile_and_bf16_as_config_errors(tmp_path):
+    """An exported file runs as exported: load_detector refuses --compile / --precision bf16 with one-line config
+    errors (exit 2) before the file is opened, not tracebacks."""
+    from densedet.config import load_config
+    from densedet.inference import load_detector
     from densedet.registry import ConfigError
 
-    model = OnnxRuntimeModel.__new__(OnnxRuntimeModel)  # the options never touch the session
-    assert model.set_compile(False) is model and model.set_precision("fp32") is model
+    fake = tmp_path / "m.onnx"
+    fake.write_bytes(b"not opened")
+    cfg = load_config("atss_r18_fpn_synth")
     with pytest.raises(ConfigError, match="drop --compile") as err:
-        model.set_compile(True)
+        load_detector(cfg, fake, compile=True)
     assert err.value.path == "runtime.compile" and err.value.exit_code == 2
     with pytest.raises(ConfigError, match="drop --precision") as err:
-        model.set_precision("bf16")
+        load_detector(cfg, fake, precision="bf16")
     assert err.value.path == "runtime.precision"

@@ -33,7 +33,8 @@ def test_reference_defaults_of_the_coco_configs() -> None:
     assert fcos.optimizer.paramwise.bias_lr_mult == 2.0 and fcos.optimizer.paramwise.bias_decay_mult == 0.0
     assert fcos.optimizer.grad_clip == {"max_norm": 35, "norm_type": 2}
     assert fcos.schedule.warmup == "constant"
-    assert fcos.data.train.pipeline[-1]["to_rgb"] is False
+    assert fcos.model["data_preprocessor"]["to_rgb"] is False  # caffe-style input: BGR, the model normalises
+    assert fcos.model["data_preprocessor"]["mean"] == [102.9801, 115.9465, 122.7717]
     atss = load_config("atss_r50_fpn_1x_coco")
     assert atss.model["bbox_head"]["loss_bbox"] == {"type": "GIoULoss", "loss_weight": 2.0}
     assert atss.model["test_cfg"]["nms"]["iou_threshold"] == 0.6

@@ -22,8 +22,6 @@ from contract_fixture import (
 )
 
 from densedet.config import list_configs, load_config
-from densedet.data.transforms import Normalize
-from densedet.deploy.onnx_export import normalize_params
 from densedet.models.build import build_detector
 from densedet.structures.masks import InstanceMasks
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from densedet.data import (
     make_synthetic_coco,
 )
 from densedet.data.transforms import flip_boxes
+from densedet.errors import DataWarning
 from densedet.registry import ConfigError
 
 # No test here expects an annotation warning: turn any into a failure.
@@ -166,6 +168,9 @@ def test_flip_ratio_frequency():
 
 # ----------------------------------------------------------------------------------------------------- normalize
 def test_normalize_values_rgb_and_caffe():
+    with pytest.warns(DataWarning, match="model.data_preprocessor"):  # deprecated in DenseDet pipelines
+        Normalize()
+    warnings.simplefilter("ignore", DataWarning)  # (restored by pytest after the test)
     s = _sample(4, 3)
     s["img"][:] = (200, 100, 50)
     out = Normalize()(s)["img"]
@@ -180,6 +185,7 @@ def test_normalize_values_rgb_and_caffe():
 
 
 def test_build_pipeline_from_config_and_errors():
+    warnings.simplefilter("ignore", DataWarning)  # Normalize's deprecation (restored by pytest after the test)
     pipe = build_pipeline(
         [
             {"type": "Resize", "img_scale": [64, 32]},
@@ -286,9 +292,9 @@ def test_getitem_pipeline_meta_and_boxes(tmp_path):
     pipeline = [
         {"type": "Resize", "img_scale": [128, 96]},
         {"type": "RandomFlip", "flip_ratio": 1.0},
-        {"type": "Normalize", "mean": [0, 0, 0], "std": [1, 1, 1]},
     ]
     item = CocoDataset(ann_file, img_dir, pipeline=pipeline)[0]
+    assert item["img"].dtype == torch.uint8  # pixels: the model normalises them
     meta = item["meta"]
     assert meta["image_id"] == 4 and meta["file_name"] == "4.png"
     assert meta["ori_shape"] == (48, 64) and meta["img_shape"] == (96, 128)
@@ -398,11 +404,11 @@ def _collect(loader, epoch):
 
 
 def test_build_dataloader_reproducible_across_workers(synth_small):
-    pipeline = [{"type": "Resize", "img_scale": [96, 64]}, {"type": "RandomFlip"}, {"type": "Normalize"}]
+    pipeline = [{"type": "Resize", "img_scale": [96, 64]}, {"type": "RandomFlip"}]
     ds = CocoDataset(synth_small["train_ann_file"], synth_small["train_img_dir"], pipeline=pipeline)
     loader0 = build_dataloader(ds, batch_size=3, num_workers=0, shuffle=True, seed=7)
     e0 = _collect(loader0, 0)
-    assert all(b[0].shape[0] == 3 and b[0].shape[-1] % 32 == 0 for b in e0)
+    assert all(b[0].shape[0] == 3 and b[0].shape[-1] % 32 == 0 and b[0].dtype == torch.uint8 for b in e0)
     assert sorted({i for b in e0 for i in b[1]}) == list(range(1, 9))
     again = _collect(loader0, 0)
     e1 = _collect(loader0, 1)
@@ -417,8 +423,7 @@ def test_build_dataloader_reproducible_across_workers(synth_small):
 
 
 def test_build_dataloader_eval_shards(synth_small):
-    ds = CocoDataset(synth_small["val_ann_file"], synth_small["val_img_dir"], test_mode=True,
-                     pipeline=[{"type": "Normalize"}])
+    ds = CocoDataset(synth_small["val_ann_file"], synth_small["val_img_dir"], test_mode=True, pipeline=[])
     loader = build_dataloader(ds, batch_size=1, num_workers=0, shuffle=False, seed=0)
     ids = [m["image_id"] for b in loader for m in b["metas"]]
     assert ids == [1, 2]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densedet.cli import main
-from densedet.deploy.onnx_export import EXPORT_INSTALL_HINT, compare_detections
+from densedet.deploy import EXPORT_INSTALL_HINT, compare_detections
 
 # Tiny R-18 overrides for the COCO-sized R-50 configs (random weights; scores of a fresh head are ~0.01, so a low
 # score_thr keeps candidates and NMS has real work).
@@ -39,7 +39,7 @@ def test_export_matches_eager_in_onnxruntime(config, extra, tmp_path):
     _need_export_deps()
     import onnx
 
-    from densedet.deploy import export
+    from densedet import export
 
     torch.manual_seed(0)
     res = export(config, None, tmp_path / "m.onnx", size=SIZES.get(config, (96, 128)), overrides=extra + LOW_THR)
@@ -57,7 +57,7 @@ def test_dcn_backbone_exports_as_deformconv(tmp_path):
     _need_export_deps()
     import onnx
 
-    from densedet.deploy import export
+    from densedet import export
 
     torch.manual_seed(0)
     over = ["model.backbone.base_channels=8", "model.neck.in_channels=[32,64,128,256]", "model.neck.out_channels=32",
@@ -74,11 +74,11 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
     """One dynamic export: exact at two batch sizes and two input sizes (one no multiple of 32: padded inside the
     graph), image by image, and the Predictor running the .onnx file gives the eager Predictor's detections."""
     _need_export_deps()
+    from densedet import export
     from densedet.api import build_model
     from densedet.config import load_config
-    from densedet.deploy import OnnxDetector, check_onnx, export
-    from densedet.deploy.onnx_export import build_deploy_module, load_eval_model
-    from densedet.inference.predictor import Predictor
+    from densedet.deploy import OnnxDetector, build_deploy_module, check_onnx
+    from densedet.inference import Predictor, load_detector
 
     torch.manual_seed(0)
     ckpt = tmp_path / "random.pth"
@@ -87,7 +87,7 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
     cfg = load_config("atss_r18_fpn_synth", LOW_THR)
     res = export(cfg, ckpt, tmp_path / "d.onnx", dynamic=True, size=(192, 288), check=False)
     assert OnnxDetector(res.path).dynamic
-    deploy = build_deploy_module(cfg, load_eval_model(cfg, ckpt))
+    deploy = build_deploy_module(load_detector(cfg, ckpt, device="cpu", backend="eager"))
     rng = np.random.default_rng(0)
     assert OnnxDetector(res.path).input_shape[0] != 2  # the batch is a named dynamic dim, not the traced 2
     for shape in [(1, 3, 96, 128), (3, 3, 150, 70)]:
@@ -116,7 +116,8 @@ def test_dynamic_export_runs_at_two_sizes_and_in_the_predictor(tmp_path):
 
 def test_padded_output_contract_with_and_without_detections(tmp_path):
     _need_export_deps()
-    from densedet.deploy import OnnxDetector, export
+    from densedet import export
+    from densedet.deploy import OnnxDetector
 
     torch.manual_seed(0)
     # 64x64: 86 locations x 3 classes = 258 candidates at most, fewer than max_det=300, so padding must appear
@@ -141,9 +142,10 @@ def test_padded_output_contract_with_and_without_detections(tmp_path):
 
 def test_no_nms_returns_the_eager_candidates(tmp_path):
     _need_export_deps()
+    from densedet import export
     from densedet.config import load_config
-    from densedet.deploy import OnnxDetector, export
-    from densedet.deploy.onnx_export import load_eval_model
+    from densedet.deploy import OnnxDetector
+    from densedet.inference import load_detector
 
     cfg = load_config("fcos_r18_fpn_synth", LOW_THR)
     torch.manual_seed(0)
@@ -151,11 +153,10 @@ def test_no_nms_returns_the_eager_candidates(tmp_path):
     out = OnnxDetector(res.path).run(np.full((1, 3, 64, 96), 128, np.uint8))
     assert set(out) == {"boxes", "scores", "labels"}
     torch.manual_seed(0)
-    model = load_eval_model(cfg, None)
-    x = (torch.full((1, 3, 64, 96), 128.0) - torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)) / \
-        torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+    model = load_detector(cfg, None, device="cpu", backend="eager")
+    pixels = torch.full((1, 3, 64, 96), 128, dtype=torch.uint8)  # the model normalises, as the graph does
     with torch.no_grad():
-        cand = model.bbox_head.predict_candidates(model(x, mode="tensor"), [{"img_shape": (64, 96)}])
+        cand = model.candidates(model(pixels, mode="tensor"), [{"img_shape": (64, 96)}])
     assert out["boxes"].shape == tuple(cand.boxes.shape)
     valid = cand.valid[0].numpy()
     np.testing.assert_array_equal(out["labels"][0] >= 0, valid)
@@ -208,17 +209,22 @@ def test_compare_detections_matches_by_label_and_tolerance():
     assert not compare_detections(ref, got)["ok"]  # a missing detection fails
 
 
-def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does():
+def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does(tmp_path):
+    _need_export_deps()
+    from densedet import export
     from densedet.config import load_config
-    from densedet.deploy.onnx_export import _graph_notes
+    from densedet.deploy.onnx_export import graph_notes
     from densedet.models.build import build_detector
 
     cfg = load_config("vfnet_r18_fpn_synth_mstest", ["model.test_cfg.nms={type: soft_nms, iou_threshold: 0.4}"])
-    notes = _graph_notes(cfg, build_detector(cfg.model, init=False))
+    notes = graph_notes(build_detector(cfg.model, init=False))
     assert any("soft-NMS" in n and "plain NMS" in n and "0.4" in n for n in notes), notes
-    assert any("MultiScaleFlipAug" in n and "one view" in n for n in notes), notes
     plain = load_config("atss_r18_fpn_synth")
-    assert _graph_notes(plain, build_detector(plain.model, init=False)) == []
+    assert graph_notes(build_detector(plain.model, init=False)) == []
+    # the TTA note is the config-level export's (the graph runs one view)
+    torch.manual_seed(0)
+    res = export("vfnet_r18_fpn_synth_mstest", None, tmp_path / "m.onnx", size=(64, 96), check=False)
+    assert any("MultiScaleFlipAug" in n and "one view" in n for n in res.notes), res.notes
 
 
 def test_two_stage_no_nms_export_is_a_clear_error_and_writes_nothing(tmp_path, capsys):

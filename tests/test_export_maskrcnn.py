@@ -48,7 +48,8 @@ def test_export_cli_checks_boxes_and_pasted_masks(tmp_path, capsys):
 
 
 def test_faster_rcnn_without_a_mask_head_exports_boxes_only(tmp_path):
-    from densedet.deploy import OnnxDetector, export
+    from densedet import export
+    from densedet.deploy import OnnxDetector
 
     torch.manual_seed(0)
     res = export("mask_rcnn_r18_fpn_synth", None, tmp_path / "f.onnx", size=(96, 128),
@@ -66,8 +67,8 @@ def test_static_multilevel_roi_align_equals_the_extractor_in_torch_and_onnxrunti
     from torch import nn
 
     from densedet.deploy.ops import OPSET
-    from densedet.deploy.two_stage_graph import roi_align_levels
     from densedet.models.roi_heads import SingleRoIExtractor, map_roi_levels
+    from densedet.models.roi_heads.roi_extractor import roi_align_levels
 
     ext = SingleRoIExtractor({"type": "RoIAlign", "output_size": 7, "sampling_ratio": 0}, 8, [4, 8, 16, 32])
 
@@ -100,9 +101,10 @@ def test_padded_output_contract_with_and_without_detections(tmp_path):
     """Two images of one batch keep different numbers of detections (the mask head runs on the larger count):
     each image's first num_dets slots are sorted detections with masks in (0, 1), the rest is padding (boxes,
     scores and masks 0, labels -1), equal to eager; a graph whose score_thr nothing passes gives only padding."""
+    from densedet import export
     from densedet.config import load_config
-    from densedet.deploy import OnnxDetector, check_onnx, export
-    from densedet.deploy.onnx_export import build_deploy_module, load_eval_model
+    from densedet.deploy import OnnxDetector, build_deploy_module, check_onnx
+    from densedet.inference import load_detector
 
     over = ["model.test_cfg.rcnn.score_thr=0.0", "model.test_cfg.rcnn.max_per_img=250"]
     torch.manual_seed(0)
@@ -124,7 +126,7 @@ def test_padded_output_contract_with_and_without_detections(tmp_path):
         assert (out["labels"][b, n:] == -1).all() and (out["masks"][b, n:] == 0).all()
     cfg = load_config("mask_rcnn_r18_fpn_synth", over)
     torch.manual_seed(0)
-    r = check_onnx(res.path, build_deploy_module(cfg, load_eval_model(cfg, None)), images)
+    r = check_onnx(res.path, build_deploy_module(load_detector(cfg, None, device="cpu", backend="eager")), images)
     assert r["ok"] and r["masks_compared"] == r["eager"] > 0, r
 
     torch.manual_seed(0)
@@ -145,7 +147,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     Its mask logits are shifted by +3 (``conv_logits.bias``) so that a few-iteration model's masks mostly fill
     their boxes: squares and discs then overlap their gt masks and segm AP is above 0 (an untrained mask head
     gives segm AP 0 on both sides, which would compare nothing). The maps keep their shape (not all ones)."""
-    from densedet.deploy import export
+    from densedet import export
     from densedet.engine import Trainer
 
     root = tmp_path_factory.mktemp("mr_export")
@@ -164,11 +166,11 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def test_dynamic_export_matches_eager_at_two_batch_sizes_and_sizes(trained):
     from densedet.config import load_config
-    from densedet.deploy import OnnxDetector, check_onnx
-    from densedet.deploy.onnx_export import build_deploy_module, load_eval_model
+    from densedet.deploy import OnnxDetector, build_deploy_module, check_onnx
+    from densedet.inference import load_detector
 
     cfg = load_config(str(trained["config"]))
-    deploy = build_deploy_module(cfg, load_eval_model(cfg, trained["ckpt"]))
+    deploy = build_deploy_module(load_detector(cfg, trained["ckpt"], device="cpu", backend="eager"))
     assert OnnxDetector(trained["onnx"]).dynamic
     rng = np.random.default_rng(1)
     for shape in [(1, 3, 96, 96), (2, 3, 80, 120)]:

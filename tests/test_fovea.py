@@ -334,6 +334,7 @@ def test_tiny_training_loss_falls_and_predict_is_in_original_pixels(use_vfl: boo
     for t, img in zip(targets, images):  # paint the objects so they can be learnt
         for (x1, y1, x2, y2), lab in zip(t["boxes"].long().tolist(), t["labels"].tolist()):
             img[lab, y1:y2, x1:x2] += 1.5
+    images = images * 58.0 + 120.0  # as pixels: the detector normalises them (model.data_preprocessor)
     metas = [{"img_shape": (128, 128), "pad_shape": (128, 128), "scale_factor": (0.5, 0.5)} for _ in range(2)]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     history = []

@@ -18,8 +18,7 @@ from densedet.data import make_synthetic_coco
 from densedet.engine import Trainer
 
 _PIPE = [{"type": "Resize", "img_scale": [96, 96], "keep_ratio": True},
-         {"type": "RandomFlip", "flip_ratio": 0.5},
-         {"type": "Normalize"}]
+         {"type": "RandomFlip", "flip_ratio": 0.5}]
 
 
 def _tiny_model() -> dict[str, Any]:
@@ -42,7 +41,7 @@ def make_cfg(root: Path, **sections: dict) -> Config:
                  "train": {"ann_file": "annotations/instances_train.json", "img_dir": "train", "pipeline": _PIPE,
                            "with_mask": True},
                  "val": {"ann_file": "annotations/instances_val.json", "img_dir": "val",
-                         "pipeline": [_PIPE[0], _PIPE[2]]}},
+                         "pipeline": [_PIPE[0]]}},
         "optimizer": {"type": "AdamW", "lr": 0.003, "weight_decay": 1e-4, "auto_scale_lr": False},
         "schedule": {"epochs": 2, "policy": "step", "steps": [100], "warmup": "linear", "warmup_iters": 2},
         "runtime": {"seed": 0, "val_interval": 0, "log_interval": 1, "device": "cpu", "channels_last": False},

@@ -142,5 +142,5 @@ def test_vfnetx_config_builds_with_pafpnx_and_the_wide_head() -> None:
     assert cfg.model["test_cfg"]["nms"] == {"type": "soft_nms", "iou_threshold": 0.65}
     assert (cfg.schedule.epochs, cfg.schedule.steps, cfg.swa.swa_total_epochs) == (41, [36, 40], 18)
     assert cfg.swa.swa_training and cfg.swa.swa_lr_config.cyclic_times == 18
-    assert [t["type"] for t in cfg.data.train.pipeline] == ["RandomCrop", "Resize", "CutOut", "RandomFlip",
-                                                            "Normalize"]
+    assert [t["type"] for t in cfg.data.train.pipeline] == ["RandomCrop", "Resize", "CutOut", "RandomFlip"]
+    assert cfg.model["data_preprocessor"]["to_rgb"] is True  # normalisation is the model's

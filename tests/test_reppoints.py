@@ -338,6 +338,7 @@ def test_tiny_training_loss_falls():
     images = torch.randn(2, 3, 64, 64)
     images[0, :, 8:40, 16:48] += 2.0
     images[1, :, 24:56, 4:28] -= 2.0
+    images = images * 58.0 + 120.0  # as pixels: the detector normalises them (model.data_preprocessor)
     targets = [{"boxes": torch.tensor([[16.0, 8, 48, 40]]), "labels": torch.tensor([0])},
                {"boxes": torch.tensor([[4.0, 24, 28, 56]]), "labels": torch.tensor([2])}]
     metas = [dict(META), dict(META)]

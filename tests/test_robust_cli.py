@@ -21,8 +21,8 @@ TINY = [
     "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
     "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
     "model.bbox_head.norm_cfg={type: GN, num_groups: 4}", "data.samples_per_gpu=4", "data.workers_per_gpu=0",
-    "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]",
-    "data.val.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]",
+    "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}]",
+    "data.val.pipeline=[{type: Resize, img_scale: [64, 64]}]",
     "schedule.epochs=1", "runtime.val_interval=0", "runtime.device=cpu",
 ]
 

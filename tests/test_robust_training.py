@@ -23,7 +23,7 @@ from densedet.engine.checkpoint import find_nonfinite, remove_stale_temp_files
 from densedet.errors import CheckpointError, NonFiniteError
 from densedet.models.layers import ConvModule
 
-_PIPE = [{"type": "Resize", "img_scale": [64, 64], "keep_ratio": True}, {"type": "Normalize"}]
+_PIPE = [{"type": "Resize", "img_scale": [64, 64], "keep_ratio": True}]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ class Poisoned(nn.Module):
     def forward(self, images: torch.Tensor, targets: Any = None, metas: Any = None, mode: str = "loss") -> Any:
         self.calls += 1
         self.states.append(self.conv.weight.detach().clone())
-        out = self.conv(images).float()
+        out = self.conv(images.float() / 255.0).float()  # uint8 pixels from collate
         if self.calls in self.poison or (self.poison_from is not None and self.calls >= self.poison_from):
             out.register_hook(lambda g: g * float("nan"))
         return {"loss": (out.mean() - 1.0) ** 2}
@@ -133,7 +133,7 @@ def test_amp_training_with_a_1x1_pyramid_level_stays_finite(tmp_path, synth_root
         "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
         "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
         "model.bbox_head.norm_cfg={type: GN, num_groups: 4}", "data.samples_per_gpu=2", "data.workers_per_gpu=0",
-        "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]", "schedule.epochs=2",
+        "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}]", "schedule.epochs=2",
         "runtime.val_interval=0", "runtime.device=cpu", "runtime.amp=true", f"data.root={synth_root}",
     ]
     trainer = Trainer(load_config("atss_r18_fpn_synth", overrides), tmp_path)

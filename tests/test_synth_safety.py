@@ -16,7 +16,7 @@ from densedet.data.synth import SYNTH_MARKER, check_auto_create, synthetic_targe
 
 TINY = [
     *TINY_ATSS, "data.samples_per_gpu=2", "data.workers_per_gpu=0", val_resize(64),
-    "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}, {type: Normalize}]",
+    "data.train.pipeline=[{type: Resize, img_scale: [64, 64]}]",
     "data.synth={num_train: 4, num_val: 2, size: 64, seed: 0}", "schedule.epochs=1", "schedule.max_iters=1",
     "runtime.val_interval=0", "runtime.device=cpu",
 ]

@@ -17,8 +17,8 @@ TINY = [
     "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
     "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
     "data.samples_per_gpu=4", "data.val_samples_per_gpu=4", "data.workers_per_gpu=0",
-    "data.train.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: RandomFlip, flip_ratio: 0.5}, {type: Normalize}]",
-    "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: Normalize}]",
+    "data.train.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: RandomFlip, flip_ratio: 0.5}]",
+    "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}]",
     "optimizer.lr=0.004", "schedule.warmup_iters=4", "runtime.log_interval=1", "runtime.val_interval=0",
     "runtime.device=cpu",
 ]

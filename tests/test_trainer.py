@@ -49,6 +49,7 @@ class ToyDetector(nn.Module):
 
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None, metas: list[dict] | None = None,
                 mode: str = "loss") -> Any:
+        images = (images.float() - 127.5) / 64.0  # uint8 pixels from collate: a toy's own normalisation
         feat = self.drop(self.backbone(images))
         b, _, h, w = feat.shape
         cls = self.cls(feat).permute(0, 2, 3, 1).reshape(b, h * w, self.num_classes)
@@ -91,8 +92,7 @@ class ToyDetector(nn.Module):
 
 
 _PIPE = [{"type": "Resize", "img_scale": [64, 64], "keep_ratio": True},
-         {"type": "RandomFlip", "flip_ratio": 0.5},
-         {"type": "Normalize"}]
+         {"type": "RandomFlip", "flip_ratio": 0.5}]
 
 
 def make_cfg(root: Path, **sections: dict) -> Config:
@@ -101,7 +101,7 @@ def make_cfg(root: Path, **sections: dict) -> Config:
         "data": {"root": str(root), "samples_per_gpu": 4, "workers_per_gpu": 0, "val_samples_per_gpu": 4,
                  "train": {"ann_file": "annotations/instances_train.json", "img_dir": "train", "pipeline": _PIPE},
                  "val": {"ann_file": "annotations/instances_val.json", "img_dir": "val",
-                         "pipeline": [_PIPE[0], _PIPE[2]]}},
+                         "pipeline": [_PIPE[0]]}},
         "optimizer": {"type": "AdamW", "lr": 0.01, "weight_decay": 1e-4, "auto_scale_lr": False},
         "schedule": {"epochs": 2, "policy": "step", "steps": [100], "warmup": "linear", "warmup_iters": 2},
         "runtime": {"seed": 0, "val_interval": 0, "log_interval": 1, "device": "cpu"},

@@ -17,7 +17,8 @@ from densedet.models.build import build_detector
 from densedet.models.tta import bbox_mapping_back
 from densedet.registry import ConfigError
 
-NORM = {"type": "Normalize", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "to_rgb": True}
+# a step after Resize that is not a flip (CutOut that never cuts)
+EXTRA = {"type": "CutOut", "n_holes": 1, "cutout_shape": [4, 4], "cutout_p": 0.0}
 TINY = [
     "model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
     "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
@@ -27,7 +28,7 @@ TINY = [
 
 def _msfa(scales, flip=True, **kw):
     return {"type": "MultiScaleFlipAug", "img_scale": scales, "flip": flip,
-            "transforms": [{"type": "Resize", "keep_ratio": True}, {"type": "RandomFlip"}, NORM], **kw}
+            "transforms": [{"type": "Resize", "keep_ratio": True}, {"type": "RandomFlip"}], **kw}
 
 
 def _sample(h=20, w=40, boxes=((4.0, 2.0, 12.0, 18.0),)):
@@ -68,9 +69,9 @@ def test_views_order_sizes_and_boxes_round_trip() -> None:
     assert views[1]["meta"]["flip_direction"] == "horizontal" and views[0]["meta"]["flip_direction"] is None
     # 40x20 -> 80x40 (factor 2): box [8, 4, 24, 36]; flipped in an 80-wide image: [80 - 24, 4, 80 - 8, 36]
     assert np.allclose(views[1]["boxes"], [[56.0, 4.0, 72.0, 36.0]])
-    assert tuple(views[1]["img"].shape) == (3, 40, 80)
+    assert tuple(views[1]["img"].shape) == (40, 80, 3)  # (H, W, 3) pixels until the dataset makes tensors
     # the flipped view's pixels are the unflipped view's, mirrored
-    assert torch.equal(views[1]["img"], views[0]["img"].flip(-1))
+    assert np.array_equal(views[1]["img"], views[0]["img"][:, ::-1])
     for v in views:  # every view's boxes map back to the original box
         back = bbox_mapping_back(torch.from_numpy(v["boxes"])[None], [v["meta"]])[0]
         assert torch.allclose(back, torch.tensor([[4.0, 2.0, 12.0, 18.0]]))
@@ -85,8 +86,8 @@ def test_single_scale_in_one_pair_and_directions() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [
-    ({"flip": True, "transforms": [{"type": "Resize"}, NORM]}, "MultiScaleFlipAug.flip"),
-    ({"transforms": [NORM]}, "MultiScaleFlipAug.transforms"),
+    ({"flip": True, "transforms": [{"type": "Resize"}, EXTRA]}, "MultiScaleFlipAug.flip"),
+    ({"transforms": [EXTRA]}, "MultiScaleFlipAug.transforms"),
     ({"scale_factor": [1.0, 2.0]}, "MultiScaleFlipAug.scale_factor"),
     ({"img_scale": [[1333]]}, "MultiScaleFlipAug.img_scale"),
     ({"flip_direction": "diagonal"}, "MultiScaleFlipAug.flip_direction"),
@@ -101,16 +102,16 @@ def test_bad_config_names_the_key(kwargs, key) -> None:
 
 
 def test_tta_switch() -> None:
-    plain = [{"type": "Resize", "img_scale": [96, 64], "keep_ratio": True}, NORM]
+    plain = [{"type": "Resize", "img_scale": [96, 64], "keep_ratio": True}, EXTRA]
     on = tta_pipeline(plain, True)
     assert on == [{"type": "MultiScaleFlipAug", "img_scale": [96, 64], "flip": True,
-                   "transforms": [plain[0], {"type": "RandomFlip"}, NORM]}]
+                   "transforms": [plain[0], {"type": "RandomFlip"}, EXTRA]}]
     assert tta_pipeline(on, True) == on and tta_pipeline(plain, None) == plain and tta_pipeline(plain, False) == plain
     off = tta_pipeline([_msfa([[96, 64], [128, 96]])], False)
     assert off[0]["img_scale"] == [96, 64] and off[0]["flip"] is False
     assert build_pipeline(off).transforms[0].num_views == 1
     with pytest.raises(ConfigError, match=r"data.val.pipeline\[0\].img_scale"):
-        tta_pipeline([{"type": "Resize", "img_scale": [[96, 64], [128, 96]]}, NORM], True)
+        tta_pipeline([{"type": "Resize", "img_scale": [[96, 64], [128, 96]]}, EXTRA], True)
 
 
 # ----------------------------------------------------------------------------------------------- merging views
@@ -217,12 +218,11 @@ def test_dataset_loader_and_inference_with_tta(synth, model) -> None:
 def test_single_view_tta_equals_plain_pipeline_in_predictor() -> None:
     torch.manual_seed(0)
     cfg = load_config("atss_r18_fpn_synth", TINY + ["data.val.pipeline=[{type: MultiScaleFlipAug, "
-                      "img_scale: [80, 60], flip: false, transforms: [{type: Resize}, {type: RandomFlip}, "
-                      "{type: Normalize}]}]"])
+                      "img_scale: [80, 60], flip: false, transforms: [{type: Resize}, {type: RandomFlip}]}]"])
     pred = Predictor(cfg, None, device="cpu")
     img = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
     tta = pred(img)
-    pred.pipeline = build_pipeline([{"type": "Resize", "img_scale": [80, 60]}, {"type": "Normalize"}])
+    pred.pipeline = build_pipeline([{"type": "Resize", "img_scale": [80, 60]}])
     plain = pred(img)
     assert len(tta["scores"]) > 0
     for k in ("boxes", "scores", "labels"):
@@ -257,8 +257,8 @@ def test_cli_test_uses_the_config_tta_and_no_tta_switches_it_off(synth, model, t
     ckpt = save_checkpoint(tmp_path / "tiny.pth", model)
     common = [*TINY, f"data.root={synth['root']}", "data.workers_per_gpu=0", "data.val_samples_per_gpu=2"]
     msfa = ("data.val.pipeline=[{type: MultiScaleFlipAug, img_scale: [96, 96], flip: true, transforms: "
-            "[{type: Resize}, {type: RandomFlip}, {type: Normalize}]}]")
-    plain = "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}, {type: Normalize}]"
+            "[{type: Resize}, {type: RandomFlip}]}]")
+    plain = "data.val.pipeline=[{type: Resize, img_scale: [96, 96]}]"
     runs = {"tta": [msfa], "no_tta": [msfa, "--no-tta"], "plain": [plain], "plain_tta": [plain, "--tta"]}
     results = {}
     for name, extra in runs.items():

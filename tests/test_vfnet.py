@@ -342,6 +342,7 @@ def test_tiny_vfnet_learns_two_images_and_predicts_in_original_pixels() -> None:
     boxes = [[[12.0, 16.0, 70.0, 76.0]], [[30.0, 8.0, 88.0, 60.0]]]
     for i, ((x1, y1, x2, y2),) in enumerate(boxes):
         images[i, i % 3, int(y1):int(y2), int(x1):int(x2)] += 2.0
+    images = images * 58.0 + 120.0  # as pixels: the detector normalises them (model.data_preprocessor)
     targets = [_t(boxes[0], [1]), _t(boxes[1], [2])]
     # the network saw the originals at half size: scale_factor 0.5
     metas = [{"img_shape": (96, 96), "pad_shape": (96, 96), "scale_factor": (0.5, 0.5)} for _ in range(2)]

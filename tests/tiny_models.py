@@ -9,4 +9,4 @@ TINY_ATSS = [
 
 def val_resize(size: int) -> str:
     """``data.val.pipeline`` override: resize to ``size`` x ``size`` (keep ratio) and normalise."""
-    return f"data.val.pipeline=[{{type: Resize, img_scale: [{size}, {size}]}}, {{type: Normalize}}]"
+    return f"data.val.pipeline=[{{type: Resize, img_scale: [{size}, {size}]}}]"

@@ -25,7 +25,9 @@ range.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +38,15 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from densedet.errors import NotImplementedConfigError
+from densedet.config import load_config
+from densedet.config.own_data import pipeline_scales
+from densedet.data.coco import CocoDataset
+from densedet.data.formats import prepare_dataset
+from densedet.data.formats.common import PROBLEM_TEXT
+from densedet.data.transforms import Resize
+from densedet.inference.loading import load_detector
 from densedet.io import atomic_write
+from densedet.structures.boxes import pad_targets
 
 __all__ = ["AssignmentReport", "DatasetStats", "assign_gt", "assignment_report", "data_check", "dataset_stats",
            "format_report", "plot_report", "prior_size_range", "train_scale"]
@@ -79,6 +88,7 @@ class AssignmentReport:
     lost: Counter = field(default_factory=Counter)
     prior_range: tuple[float, float] = (0.0, math.inf)
     suggestions: list[str] = field(default_factory=list)
+    level_names: list[str] = field(default_factory=list)  # "P3".. by stride (an RPN's first level is P2)
 
 
 # ---------------------------------------------------------------------------------------------------- statistics
@@ -92,8 +102,6 @@ def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _duplicate_files(paths: list[Path]) -> int:
     """How many files repeat an earlier one byte for byte (hashing only files that share a size)."""
-    import hashlib
-
     by_size: dict[int, list[Path]] = {}
     for p in paths:
         if p.is_file():
@@ -108,8 +116,6 @@ def _duplicate_files(paths: list[Path]) -> int:
 
 def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None) -> DatasetStats:
     """Statistics of a :class:`~densedet.data.CocoDataset` (loaded with ``filter_empty_gt=False``)."""
-    from densedet.data.transforms import Resize
-
     c = len(dataset.classes)
     boxes_per_class, images_per_class = [0] * c, [0] * c
     sizes, train_sizes, relative = [], [], []
@@ -145,8 +151,6 @@ def dataset_stats(dataset: Any, split: str, scale: tuple[int, int] | None = None
 
 def train_scale(cfg: Any) -> tuple[tuple[int, int], str]:
     """The ``(long, short)`` scale the analysis resizes to, and where it came from."""
-    from densedet.config.own_data import pipeline_scales
-
     raw = {"data": {s: {"pipeline": getattr(cfg.data, s).pipeline} for s in ("train", "val")}}
     for split in ("train", "val"):
         for scales in pipeline_scales(raw, split):
@@ -158,58 +162,18 @@ def train_scale(cfg: Any) -> tuple[tuple[int, int], str]:
 
 # ---------------------------------------------------------------------------------------------------- assignment
 def prior_size_range(head: Any) -> tuple[float, float]:
-    """Smallest and largest object size (``sqrt(w h)``, input pixels) the head's priors are made for."""
-    name = type(head).__name__
-    gen = getattr(head, "anchor_generator", None)
-    if gen is not None and (name != "VFNetHead" or head.use_atss):
-        scales = gen.scales.tolist()
-        return min(gen.base_sizes) * min(scales), max(gen.base_sizes) * max(scales)
-    if name == "FoveaHead":
-        return float(min(r[0] for r in head.scale_ranges)), float(max(r[1] for r in head.scale_ranges))
-    if hasattr(head, "regress_ranges"):
-        top = float(head.regress_ranges[-1][1])
-        return float(min(head.strides)), (2 * top if math.isfinite(top) and top < 1e7 else math.inf)
-    return float(min(head.strides)), math.inf
+    """Smallest and largest object size (``sqrt(w h)``, input pixels) the head's priors are made for
+    (:meth:`~densedet.models.heads.DenseHead.prior_size_range`)."""
+    return head.prior_size_range()
 
 
 @torch.no_grad()
 def assign_gt(head: Any, sizes: list[tuple[int, int]], targets: list[dict[str, torch.Tensor]],
               metas: list[dict[str, Any]]) -> tuple[torch.Tensor, list[int]]:
-    """The head's own training assignment: ``gt_inds`` (B, N) (``>= 0`` positive for that gt, else negative or
-    ignored) over its priors of all levels, and the priors per level."""
-    from densedet.assigners import atss_assign, expand_regress_ranges, fcos_assign, fovea_assign
-    from densedet.structures.boxes import pad_targets
-
-    dev = torch.device("cpu")
-    gt = pad_targets(targets, device=dev)
-    name = type(head).__name__
-    if hasattr(head, "_assign") and hasattr(head, "anchor_generator") and name != "VFNetHead":
-        priors, per_level = head.priors(sizes, dev, torch.float32)  # RetinaNet (max-IoU), ATSS, UMOP's LRPHead
-        valid = head.valid_prior_mask(sizes, head.strides, head.num_base_priors, metas, dev)
-        return head._assign(priors, per_level, gt, valid).gt_inds.masked_fill(~valid, -1), per_level
-    if name == "VFNetHead":
-        points, per_level = head.points(sizes, dev, torch.float32)
-        if head.use_atss:
-            anchors = torch.cat(head.anchor_generator.grid_priors(sizes, dtype=torch.float32, device=dev))
-            valid = head.valid_prior_mask(sizes, head.strides, 1, metas, dev)
-            res = atss_assign(anchors, per_level, gt, prior_valid=valid, **head.assigner_kwargs)
-            return res.gt_inds.masked_fill(~valid, -1), per_level
-    elif name == "FCOSHead":
-        points, per_level = head.points(sizes, dev, torch.float32)
-    elif name == "FoveaHead":
-        res, _ = fovea_assign(sizes, head.strides, head.base_edge_list, head.scale_ranges, gt, sigma=head.sigma)
-        return res.gt_inds, [h * w for h, w in sizes]
-    elif name == "RepPointsHead":
-        points, strides, per_level = head.points(sizes, dev)
-        valid = head.valid_prior_mask(sizes, head.strides, 1, metas, dev)
-        return head.init_targets(points, strides, gt, valid).gt_inds.masked_fill(~valid, -1), per_level
-    else:
-        raise NotImplementedConfigError(f"data check: no assignment analysis for {name}")
-    strides = torch.repeat_interleave(torch.tensor(head.strides, dtype=torch.float32), torch.tensor(per_level))
-    ranges = expand_regress_ranges(head.regress_ranges, per_level)
-    res, _ = fcos_assign(points, strides, ranges, gt, center_sampling=head.center_sampling,
-                         center_sample_radius=head.center_sample_radius)
-    return res.gt_inds, per_level
+    """The head's own training assignment (:meth:`~densedet.models.heads.DenseHead.assign_priors`): ``gt_inds``
+    (B, N) (``>= 0`` positive for that gt, else negative or ignored) over its priors of all levels, and the priors
+    per level."""
+    return head.assign_priors(sizes, pad_targets(targets, device=torch.device("cpu")), metas)
 
 
 def _centre_inside(box: np.ndarray, strides: list[int]) -> bool:
@@ -227,8 +191,6 @@ def _centre_inside(box: np.ndarray, strides: list[int]) -> bool:
 def assignment_report(head: Any, dataset: Any, scale: tuple[int, int], size_divisor: int = 32,
                       max_images: int = 2000) -> AssignmentReport:
     """Run the head's assignment on (at most ``max_images``, evenly spaced) training images at ``scale``."""
-    from densedet.data.transforms import Resize
-
     n = len(dataset.img_infos)
     idx = np.unique(np.linspace(0, n - 1, min(n, max_images)).round().astype(int)) if n else np.zeros(0, int)
     strides = [int(s if isinstance(s, (int, float)) else s[0]) for s in head.strides]
@@ -271,13 +233,13 @@ def assignment_report(head: Any, dataset: Any, scale: tuple[int, int], size_divi
             else:
                 lost["outranked"] += 1
     return AssignmentReport(type(head).__name__, scale, len(idx), total, pos_lvl, obj_lvl, np.array(pos_img),
-                            lost, (lo, hi))
+                            lost, (lo, hi), level_names=[f"P{round(math.log2(s))}" for s in strides])
 
 
 def suggest(report: AssignmentReport, head: Any, sizes: np.ndarray) -> list[str]:
     """Config changes that move the objects into the priors' range (see the module docstring)."""
     out: list[str] = []
-    empty = [f"P{i + 3}" for i, p in enumerate(report.pos_per_level) if p == 0]
+    empty = [name for name, p in zip(report.level_names, report.pos_per_level) if p == 0]
     lost = sum(report.lost.values())
     if not (empty or (report.num_objects and lost > _LOST_FRACTION * report.num_objects)) or sizes.size == 0:
         return out
@@ -285,7 +247,7 @@ def suggest(report: AssignmentReport, head: Any, sizes: np.ndarray) -> list[str]
     obj_mid = math.sqrt(max(q05, 1e-6) * q95)
     lo, hi = report.prior_range
     gen = getattr(head, "anchor_generator", None)
-    if gen is not None and (type(head).__name__ != "VFNetHead" or head.use_atss) and gen.octave_base_scale:
+    if gen is not None and getattr(head, "use_atss", True) and gen.octave_base_scale:
         prior_mid = math.sqrt(lo * hi)
         base = gen.octave_base_scale * obj_mid / prior_mid
         out.append(f"model.bbox_head.anchor_generator.octave_base_scale={max(1, round(base))} (now "
@@ -348,8 +310,8 @@ def format_report(stats: list[DatasetStats], report: AssignmentReport | None, no
         lo, hi = report.prior_range
         parts.append(f"assignment by {report.head} on {report.num_images} training images at scale "
                      f"{report.scale[0]}x{report.scale[1]} (priors for objects of {lo:.0f}-{hi:.0f} px):")
-        rows = [[f"P{i + 3}", str(p), f"{p / max(report.num_images, 1):.1f}", str(o)]
-                for i, (p, o) in enumerate(zip(report.pos_per_level, report.objects_per_level))]
+        rows = [[name, str(p), f"{p / max(report.num_images, 1):.1f}", str(o)]
+                for name, p, o in zip(report.level_names, report.pos_per_level, report.objects_per_level)]
         parts.append(_table(rows, ["level", "positives", "per image", "objects"]))
         ppi = report.pos_per_image
         lost = sum(report.lost.values())
@@ -384,7 +346,7 @@ def plot_report(stats: list[DatasetStats], report: AssignmentReport | None, out_
     ax.legend(fontsize=7)
     if report is not None:
         ax2 = axes[1]
-        names = [f"P{i + 3}" for i in range(len(report.pos_per_level))]
+        names = report.level_names
         ax2.bar(names, report.pos_per_level, color="C2")
         for x, v in enumerate(report.pos_per_level):
             ax2.text(x, v, str(v), ha="center", va="bottom", fontsize=8)
@@ -399,31 +361,19 @@ def data_check(path: str | Path, config: str | None = None, img_size: str | None
                ) -> tuple[str, Path, dict[str, Any]]:
     """Run the checks on the dataset root ``path`` (``config`` + ``key=value`` ``overrides`` for the assignment);
     returns ``(table text, png path, {"dataset", "stats", "assignment"})``."""
-    import warnings
-
-    from densedet.data.coco import CocoDataset
-    from densedet.data.formats import prepare_dataset
-
     ds = prepare_dataset(path)
     cfg = head = None
     scale = None
     notes = list(ds.notes)
     if ds.problems:
-        from densedet.data.formats.common import PROBLEM_TEXT
-
         notes.append(f"{ds.kind.upper()} conversion: " + "; ".join(
             f"{PROBLEM_TEXT[k][0]} {n} {PROBLEM_TEXT[k][1]}" for k, n in ds.problems.items()))
     if config is not None:
-        from densedet.config import load_config
-        from densedet.models.build import build_detector
-
         cfg = load_config(config, overrides, data=ds.root, img_size=img_size)
         scale, where = train_scale(cfg)
         notes.append(f"training scale {scale[0]}x{scale[1]} from {where} of {config}")
-        with torch.device("cpu"):
-            model = build_detector({**cfg.model, "backbone": {**cfg.model["backbone"], "pretrained": None}},
-                                   init=False)
-        head = model.bbox_head
+        model = load_detector(cfg, None, device="cpu", fuse=False, compile=False, precision="fp32", backend="eager")
+        head = model.dense_head  # a single-stage detector's head, a two-stage detector's RPN
     stats, datasets = [], {}
     for split, files in ds.splits.items():
         with warnings.catch_warnings():

@@ -1,9 +1,10 @@
 """Config rewriting for ``--data PATH`` (a COCO / VOC / YOLO dataset root) and ``--img-size``.
 
 ``--data`` points every split of ``data`` at the dataset's COCO json (VOC / YOLO are converted into the DenseDet
-cache, see :mod:`densedet.data.formats.layout`) and sizes the head from the dataset's classes. A
-``model.bbox_head.num_classes`` the *user* wrote (in their own YAML or as a ``key=value`` override) that disagrees
-with the data is an error; the value of a built-in config (80 for COCO) is simply replaced.
+cache, see :mod:`densedet.data.formats.layout`) and sizes every class-dependent head from the dataset's classes (a
+dense head's ``num_classes``; a two-stage model's box and mask heads'). A class count the *user* wrote (in their own
+YAML or as a ``key=value`` override) that disagrees with the data is an error; the value of a built-in config (80
+for COCO) is simply replaced.
 
 ``--img-size N`` (or ``WxH``) rescales every scale of every pipeline (``Resize.img_scale``, ``MultiScaleFlipAug``
 scales, absolute ``RandomCrop.crop_size``) by the factors that take the config's reference scale (its single test
@@ -21,7 +22,8 @@ from densedet.config.legacy import OVERRIDE_ORIGIN, is_builtin_origin
 from densedet.data.formats import prepare_dataset
 from densedet.registry import ConfigError
 
-__all__ = ["OVERRIDE_ORIGIN", "apply_dataset", "apply_img_size", "parse_img_size", "pipeline_scales"]
+__all__ = ["OVERRIDE_ORIGIN", "apply_dataset", "apply_img_size", "class_count_keys", "parse_img_size",
+           "pipeline_scales"]
 
 
 
@@ -113,26 +115,46 @@ def apply_img_size(raw: dict[str, Any], size: str | int | tuple[int, int]) -> di
     return raw
 
 
+def class_count_keys(model: dict[str, Any]) -> list[str]:
+    """Where a model config keeps its class count: the dense head's, or a two-stage model's box and mask heads'
+    (dotted paths below ``model``)."""
+    roi = model.get("roi_head")
+    if isinstance(roi, dict):
+        return ["roi_head.bbox_head.num_classes"] + (["roi_head.mask_head.num_classes"]
+                                                      if isinstance(roi.get("mask_head"), dict) else [])
+    if isinstance(model.get("bbox_head"), dict):
+        return ["bbox_head.num_classes"]
+    return []
+
+
 def apply_dataset(raw: dict[str, Any], origins: dict[str, str], root: str | Path) -> dict[str, Any]:
     """A copy of the merged raw config reading the dataset at ``root`` (COCO / VOC / YOLO) for every split, with
-    ``model.bbox_head.num_classes`` set from its classes (an explicit disagreeing value is a :class:`ConfigError`).
-    """
+    every class-dependent head sized from its classes (:func:`class_count_keys`: a dense head, or a two-stage
+    model's box and mask heads; an explicit disagreeing value in the user's own YAML or an override is a
+    :class:`ConfigError`). A model with a mask head trains on the dataset's masks (``data.train.with_mask``)."""
     ds = prepare_dataset(root)
     raw = copy.deepcopy(raw)
     n = len(ds.classes)
-    head = (raw.get("model") or {}).get("bbox_head")
-    if not isinstance(head, dict):
-        raise ConfigError("--data: the config's model has no bbox_head to size from the dataset's classes")
-    key = "model.bbox_head.num_classes"
-    origin = origins.get(key)
-    if "num_classes" in head and head["num_classes"] != n and origin is not None and not is_builtin_origin(origin):
-        shown = ds.classes if n <= 20 else ds.classes[:20] + ["..."]
-        raise ConfigError(
-            f"{origin}: {key} is {head['num_classes']} but the dataset {ds.root} ({ds.kind}) has {n} classes "
-            f"{shown}. With --data the head is sized from the data: remove that key, or use a dataset with "
-            f"{head['num_classes']} classes.", key)
-    head["num_classes"] = n
-    origins[key] = f"--data {ds.root}"
+    model = raw.get("model") or {}
+    keys = class_count_keys(model)
+    if not keys:
+        raise ConfigError("--data: the config's model has no head to size from the dataset's classes (bbox_head, or "
+                          "roi_head.bbox_head)", path="model")
+    for path in keys:
+        *parents, leaf = path.split(".")
+        node = model
+        for part in parents:
+            node = node[part]
+        key = f"model.{path}"
+        origin = origins.get(key)
+        if leaf in node and node[leaf] != n and origin is not None and not is_builtin_origin(origin):
+            shown = ds.classes if n <= 20 else ds.classes[:20] + ["..."]
+            raise ConfigError(
+                f"{origin}: {key} is {node[leaf]} but the dataset {ds.root} ({ds.kind}) has {n} classes "
+                f"{shown}. With --data the heads are sized from the data: remove that key, or use a dataset with "
+                f"{node[leaf]} classes.", key)
+        node[leaf] = n
+        origins[key] = f"--data {ds.root}"
     data = raw.setdefault("data", {})
     data["root"] = ""
     data["auto_create"] = None
@@ -142,4 +164,6 @@ def apply_dataset(raw: dict[str, Any], origins: dict[str, str], root: str | Path
             spec = copy.deepcopy(data.get("val") or {})
             data[split] = spec
         spec["ann_file"], spec["img_dir"] = str(files.ann_file), str(files.img_dir)
+    if any(k.endswith("mask_head.num_classes") for k in keys):
+        data["train"]["with_mask"] = True
     return raw

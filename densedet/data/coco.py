@@ -13,7 +13,6 @@ import json
 import operator
 import os
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from densedet.data.image_io import decode_image
+from densedet.data.mask_loading import attach_segmentations, ids_text, sample_masks
 from densedet.data.transforms import Compose, build_pipeline
 from densedet.errors import DataError, DataWarning
 
@@ -65,11 +65,6 @@ def load_coco_json(ann_file: str | Path, require_annotations: bool = True) -> di
         if not isinstance(data[key], list):
             raise DataError(f"annotation file {path}: '{key}' must be a list, got {type(data[key]).__name__}")
     return data
-
-
-def _ids_text(ids: Sequence[int], limit: int = 5) -> str:
-    shown = ", ".join(str(int(i)) for i in ids[:limit])
-    return shown + (", ..." if len(ids) > limit else "")
 
 
 class CocoDataset(torch.utils.data.Dataset):
@@ -122,8 +117,6 @@ class CocoDataset(torch.utils.data.Dataset):
         per_image = self._load_annotations(images)
         self.with_mask = bool(with_mask)
         if self.with_mask:
-            from densedet.data.mask_loading import attach_segmentations
-
             per_image = attach_segmentations(self, images, per_image)
         keep = [
             i
@@ -294,7 +287,7 @@ class CocoDataset(torch.utils.data.Dataset):
                 verb, text = _KIND_TEXT[kind]
                 warnings.warn(
                     f"{verb} {count} annotation{'s' if count > 1 else ''} with {text} in {self.ann_file} "
-                    f"(ids {_ids_text(ann_ids[mask])})",
+                    f"(ids {ids_text(ann_ids[mask])})",
                     DataWarning,
                     stacklevel=3,
                 )
@@ -421,8 +414,6 @@ class CocoDataset(torch.utils.data.Dataset):
             },
         }
         if self.with_mask:
-            from densedet.data.mask_loading import sample_masks
-
             sample["masks"] = sample_masks(self, i, h, w)
         sample = self.pipeline(sample, rng=rng)
         if "views" in sample:  # MultiScaleFlipAug (test-time augmentation): one tensor sample per view

@@ -10,13 +10,14 @@ it already reads as 8-bit RGB.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from densedet.errors import DataError
 
-__all__ = ["decode_image", "to_rgb8"]
+__all__ = ["decode_image", "read_image", "to_rgb8"]
 
 # Everything PIL raises for a file that is not a (complete) image of a format it knows.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -54,3 +55,21 @@ def decode_image(path: str | Path, what: str = "") -> np.ndarray:
         raise DataError(f"image file not found: {path}{where}") from e
     except DECODE_ERRORS as e:
         raise DataError(f"cannot decode image {path}{where}: {e}") from e
+
+
+def read_image(image: str | Path | Image.Image | Any) -> np.ndarray:
+    """Any supported input -> (H, W, 3) uint8 RGB array in the frame the user sees.
+
+    A path and a PIL image are turned upright by their EXIF orientation tag (``ImageOps.exif_transpose``, as image
+    viewers and :class:`~densedet.data.CocoDataset` do), so the same photo gives the same array either way; the
+    caller's PIL image is not modified. A numpy array (or anything ``np.asarray`` takes, e.g. a CPU tensor) carries
+    no EXIF and is taken as-is: it must already be upright, ``(H, W, 3)`` uint8 RGB.
+    """
+    if isinstance(image, (str, Path)):
+        return decode_image(image)  # the dataset's decoder: same pixels (16-bit scaled, EXIF applied)
+    if isinstance(image, Image.Image):
+        return to_rgb8(ImageOps.exif_transpose(image))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise DataError(f"an image array must be (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
+    return arr

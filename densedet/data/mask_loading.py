@@ -21,17 +21,22 @@ from typing import Any
 
 import numpy as np
 
+from densedet.errors import DataError, DataWarning
 from densedet.structures.masks import InstanceMasks, MaskFormatError, check_segmentation, decode_segmentation
 
 __all__ = ["attach_segmentations", "sample_masks"]
+
+
+def ids_text(ids: Any, limit: int = 5) -> str:
+    """The first ``limit`` annotation ids, for a warning."""
+    shown = ", ".join(str(int(i)) for i in ids[:limit])
+    return shown + (", ..." if len(ids) > limit else "")
 
 
 def attach_segmentations(dataset: Any, images: list[dict[str, Any]],
                          per_image: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Add ``segms`` (object array of COCO segmentations, one per box) to each image's annotation arrays, dropping
     (with counted warnings) the annotations whose segmentation is unusable. Sets ``dataset.skipped_counts``."""
-    from densedet.data.coco import DataError, DataWarning, _ids_text
-
     by_id: dict[int, dict] = {}
     for a in dataset._coco.get("annotations", []):
         if a["id"] in by_id:
@@ -63,15 +68,13 @@ def attach_segmentations(dataset: Any, images: list[dict[str, Any]],
     for kind, ids in bad.items():
         dataset.skipped_counts[f"mask: {kind}"] = len(ids)
         warnings.warn(f"skipped {len(ids)} annotation{'s' if len(ids) > 1 else ''} with {kind} in "
-                      f"{dataset.ann_file} (ids {_ids_text(ids)}; first: {first_reason[kind]})", DataWarning,
+                      f"{dataset.ann_file} (ids {ids_text(ids)}; first: {first_reason[kind]})", DataWarning,
                       stacklevel=3)
     return out
 
 
 def sample_masks(dataset: Any, i: int, height: int, width: int) -> InstanceMasks:
     """Decode item ``i``'s segmentations (aligned with its boxes) for an image of ``height x width``."""
-    from densedet.data.coco import DataError
-
     ann = dataset._anns[i]
     items = []
     for segm, ann_id in zip(ann["segms"], ann["ann_ids"].tolist()):

@@ -28,6 +28,8 @@ from PIL import Image, ImageDraw
 
 from densedet.data.coco import DataError
 from densedet.io import atomic_write_bytes, atomic_write_text
+from densedet.structures.masks import BitmapCrop
+from densedet.structures.rle import crop_rle_counts, encode_crop_rle
 
 __all__ = ["SYNTH_CLASSES", "SYNTH_MARKER", "check_auto_create", "make_synthetic_coco", "synthetic_target_problem"]
 
@@ -157,9 +159,6 @@ def _segmentation(cls: int, x0: int, y0: int, side: int, mask: np.ndarray, on_to
     the compressed RLE of exactly its drawn pixels; a partly hidden shape is the uncompressed RLE of exactly its
     visible pixels (what COCO annotates).
     """
-    from densedet.structures.masks import BitmapCrop
-    from densedet.structures.rle import crop_rle_counts, encode_crop_rle
-
     visible = mask & on_top
     if visible.sum() < mask.sum():
         crop = BitmapCrop(x0, y0, visible.astype(np.uint8))

@@ -1,18 +1,23 @@
-"""Deployment: ONNX export of a detector (pixels in, padded detections - and Mask R-CNN's 28x28 masks - out) and
-running the exported file."""
+"""Deployment: a detector object to ONNX (pixels in, padded detections - and Mask R-CNN's 28x28 masks - out), the
+onnxruntime-vs-eager check, and running an exported file behind the detector's inference interface.
 
-from densedet.deploy.onnx_export import (
+The config-level entry point is :func:`densedet.export` (config + checkpoint -> checked file) and the
+``densedet export`` command.
+"""
+
+from densedet.deploy.graph import DeployDetector, DeployTwoStage, build_deploy_module, padded_nms
+from densedet.deploy.onnx_export import ExportResult, check_onnx, compare_detections, export_detector, format_check
+from densedet.deploy.runtime import (
     EXPORT_INSTALL_HINT,
     ExportDependencyError,
-    ExportResult,
-    build_deploy_module,
-    check_onnx,
-    export,
+    OnnxDetector,
+    OnnxRuntimeModel,
+    is_onnx_path,
     paste_onnx_masks,
     require_export_deps,
 )
-from densedet.deploy.runtime import OnnxDetector, OnnxRuntimeModel, load_onnx_model
 
-__all__ = ["EXPORT_INSTALL_HINT", "ExportDependencyError", "ExportResult", "OnnxDetector", "OnnxRuntimeModel",
-           "build_deploy_module", "check_onnx", "export", "load_onnx_model", "paste_onnx_masks",
+__all__ = ["EXPORT_INSTALL_HINT", "DeployDetector", "DeployTwoStage", "ExportDependencyError", "ExportResult",
+           "OnnxDetector", "OnnxRuntimeModel", "build_deploy_module", "check_onnx", "compare_detections",
+           "export_detector", "format_check", "is_onnx_path", "padded_nms", "paste_onnx_masks",
            "require_export_deps"]

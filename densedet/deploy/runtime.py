@@ -1,10 +1,10 @@
-"""Run an exported DenseDet ONNX file in onnxruntime."""
+"""Run an exported DenseDet ONNX file in onnxruntime (the optional ``densedet[export]`` dependencies)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from densedet.errors import ConfigError
+from densedet.errors import CheckpointNotFoundError, ConfigError
+from densedet.models.roi_heads import paste_masks_in_boxes
+from densedet.structures.masks import InstanceMasks
 
-__all__ = ["OnnxDetector", "OnnxRuntimeModel", "is_onnx_path", "load_onnx_model"]
+EXPORT_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+EXPORT_INSTALL_HINT = "pip install 'densedet[export]'   (that is: pip install onnx onnxscript onnxruntime)"
+
+
+class ExportDependencyError(ConfigError, ImportError):
+    """An optional export dependency is missing; the message says what to install (a config error: exit 2)."""
+
+
+def require_export_deps(packages: tuple[str, ...] = EXPORT_PACKAGES) -> None:
+    """Raise :class:`ExportDependencyError` naming the missing packages and the install command."""
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ExportDependencyError(f"ONNX export needs {', '.join(missing)}, not installed. Install with:\n  "
+                                    f"{EXPORT_INSTALL_HINT}")
+
+__all__ = ["EXPORT_INSTALL_HINT", "ExportDependencyError", "OnnxDetector", "OnnxRuntimeModel", "is_onnx_path",
+           "paste_onnx_masks", "require_export_deps"]
 
 
 class OnnxDetector:
@@ -26,13 +44,11 @@ class OnnxDetector:
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from densedet.deploy.onnx_export import require_export_deps
-
         require_export_deps(("onnxruntime",))
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional dependency (densedet[export])
 
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such ONNX file")
+            raise CheckpointNotFoundError(f"{path}: no such ONNX file")
         opts = ort.SessionOptions()
         n = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if n > 0:
@@ -57,47 +73,63 @@ class OnnxDetector:
         return dict(zip(self.output_names, outs))
 
 
-class OnnxRuntimeModel(nn.Module):
-    """An exported file behind the eager detector's inference interface, for :class:`~densedet.inference.predictor.
-    Predictor`, ``densedet test`` and :func:`densedet.engine.evaluate`.
+def paste_onnx_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int, threshold: float = 0.5) -> Any:
+    """The graph's ``(D, 28, 28)`` mask probabilities of ``(D, 4)`` boxes (pixels of a ``height x width`` image)
+    pasted into their boxes with DenseDet's own box-only paste (:func:`densedet.models.roi_heads.
+    paste_masks_in_boxes`, as the eager model) -> :class:`~densedet.structures.masks.InstanceMasks`."""
+    crops = paste_masks_in_boxes(torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(boxes), height, width,
+                                 threshold) if len(boxes) else []
+    return InstanceMasks(crops, height, width)
 
-    ``forward(images, targets=None, metas, mode="predict")``: ``images`` (B, 3, Hp, Wp) *normalised*, padded as the
-    data pipeline and collate make them; each image is un-normalised back to its pixels (exact for uint8 sources:
-    the round trip is within 1e-4 of the integer), cropped to its ``img_shape``, run through the graph, and its boxes
-    are clipped to ``img_shape`` and divided by ``scale_factor`` -> per image ``{"boxes" (D, 4) xyxy original
-    pixels, "scores" (D,), "labels" (D,)}``, as the eager ``mode="predict"``.
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported file behind the inference interface of a detector (:class:`~densedet.models.detector.
+    InferenceModel`), for :class:`~densedet.inference.Predictor`, ``densedet test`` and
+    :func:`densedet.engine.evaluate`.
+
+    ``forward(images, targets=None, metas, mode="predict")``: ``images`` (B, 3, Hp, Wp) uint8 pixels, padded as
+    collate makes them; each image is cropped to its ``img_shape``, run through the graph (which normalises it
+    itself), and its boxes are clipped to ``img_shape`` and divided by ``scale_factor`` -> per image ``{"boxes" (D,
+    4) xyxy original pixels, "scores" (D,), "labels" (D,)}``, as the eager ``mode="predict"``.
 
     A graph with a ``masks`` output (Mask R-CNN) adds ``"masks"``: its 28x28 probabilities pasted into the rescaled
     boxes of the original image (``ori_shape``) with the eager model's box-only paste at ``mask_thr``
-    (:func:`~densedet.deploy.onnx_export.paste_onnx_masks`) -> :class:`~densedet.structures.masks.InstanceMasks`.
+    (:func:`paste_onnx_masks`) -> :class:`~densedet.structures.masks.InstanceMasks`.
 
     A static graph gets each image zero-padded (in pixels) to its input size: detections then can differ from eager
     near the padding (the eager model pads after normalising); export with ``--dynamic`` for exact results.
+    Test-time augmentation is not in an exported graph (``supports_tta`` is False).
     """
 
-    def __init__(self, path: str | Path, mean: Sequence[float], std: Sequence[float], to_rgb: bool = True,
-                 num_classes: int | None = None, threads: int | None = None, mask_thr: float = 0.5) -> None:
+    supports_tta = False
+
+    def __init__(self, path: str | Path, num_classes: int, threads: int | None = None,
+                 mask_thr: float = 0.5) -> None:
         super().__init__()
         self.session = OnnxDetector(path, threads)
         if "num_dets" not in self.session.output_names:
-            raise ValueError(f"{path}: exported with --no-nms; predict/test need the graph with NMS")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.to_rgb = to_rgb
-        self.num_classes = num_classes
+            raise ConfigError(f"{path}: exported with --no-nms; predict/test need the graph with NMS",
+                              path="checkpoint")
+        self.num_classes = int(num_classes)
         self.classes = self.session.classes
         self.path = Path(path)
         self.mask_thr = float(mask_thr)
+        self.score_thr = 0.0
+
+    def set_score_thr(self, score_thr: float) -> OnnxRuntimeModel:
+        """Keep the graph's detections scored above ``score_thr``; the graph's own ``score_thr`` (fixed at export)
+        still applies below it."""
+        self.score_thr = float(score_thr)
+        return self
 
     def forward(self, images: Any, targets: Any = None, metas: list[dict[str, Any]] | None = None,
-                mode: str = "predict") -> list[dict[str, torch.Tensor]]:
+                mode: str = "predict") -> list[dict[str, Any]]:
         if mode != "predict":
-            raise ValueError(f"an ONNX model only predicts (mode='predict'), got mode={mode!r}; test-time "
-                             "augmentation is not in the exported graph (use --no-tta)")
-        pixels = images.float().cpu() * self.std + self.mean
-        if not self.to_rgb:  # the pipeline swapped RGB -> BGR before normalising; the graph takes RGB
-            pixels = pixels.flip(1)
-        pixels = pixels.round().clamp(0, 255).to(torch.uint8)
+            raise ConfigError(f"an ONNX model only predicts (mode='predict'), got mode={mode!r}; test-time "
+                              "augmentation is not in the exported graph (use --no-tta)", path="mode")
+        pixels = images.cpu()
+        if pixels.dtype != torch.uint8:
+            pixels = pixels.round().clamp(0, 255).to(torch.uint8)
         metas = metas or [{"img_shape": tuple(images.shape[-2:]), "scale_factor": (1.0, 1.0)}] * len(images)
         shape = self.session.input_shape
         out = []
@@ -107,11 +139,13 @@ class OnnxRuntimeModel(nn.Module):
             if not self.session.dynamic:
                 gh, gw = int(shape[2]), int(shape[3])
                 if h > gh or w > gw:
-                    raise ValueError(f"{self.path}: an image resized to {h}x{w} does not fit the static graph's "
-                                     f"{gh}x{gw} input; export with --dynamic (or a larger --size)")
+                    raise ConfigError(f"{self.path}: an image resized to {h}x{w} does not fit the static graph's "
+                                      f"{gh}x{gw} input; export with --dynamic (or a larger --size)",
+                                      path="checkpoint")
                 x = torch.nn.functional.pad(x, (0, gw - w, 0, gh - h))
             res = self.session.run(x[None].numpy())
             n = int(res["num_dets"][0])
+            n = int((res["scores"][0, :n] > self.score_thr).sum())  # sorted by score: a prefix
             boxes = torch.from_numpy(res["boxes"][0, :n].copy())
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
             boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
@@ -120,51 +154,11 @@ class OnnxRuntimeModel(nn.Module):
                    "scores": torch.from_numpy(res["scores"][0, :n].copy()),
                    "labels": torch.from_numpy(res["labels"][0, :n].copy())}
             if "masks" in res:  # Mask R-CNN: paste into the original image, as the eager predict(rescale=True)
-                from densedet.deploy.onnx_export import paste_onnx_masks
-
                 oh, ow = (int(v) for v in meta.get("ori_shape", meta["img_shape"])[:2])
                 det["masks"] = paste_onnx_masks(res["masks"][0, :n], det["boxes"].numpy(), oh, ow, self.mask_thr)
             out.append(det)
         return out
 
-    # The eager detector's inference options do not apply to a compiled graph.
-    def use_channels_last(self, enable: bool = True) -> OnnxRuntimeModel:
-        return self
-
-    def set_precision(self, precision: str) -> OnnxRuntimeModel:
-        if precision != "fp32":
-            raise ConfigError("the ONNX model runs as exported (fp32); drop --precision", path="runtime.precision")
-        return self
-
-    def fuse(self) -> OnnxRuntimeModel:
-        return self
-
-    def set_compile(self, enable: bool = True) -> OnnxRuntimeModel:
-        if enable:
-            raise ConfigError("the ONNX model runs in onnxruntime, which optimises it itself; drop --compile",
-                              path="runtime.compile")
-        return self
-
 
 def is_onnx_path(path: str | Path | None) -> bool:
     return path is not None and str(path).lower().endswith(".onnx")
-
-
-def load_onnx_model(cfg: Any, checkpoint: str | Path | None) -> OnnxRuntimeModel:
-    """An :class:`OnnxRuntimeModel` for ``cfg`` from an ``.onnx`` file, or from a PyTorch checkpoint exported now
-    (dynamic height/width, into a temporary folder)."""
-    from densedet.deploy.onnx_export import export, normalize_params
-
-    if not is_onnx_path(checkpoint):
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="densedet_onnx_"))
-        checkpoint = export(cfg, checkpoint, tmp / "model.onnx", dynamic=True, check=False).path
-    mean, std, to_rgb = normalize_params(cfg)
-    model = cfg.model
-    if "roi_head" in model:  # two-stage: the R-CNN stage holds the classes and the mask threshold
-        num_classes = int(model["roi_head"]["bbox_head"].get("num_classes", 80))
-        mask_thr = float(((model.get("test_cfg") or {}).get("rcnn") or {}).get("mask_thr_binary", 0.5))
-    else:
-        num_classes, mask_thr = int(model["bbox_head"]["num_classes"]), 0.5
-    return OnnxRuntimeModel(checkpoint, mean, std, to_rgb, num_classes=num_classes, mask_thr=mask_thr)

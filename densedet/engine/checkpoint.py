@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import random
 import re
@@ -217,32 +216,28 @@ def prune_checkpoints(work_dir: str | Path, max_keep: int, keep: str | Path | No
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
-def load_for_finetune(model: nn.Module, source: str | Path, config_name: str | None = None,
-                      prior_prob: float = 0.01) -> dict[str, list]:
+def load_for_finetune(model: nn.Module, source: str | Path, config_name: str | None = None) -> dict[str, list]:
     """``runtime.load_from``: load ``source`` (a path, ``zoo`` or ``zoo:NAME``) into ``model`` for fine-tuning.
 
-    Every tensor whose name and shape match is loaded. The head's classification layer (``bbox_head.classifier()``)
-    that does not fit (a checkpoint trained with another ``num_classes``) is re-initialised as a fresh head's:
-    weight ~ Normal(0, 0.01), bias at the focal prior ``-log((1 - p) / p)`` (Lin et al. 2017, sec. 4.1), and the
-    re-initialised parameters are logged and returned under ``"reinitialised"``. Any other mismatch keeps the
-    model's own initialisation and is listed in the warning of :func:`load_model_weights`.
+    Every tensor whose name and shape match is loaded. When the class-dependent layers do not fit (a checkpoint
+    trained with another ``num_classes``: ``model.classifier_prefixes()``, e.g. a dense head's classification conv,
+    or a two-stage detector's ``fc_cls`` / ``fc_reg`` / ``conv_logits``), they are re-created by
+    ``model.reset_classifier()`` as a fresh model's are (a dense head's bias at the focal prior
+    ``-log((1 - p) / p)``, p = 0.01, Lin et al. 2017, sec. 4.1), and listed under ``"reinitialised"``. Any other
+    mismatch keeps the model's own initialisation and is listed in the warning of :func:`load_model_weights`.
     """
     if isinstance(source, str) and (source == "zoo" or source.startswith("zoo:")):
         source = resolve_weights(source, config_name)
     report = load_model_weights(model, source, strict=False)
     target = unwrap_model(model)
-    head = getattr(target, "bbox_head", None)
-    classifier = head.classifier() if head is not None and hasattr(head, "classifier") else None
-    prefix = next((f"{n}." for n, m in target.named_modules() if m is classifier), None)
+    prefixes = target.classifier_prefixes() if hasattr(target, "classifier_prefixes") else []
     mismatched = {k for k, _, _ in report["mismatched"]}
-    reinit = []
-    if classifier is not None and prefix is not None and any(k.startswith(prefix) for k in mismatched):
+    reinit: list[str] = []
+    if any(k.startswith(p) for k in mismatched for p in prefixes):
         with torch.no_grad():
-            nn.init.normal_(classifier.weight, 0.0, 0.01)
-            if classifier.bias is not None:
-                nn.init.constant_(classifier.bias, float(-math.log((1 - prior_prob) / prior_prob)))
-        reinit = [f"{prefix}{k}" for k, _ in classifier.named_parameters()]
-        logger.info("%s: re-initialised %s for %s outputs (the checkpoint's class count differs; bias at the "
-                    "focal prior %.2f)", source, ", ".join(reinit), classifier.weight.shape[0], prior_prob)
+            target.reset_classifier()
+        reinit = [n for n, _ in target.named_parameters() if any(n.startswith(p) for p in prefixes)]
+        logger.info("%s: re-initialised %s for %d classes (the checkpoint's class count differs)", source,
+                    ", ".join(reinit), target.num_classes)
     report["reinitialised"] = reinit
     return report

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 
 from densedet.dist import all_gather_object, broadcast_object, get_world_size, is_main_process
-from densedet.engine.checkpoint import unwrap_model
+from densedet.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, save_results_json
+from densedet.evaluation.segm import detections_to_segm_results
+from densedet.models.detector import InferenceModel
+from densedet.structures.rle import encode_instance_masks
+from densedet.weights.state_dict import unwrap_model
 
 __all__ = ["evaluate", "run_inference"]
 
@@ -34,7 +38,7 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 @torch.no_grad()
-def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> list[dict[str, Any]]:
+def run_inference(model: InferenceModel | nn.Module, loader: Any, device: torch.device | str) -> list[dict[str, Any]]:
     """Predict every image of ``loader``.
 
     Args:
@@ -71,8 +75,6 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
                               "scores": det["scores"].detach().float().cpu(),
                               "labels": det["labels"].detach().long().cpu()})
                 if "masks" in det:  # instance masks travel as compact RLE (encoded from their box crops)
-                    from densedet.structures.rle import encode_instance_masks
-
                     local[-1]["segms"] = encode_instance_masks(det["masks"])
     finally:
         net.train(was_training)
@@ -84,7 +86,7 @@ def run_inference(model: nn.Module, loader: Any, device: torch.device | str) -> 
     return [unique[i] for i in sorted(unique)]
 
 
-def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device | str,
+def evaluate(model: InferenceModel | nn.Module, loader: Any, dataset: Any, device: torch.device | str,
              out_json: str | Path | None = None) -> Any:
     """Run :func:`run_inference` and COCO bbox evaluation (plus ``segm`` for a mask model: its metrics join
     ``result.metrics`` and its :class:`EvalResult` is ``result.segm``).
@@ -96,8 +98,6 @@ def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device |
     Returns:
         ``densedet.evaluation.EvalResult`` on every rank (computed on rank 0, broadcast).
     """
-    from densedet.evaluation.coco_eval import detections_to_coco_results, evaluate_coco, save_results_json
-
     dets = run_inference(model, loader, device)
     result = None
     if is_main_process():
@@ -120,9 +120,6 @@ def evaluate(model: nn.Module, loader: Any, dataset: Any, device: torch.device |
 
 def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, out_json: str | Path | None) -> Any:
     """``segm`` evaluation of mask detections; results go beside ``out_json`` as ``*.segm.json``."""
-    from densedet.evaluation.coco_eval import evaluate_coco, save_results_json
-    from densedet.evaluation.segm import detections_to_segm_results
-
     results = detections_to_segm_results(dets, [d["image_id"] for d in dets], dataset.label2cat)
     if out_json is not None:
         path = Path(out_json)

@@ -43,9 +43,11 @@ from torch import nn
 from densedet.config.schema import SWAConfig, SWALrConfig
 from densedet.dist import all_reduce_dict, barrier
 from densedet.engine.checkpoint import CheckpointError, load_model_weights, save_checkpoint, unwrap_model
+from densedet.engine.evaluator import evaluate
 from densedet.engine.logging import TrainProgress, format_seconds
 from densedet.engine.lr_schedule import FactorLrScheduler
 from densedet.engine.optim import build_optimizer
+from densedet.evaluation.coco_eval import format_metrics_table
 from densedet.registry import ConfigError
 from densedet.weights.workdir import SWA_FINAL
 
@@ -286,9 +288,6 @@ class SWARunner:
 
     def validate(self, swa_epochs_done: int) -> dict[str, float]:
         """COCO-evaluate the averaged model; JSONL line ``{"type": "swa_val", ...}``."""
-        from densedet.engine.evaluator import evaluate
-        from densedet.evaluation.coco_eval import format_metrics_table
-
         t = self.trainer
         result = evaluate(self.averager.module, t.val_loader, t.val_dataset, t.device,
                           out_json=t.work_dir / SWA_VAL_RESULTS)

@@ -29,6 +29,8 @@ import yaml
 from torch import nn
 
 from densedet.config.schema import Config
+from densedet.data import CocoDataset, build_dataloader
+from densedet.data.synth import check_auto_create, make_synthetic_coco
 from densedet.dist import (
     all_gather_object,
     all_reduce_dict,
@@ -55,7 +57,11 @@ from densedet.engine.evaluator import evaluate, to_device
 from densedet.engine.logging import JsonlLogger, TrainProgress, format_seconds, setup_logger
 from densedet.engine.lr_schedule import LrScheduler
 from densedet.engine.optim import build_optimizer
+from densedet.engine.swa import read_swa_resume, resolve_work_path, train_swa
 from densedet.errors import ConfigError, DataError, NonFiniteError
+from densedet.evaluation.coco_eval import format_metrics_table, format_per_class_table
+from densedet.evaluation.plots import plot_training_curves
+from densedet.models.build import build_detector
 
 __all__ = ["Trainer", "choose_device", "epoch_seed", "parse_losses", "set_random_seed", "train"]
 
@@ -216,8 +222,6 @@ class Trainer:
         self._swa_resume: dict[str, Any] | None = None  # a SWA-phase checkpoint to continue from
         from_swa_key = bool(not resume and cfg.swa.swa_training and cfg.swa.swa_resume_from)
         if from_swa_key:
-            from densedet.engine.swa import resolve_work_path
-
             resume = resolve_work_path(cfg.swa.swa_resume_from, self.work_dir)
         resumed = self.resume(resume) if resume else False
         if from_swa_key and self._swa_resume is None:
@@ -236,23 +240,27 @@ class Trainer:
         (self.work_dir / "config.yaml").write_text(header + yaml.safe_dump(body, sort_keys=False))
 
     def _build_model(self) -> nn.Module:
-        from densedet.models.build import build_detector
-
-        return build_detector(self.cfg.model)
+        model_cfg = self.cfg.model
+        if self.cfg.runtime.load_from:  # the load_from weights replace the backbone's ImageNet ones anyway
+            backbone = dict(model_cfg["backbone"])
+            if backbone.get("pretrained") or backbone.get("init_cfg"):
+                logger.info("runtime.load_from is set: not fetching the backbone's pretrained weights (%s)",
+                            backbone.get("pretrained") or backbone.get("init_cfg"))
+                backbone["pretrained"] = None
+                if "init_cfg" in backbone:
+                    backbone["init_cfg"] = None
+            model_cfg = {**model_cfg, "backbone": backbone}
+        return build_detector(model_cfg)
 
     def _build_datasets(self, train_dataset: Any, val_dataset: Any) -> tuple[Any, Any]:
         data = self.cfg.data
         if train_dataset is None or (val_dataset is None and self.cfg.runtime.val_interval > 0 and data.val.ann_file):
-            from densedet.data import CocoDataset
-
             train_ann = _resolve(data.root, data.train.ann_file)
             if data.auto_create is not None:
                 if data.auto_create != "synthetic":
                     raise ConfigError(f"data.auto_create must be 'synthetic' or null, got '{data.auto_create}'",
                                       path="data.auto_create")
                 if not train_ann.is_file():
-                    from densedet.data.synth import check_auto_create, make_synthetic_coco
-
                     check_auto_create(data.root, train_ann)  # never into a user's data: raises naming the file
                     barrier()  # every process checked before one writes
                     if self.is_main:
@@ -274,8 +282,6 @@ class Trainer:
         return train_dataset, val_dataset
 
     def _build_loaders(self) -> tuple[Any, Any]:
-        from densedet.data import build_dataloader
-
         data, seed = self.cfg.data, self.cfg.runtime.seed
         common = {"seed": seed, "distributed": self.distributed, "rank": self.rank, "world_size": self.world_size,
                   "size_divisor": data.size_divisor, "pin_memory": self.device.type == "cuda"}
@@ -291,8 +297,9 @@ class Trainer:
         classes = getattr(self.train_dataset, "classes", None)
         num_classes = getattr(net, "num_classes", None)
         if classes is not None and isinstance(num_classes, int) and len(classes) != num_classes:
-            raise ConfigError(f"model.bbox_head.num_classes is {num_classes} but the training set has "
-                              f"{len(classes)} classes {list(classes)[:10]}", path="model.bbox_head.num_classes")
+            raise ConfigError(f"the model has {num_classes} classes but the training set has {len(classes)} classes "
+                              f"{list(classes)[:10]} (set the heads' num_classes, or train with --data, which "
+                              f"sizes them from the data)", path="model.num_classes")
 
     @staticmethod
     def _check_grad_clip(grad_clip: dict[str, float] | None) -> dict[str, float] | None:
@@ -343,8 +350,6 @@ class Trainer:
 
     def _resume_swa(self, ckpt: dict[str, Any], path: Path) -> bool:
         """Resume inside the SWA phase: counters and RNG now, optimizer / lr / average when it starts."""
-        from densedet.engine.swa import read_swa_resume
-
         if not self.cfg.swa.swa_training:
             raise ConfigError(f"{path} is a checkpoint of the SWA phase, but swa.swa_training is false",
                               path="swa.swa_training")
@@ -460,8 +465,6 @@ class Trainer:
                 logger.info("SWA not started: schedule.max_iters stopped regular training at iteration %d", self.iter)
                 return out
         if swa.swa_training:
-            from densedet.engine.swa import train_swa
-
             out = train_swa(self)
             self._swa_resume = None
         return out
@@ -532,8 +535,9 @@ class Trainer:
 
     def _collect_level_stats(self, on: bool) -> None:
         """Ask the dense head for per-level statistics on logged iterations only (they cost a second, no-grad
-        classification loss); models without a ``bbox_head.collect_level_stats`` are left alone."""
-        head = getattr(unwrap_model(self.model), "bbox_head", None)
+        classification loss). A model that is not a :class:`~densedet.models.detector.Detector` (no ``dense_head``)
+        is left alone."""
+        head = getattr(unwrap_model(self.model), "dense_head", None)
         if head is not None and hasattr(head, "collect_level_stats"):
             head.collect_level_stats = on
 
@@ -550,8 +554,6 @@ class Trainer:
             self.validate()
         if self.is_main and self.jsonl is not None:
             try:
-                from densedet.evaluation.plots import plot_training_curves
-
                 plot_training_curves(self.jsonl.path, self.work_dir / "curves.png")
             except Exception as e:  # a plotting problem must not stop training
                 logger.warning("could not plot training curves: %s: %s", type(e).__name__, e)
@@ -579,8 +581,6 @@ class Trainer:
         if self.val_loader is None:
             raise RuntimeError("validate: this trainer has no validation set (data.val.ann_file is empty or "
                                "runtime.val_interval is 0)")
-        from densedet.evaluation.coco_eval import format_metrics_table, format_per_class_table
-
         t0 = time.perf_counter()
         result = evaluate(self.model, self.val_loader, self.val_dataset, self.device,
                           out_json=self.work_dir / VAL_RESULTS)

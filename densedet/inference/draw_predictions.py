@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from densedet.data import CocoDataset
 from densedet.errors import DataError
 from densedet.inference.predictor import Predictor, list_images, read_image
 from densedet.inference.visualize import draw_detections, save_detection_grid
@@ -63,8 +64,6 @@ def coco_images(ann_file: str | Path, img_dir: str | Path, limit: int = 0) -> li
     """Exactly the images listed in a COCO annotation file, in its order (at most ``limit``, 0 = all), loaded and
     checked by :class:`~densedet.data.CocoDataset` (a missing or wrongly sized image is a ``DataError`` naming it);
     ``gt_boxes`` are its non-crowd boxes in original pixels."""
-    from densedet.data import CocoDataset
-
     dataset = CocoDataset(ann_file, img_dir, pipeline=None, test_mode=True)
     items = []
     for i in range(len(dataset) if not limit else min(limit, len(dataset))):

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from densedet.models.compile import compile_network
 from densedet.models.fuse import fuse_conv_bn
-from densedet.models.heads.postprocess import Candidates
+from densedet.models.heads.postprocess import Candidates, TestConfig
 from densedet.models.preprocess import build_preprocessor
 from densedet.models.tta import aug_predict_dense
 from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS, ConfigError
@@ -72,8 +72,11 @@ class InferenceModel(Protocol):
 
     num_classes: int
     supports_tta: bool
+    classes: list[str] | None
 
     def __call__(self, images: Any, targets: Any = None, metas: Any = None, mode: str = "predict") -> Any: ...
+
+    def set_score_thr(self, score_thr: float) -> Any: ...
 
     def train(self, mode: bool = True) -> Any: ...
 
@@ -85,6 +88,8 @@ class Detector(nn.Module):
     (see the module docstring). Parameter names follow MMDetection: ``backbone.*``, ``neck.*`` and the heads'."""
 
     supports_tta = True
+    #: class names of the weights' file (set by :func:`densedet.inference.load_detector`), None when unknown
+    classes: list[str] | None = None
 
     def __init__(self, backbone: dict, neck: dict | None = None, data_preprocessor: dict | None = None,
                  pretrained: str | None = None, init_cfg: dict | None = None) -> None:
@@ -122,6 +127,18 @@ class Detector(nn.Module):
     def dense_head(self) -> nn.Module:
         """The head that assigns its priors densely (per-level statistics, ``data check``)."""
         raise NotImplementedError
+
+    @property
+    def detection_cfg(self) -> TestConfig:
+        """The test config of the stage that outputs the detections (``score_thr``, ``nms``, ``max_per_img``): the
+        dense head's ``test_cfg``, or a two-stage detector's R-CNN stage. Changing it changes what ``predict``
+        keeps."""
+        raise NotImplementedError
+
+    @property
+    def mask_thr_binary(self) -> float | None:
+        """The probability threshold of predicted masks (None: the detector predicts no masks)."""
+        return None
 
     def classifier_prefixes(self) -> list[str]:
         """Parameter-name prefixes of the layers whose shape depends on ``num_classes``."""
@@ -201,6 +218,11 @@ class Detector(nn.Module):
         self.precision = precision
         return self
 
+    def set_score_thr(self, score_thr: float) -> Detector:
+        """Keep detections scored above ``score_thr`` (the ``score_thr`` of :attr:`detection_cfg`)."""
+        self.detection_cfg.score_thr = float(score_thr)
+        return self
+
     def set_compile(self, enable: bool = True) -> Detector:
         """Run :meth:`network` through ``torch.compile`` (Inductor, weights frozen) in ``predict`` / ``tensor``
         modes of an eval-mode model; decoding, NMS and any second stage stay eager (:mod:`densedet.models.compile`).
@@ -248,6 +270,10 @@ class SingleStageDetector(Detector):
     @property
     def dense_head(self) -> nn.Module:
         return self.bbox_head
+
+    @property
+    def detection_cfg(self) -> TestConfig:
+        return self.bbox_head.test_cfg
 
     def classifier_prefixes(self) -> list[str]:
         name = next(n for n, m in self.bbox_head.named_modules() if m is self.bbox_head.classifier())

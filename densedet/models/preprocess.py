@@ -85,7 +85,10 @@ class DetPreprocessor(nn.Module):
                 x = _zero_outside(x, metas)
         d = self.pad_size_divisor
         h, w = x.shape[-2:]
-        if d > 1 and (h % d or w % d):
+        # While tracing / exporting the sizes are symbolic: pad unconditionally (zero amounts pad nothing), so the
+        # graph pads every input size, not only the one it was traced at.
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if d > 1 and (tracing or h % d or w % d):
             x = F.pad(x, (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h))
         return x
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from densedet.models.detector import Detector
+from densedet.models.heads.postprocess import TestConfig
 from densedet.models.roi_heads import StandardRoIHead
 from densedet.models.tta import aug_predict_two_stage
 from densedet.registry import DETECTORS, HEADS, ConfigError, check_kwargs
@@ -75,6 +76,14 @@ class TwoStageDetector(Detector):
     @property
     def dense_head(self) -> nn.Module:
         return self.rpn_head
+
+    @property
+    def detection_cfg(self) -> TestConfig:
+        return self.roi_head.nms_cfg
+
+    @property
+    def mask_thr_binary(self) -> float | None:
+        return float(self.roi_head.test_cfg.mask_thr_binary) if self.with_mask else None
 
     def classifier_prefixes(self) -> list[str]:
         out = ["roi_head.bbox_head.fc_cls.", "roi_head.bbox_head.fc_reg."]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from densedet import weights as _weights
+import densedet.weights as _weights
 
 _NAMES = ("ZOO", "ZooEntry", "ZooError", "cached_download", "download", "fetch_zoo_weights", "format_zoo_table",
           "get_entry", "resolve_weights")

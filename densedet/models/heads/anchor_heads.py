@@ -157,6 +157,21 @@ class AnchorDenseHead(DenseHead):
         return AnchorTargets(priors, per_level, labels, gt_boxes, (valid & (assign.gt_inds != -2)).float(),
                              assign.pos_mask & valid, (assign.gt_inds == -1) & valid)
 
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: PaddedTargets,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """Max-IoU (RetinaNet) or ATSS (ATSS, UMOP) on the anchors; priors on batch padding are negative."""
+        device = gt.gt_boxes.device
+        priors, per_level = self.priors(featmap_sizes, device, torch.float32)
+        valid = self.valid_prior_mask(featmap_sizes, self.strides, self.num_base_priors, metas, device)
+        return self._assign(priors, per_level, gt, valid).gt_inds.masked_fill(~valid, -1), per_level
+
+    def prior_size_range(self) -> tuple[float, float]:
+        """The smallest and largest anchor side (``base size * scale``)."""
+        gen = self.anchor_generator
+        scales = gen.scales.tolist()
+        return min(gen.base_sizes) * min(scales), max(gen.base_sizes) * max(scales)
+
     def _assign(self, priors: Tensor, num_per_level: list[int], gt: PaddedTargets, valid: Tensor) -> AssignResult:
         raise NotImplementedError(f"{type(self).__name__} must define _assign() (abstract in AnchorDenseHead)")
 

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from densedet.losses.focal import FocalLoss, labels_to_binary, sigmoid_focal_loss
+from densedet.models.dcn import ModulatedDeformConv2dPack  # noqa: F401  (registers DCNv2 in CONV_LAYERS)
 from densedet.models.heads.postprocess import (
     Candidates,
     TestConfig,
@@ -180,8 +181,6 @@ class DenseHead(nn.Module):
 
     def _build_tower(self, dcn_on_last_conv: bool = False) -> nn.ModuleList:
         """``stacked_convs`` 3x3 ConvModules; with ``dcn_on_last_conv`` the last is a DCNv2 (mmdet's switch)."""
-        if dcn_on_last_conv:
-            import densedet.models.dcn  # noqa: F401  (registers DCNv2 in CONV_LAYERS)
         convs = nn.ModuleList()
         for i in range(self.stacked_convs):
             last_dcn = dcn_on_last_conv and i == self.stacked_convs - 1
@@ -213,22 +212,26 @@ class DenseHead(nn.Module):
         nn.init.constant_(cls.bias, bias_init_with_prob(0.01))
 
     def reset_classifier(self, num_classes: int | None = None) -> None:
-        """Re-create the classification conv (:meth:`classifier`) for ``num_classes`` (None: the current count),
-        initialised as :meth:`init_weights` does (weight ~ N(0, 0.01), bias at the 0.01 prior)."""
-        old = self.classifier()
+        """Re-initialise the classification conv (:meth:`classifier`) as :meth:`init_weights` does (weight ~ N(0,
+        0.01), bias at the 0.01 prior), in place; for another ``num_classes`` the conv is re-created first (build the
+        optimizer after that)."""
+        conv = self.classifier()
         n = self.num_classes if num_classes is None else int(num_classes)
         if n < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}", path="model.bbox_head.num_classes")
-        per_class = old.out_channels // self.num_classes  # priors per location
-        new = nn.Conv2d(old.in_channels, per_class * n, old.kernel_size, old.stride, old.padding,
-                        bias=old.bias is not None).to(device=old.weight.device, dtype=old.weight.dtype)
-        nn.init.normal_(new.weight, 0.0, 0.01)
-        if new.bias is not None:
-            nn.init.constant_(new.bias, bias_init_with_prob(0.01))
-        parent_name, _, attr = next(name for name, m in self.named_modules() if m is old).rpartition(".")
-        setattr(self.get_submodule(parent_name) if parent_name else self, attr, new)
-        self.num_classes = n
-        self.cls_out_channels = n
+        if n != self.num_classes:
+            per_class = conv.out_channels // self.num_classes  # priors per location
+            new = nn.Conv2d(conv.in_channels, per_class * n, conv.kernel_size, conv.stride, conv.padding,
+                            bias=conv.bias is not None).to(device=conv.weight.device, dtype=conv.weight.dtype)
+            parent_name, _, attr = next(name for name, m in self.named_modules() if m is conv).rpartition(".")
+            setattr(self.get_submodule(parent_name) if parent_name else self, attr, new)
+            self.num_classes = n
+            self.cls_out_channels = n
+            conv = new
+        with torch.no_grad():
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            if conv.bias is not None:
+                nn.init.constant_(conv.bias, bias_init_with_prob(0.01))
 
     def classifier(self) -> nn.Conv2d:
         """The classification conv whose bias starts at the 0.01 prior (each head names its own)."""
@@ -351,6 +354,20 @@ class DenseHead(nn.Module):
             xs = torch.arange(w, device=device).repeat_interleave(num_base).repeat(h)
             masks.append((ys[None] < vh[:, None]) & (xs[None] < vw[:, None]))
         return torch.cat(masks, 1)
+
+    # ------------------------------------------------------------------------------------------------ analysis
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: Any,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """The head's own training assignment without the losses (``densedet data check``): ``gt_inds`` (B, N) over
+        its priors of all levels (``>= 0``: positive for that gt of the image; negative: background or ignored) and
+        the number of priors per level. ``gt``: :class:`~densedet.structures.PaddedTargets`."""
+        raise NotImplementedError(f"{type(self).__name__} does not define assign_priors()")
+
+    def prior_size_range(self) -> tuple[float, float]:
+        """Smallest and largest object size (``sqrt(w h)``, input pixels) the head's priors are made for (default:
+        one stride of the finest level, unbounded above)."""
+        return float(min(self.strides)), math.inf
 
     # ------------------------------------------------------------------------------------------------ inference
     def decode_levels(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> LevelPredictions:

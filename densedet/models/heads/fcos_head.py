@@ -12,6 +12,7 @@ loss, normalised by the number of positives) and ``scale_per_level=False`` (no l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -29,8 +30,8 @@ from densedet.models.heads.dense_head import (
     flatten_levels,
 )
 from densedet.models.layers import Scale
-from densedet.registry import HEADS
-from densedet.structures import DistancePointBBoxCoder, PointGenerator, pad_targets
+from densedet.registry import HEADS, ConfigError
+from densedet.structures import DistancePointBBoxCoder, PaddedTargets, PointGenerator, pad_targets
 
 INF = 1e8
 
@@ -52,13 +53,9 @@ class FCOSHead(DenseHead):
         super().__init__(num_classes, in_channels, feat_channels, stacked_convs, strides, conv_cfg, norm_cfg,
                          conv_bias, train_cfg=None, test_cfg=test_cfg)
         if dcn_on_last_conv:
-            from densedet.registry import ConfigError
-
             raise ConfigError("model.bbox_head.dcn_on_last_conv: deformable head convs are not available yet",
                               path="model.bbox_head.dcn_on_last_conv")
         if bbox_loss_weighting not in ("centerness", "uniform"):
-            from densedet.registry import ConfigError
-
             raise ConfigError(f"model.bbox_head.bbox_loss_weighting must be 'centerness' or 'uniform', got "
                               f"'{bbox_loss_weighting}'", path="model.bbox_head.bbox_loss_weighting")
         # "centerness": mmdet (weight = centerness target, avg over its sum); "uniform": torchvision (avg over num_pos)
@@ -112,6 +109,24 @@ class FCOSHead(DenseHead):
         if ltrb.numel() == 0:
             return ltrb.new_zeros(0)
         return torch.sqrt((lr.min(-1).values / lr.max(-1).values) * (tb.min(-1).values / tb.max(-1).values))
+
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: PaddedTargets,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """FCOS assignment (regress ranges, optional center sampling) of the points."""
+        device = gt.gt_boxes.device
+        points, per_level = self.points(featmap_sizes, device, torch.float32)
+        strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
+                                          torch.tensor(per_level, device=device))
+        ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
+        assign, _ = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
+                                center_sample_radius=self.center_sample_radius)
+        return assign.gt_inds, per_level
+
+    def prior_size_range(self) -> tuple[float, float]:
+        """A P3 cell up to twice the last regress range's lower bound (a location regresses about half a box)."""
+        top = float(self.regress_ranges[-1][1])
+        return float(min(self.strides)), (2 * top if math.isfinite(top) and top < 1e7 else math.inf)
 
     def loss(self, outs: tuple[list[Tensor], ...], targets: list[dict[str, Tensor]],
              metas: list[dict[str, Any]]) -> dict[str, Tensor]:

@@ -155,6 +155,18 @@ class FoveaHead(DenseHead):
             cls = conv(cls)
         return self.conv_cls(cls), bbox_pred
 
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: Any,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """FoveaBox's scale-range / fovea-area assignment of the locations."""
+        res, _ = fovea_assign(featmap_sizes, self.strides, self.base_edge_list, self.scale_ranges, gt,
+                              sigma=self.sigma)
+        return res.gt_inds, [h * w for h, w in featmap_sizes]
+
+    def prior_size_range(self) -> tuple[float, float]:
+        """The lowest and highest scale range."""
+        return float(min(r[0] for r in self.scale_ranges)), float(max(r[1] for r in self.scale_ranges))
+
     def points(self, featmap_sizes: list[tuple[int, int]], device: torch.device) -> tuple[Tensor, Tensor, list[int]]:
         """Location centres ``(N, 2)`` (x, y) at ``(j + 0.5) * stride``, each one's ``base_edge`` ``(N,)``, and
         the number of locations per level."""

@@ -214,6 +214,15 @@ class RepPointsHead(DenseHead):
                                           torch.tensor(counts, device=device))
         return torch.cat(per_level, 0), strides, counts
 
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: Any,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """The init stage's assignment (point or max-IoU assigner) of the locations; padding locations negative."""
+        device = gt.gt_boxes.device
+        points, strides, per_level = self.points(featmap_sizes, device)
+        valid = self.valid_prior_mask(featmap_sizes, self.strides, 1, metas, device)
+        return self.init_targets(points, strides, gt, valid).gt_inds.masked_fill(~valid, -1), per_level
+
     # ------------------------------------------------------------------ training
     def _num_samples(self, pos: Tensor, neg: Tensor) -> float:
         """mmdet ``get_targets``: sum over images of ``max(#pos, 1)`` (+ the same for negatives when sampling)."""

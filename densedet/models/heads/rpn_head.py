@@ -146,6 +146,24 @@ class RPNHead(DenseHead):
     def classifier(self) -> nn.Conv2d:
         return self.rpn_cls
 
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: Any,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """Max-IoU assignment of the anchors (0.7 / 0.3, low-quality matches), before the RPN's sampling; anchors
+        on batch padding are negative."""
+        device = gt.gt_boxes.device
+        per_level = self.anchor_generator.grid_priors(featmap_sizes, dtype=torch.float32, device=device)
+        priors = torch.cat(per_level, 0)
+        valid = DenseHead.valid_prior_mask(featmap_sizes, self.strides, self.num_base_priors, metas, device)
+        res = max_iou_assign(priors, gt, prior_valid=valid, **self.assigner_kwargs)
+        return res.gt_inds.masked_fill(~valid, -1), [p.shape[0] for p in per_level]
+
+    def prior_size_range(self) -> tuple[float, float]:
+        """The smallest and largest anchor side."""
+        gen = self.anchor_generator
+        scales = gen.scales.tolist()
+        return min(gen.base_sizes) * min(scales), max(gen.base_sizes) * max(scales)
+
     def decode_levels(self, outs: tuple[list[Tensor], list[Tensor]], metas: list[dict[str, Any]]) -> LevelPredictions:
         """Objectness (sigmoid, detached, float32) as a one-class score; anchors decoded by the delta coder and
         clipped to each image (a ``(1, 2)`` image shape from a single meta covers the whole batch)."""

@@ -30,6 +30,7 @@ Deliberate differences from the reference (docs: this docstring):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from densedet.models.heads.dense_head import (
 )
 from densedet.models.layers import ConvModule, Scale
 from densedet.registry import HEADS, ConfigError
-from densedet.structures import DistancePointBBoxCoder, PointGenerator, bbox_overlaps, pad_targets
+from densedet.structures import DistancePointBBoxCoder, PaddedTargets, PointGenerator, bbox_overlaps, pad_targets
 
 INF = 1e8
 ATSS_ANCHORS = {"type": "AnchorGenerator", "ratios": [1.0], "octave_base_scale": 8, "scales_per_octave": 1,
@@ -231,6 +232,33 @@ class VFNetHead(DenseHead):
         """All points ``(N, 2)`` (x, y) of all levels and the count per level."""
         per_level = self.prior_generator.grid_priors(featmap_sizes, dtype=dtype, device=device)
         return torch.cat(per_level, 0), [p.shape[0] for p in per_level]
+
+    @torch.no_grad()
+    def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: PaddedTargets,
+                      metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
+        """ATSS on one square anchor per location (``use_atss``; padding priors negative), else FCOS ranges."""
+        device = gt.gt_boxes.device
+        points, per_level = self.points(featmap_sizes, device, torch.float32)
+        if self.use_atss:
+            anchors = torch.cat(self.anchor_generator.grid_priors(featmap_sizes, dtype=torch.float32, device=device))
+            valid = self.valid_prior_mask(featmap_sizes, self.strides, 1, metas, device)
+            res = atss_assign(anchors, per_level, gt, prior_valid=valid, **self.assigner_kwargs)
+            return res.gt_inds.masked_fill(~valid, -1), per_level
+        strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
+                                          torch.tensor(per_level, device=device))
+        ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
+        assign, _ = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
+                                center_sample_radius=self.center_sample_radius)
+        return assign.gt_inds, per_level
+
+    def prior_size_range(self) -> tuple[float, float]:
+        """ATSS: the anchors' sides; FCOS targets: a P3 cell up to twice the last regress range's lower bound."""
+        if self.use_atss:
+            gen = self.anchor_generator
+            scales = gen.scales.tolist()
+            return min(gen.base_sizes) * min(scales), max(gen.base_sizes) * max(scales)
+        top = float(self.regress_ranges[-1][1])
+        return float(min(self.strides)), (2 * top if math.isfinite(top) and top < 1e7 else math.inf)
 
     def get_targets(self, featmap_sizes: list[tuple[int, int]], points: Tensor, per_level: list[int],
                     targets: list[dict[str, Tensor]], metas: list[dict[str, Any]]

@@ -64,19 +64,21 @@ class Shared2FCBBoxHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def reset_classifier(self, num_classes: int | None = None) -> None:
-        """Re-create ``fc_cls`` (C + 1) and ``fc_reg`` (4C) for ``num_classes`` (None: same count), initialised as
-        :meth:`init_weights`."""
+        """Re-initialise ``fc_cls`` (C + 1) and ``fc_reg`` (4C) as :meth:`init_weights`, in place; for another
+        ``num_classes`` they are re-created first."""
         n = self.num_classes if num_classes is None else int(num_classes)
         if n < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-        dev, dt = self.fc_cls.weight.device, self.fc_cls.weight.dtype
-        self.fc_cls = nn.Linear(self.fc_cls.in_features, n + 1).to(dev, dt)
-        self.fc_reg = nn.Linear(self.fc_reg.in_features, 4 * n).to(dev, dt)
-        nn.init.normal_(self.fc_cls.weight, 0, 0.01)
-        nn.init.normal_(self.fc_reg.weight, 0, 0.001)
-        nn.init.zeros_(self.fc_cls.bias)
-        nn.init.zeros_(self.fc_reg.bias)
-        self.num_classes = n
+        if n != self.num_classes:
+            dev, dt = self.fc_cls.weight.device, self.fc_cls.weight.dtype
+            self.fc_cls = nn.Linear(self.fc_cls.in_features, n + 1).to(dev, dt)
+            self.fc_reg = nn.Linear(self.fc_reg.in_features, 4 * n).to(dev, dt)
+            self.num_classes = n
+        with torch.no_grad():
+            nn.init.normal_(self.fc_cls.weight, 0, 0.01)
+            nn.init.normal_(self.fc_reg.weight, 0, 0.001)
+            nn.init.zeros_(self.fc_cls.bias)
+            nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``(R, C, 7, 7)`` -> ``cls_score (R, num_classes + 1)``, ``bbox_pred (R, 4 * num_classes)``."""

@@ -60,15 +60,18 @@ class FCNMaskHead(nn.Module):
             nn.init.zeros_(m.bias)
 
     def reset_classifier(self, num_classes: int | None = None) -> None:
-        """Re-create ``conv_logits`` for ``num_classes`` (None: same count), initialised as :meth:`init_weights`."""
+        """Re-initialise ``conv_logits`` as :meth:`init_weights`, in place; for another ``num_classes`` it is
+        re-created first."""
         n = self.num_classes if num_classes is None else int(num_classes)
         if n < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-        old = self.conv_logits
-        self.conv_logits = nn.Conv2d(old.in_channels, n, 1).to(old.weight.device, old.weight.dtype)
-        nn.init.kaiming_normal_(self.conv_logits.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv_logits.bias)
-        self.num_classes = n
+        if n != self.num_classes:
+            old = self.conv_logits
+            self.conv_logits = nn.Conv2d(old.in_channels, n, 1).to(old.weight.device, old.weight.dtype)
+            self.num_classes = n
+        with torch.no_grad():
+            nn.init.kaiming_normal_(self.conv_logits.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(self.conv_logits.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(R, C, 14, 14)`` -> ``(R, num_classes, 28, 28)`` logits."""

@@ -145,6 +145,7 @@ class StandardRoIHead(nn.Module):
         self.sampler_kwargs = self.train_cfg.sampler_kwargs(where)
         self.add_gt_as_proposals = bool(self.train_cfg.sampler.get("add_gt_as_proposals", True))
         self.test_cfg: RCNNTestConfig = _parse(RCNNTestConfig, test_cfg, "model.test_cfg.rcnn")
+        # the R-CNN stage's detection config (score_thr, nms, max_per_img): what candidates_from and the NMS read
         self.nms_cfg = parse_test_cfg({"score_thr": self.test_cfg.score_thr, "nms": self.test_cfg.nms,
                                        "max_per_img": self.test_cfg.max_per_img})
         self.precision = "fp32"  # the detector's inference precision (TwoStageDetector.set_precision)
@@ -257,8 +258,9 @@ class StandardRoIHead(nn.Module):
             rois = rois_of_all_slots(props)
         else:
             rois, b_idx, p_idx = rois_from(props, valid)
+        roi_feats = self.bbox_roi_extractor(feats, rois)  # RoIAlign in float32, the box head under bf16 autocast
         with self.autocast():
-            cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
+            cls_score, bbox_pred = self.bbox_head(roi_feats)
         if static:
             probs = cls_score.float().softmax(-1).reshape(b, p, -1)
             deltas = bbox_pred.float().reshape(b, p, -1)
@@ -283,7 +285,7 @@ class StandardRoIHead(nn.Module):
         b, p = valid.shape
         c = self.num_classes
         fg = probs[..., :c]
-        cand_valid = (fg > self.test_cfg.score_thr) & valid[..., None]
+        cand_valid = (fg > self.nms_cfg.score_thr) & valid[..., None]
         labels = torch.arange(c, device=boxes.device).expand(b, p, c)
         return Candidates(boxes.reshape(b, p * c, 4), fg.reshape(b, p * c), labels.reshape(b, p * c),
                           cand_valid.reshape(b, p * c))
@@ -294,9 +296,11 @@ class StandardRoIHead(nn.Module):
         chunks of 32 detections (the ``(D, 256, 28, 28)`` upsampled features of all detections at once would be the
         largest tensor of the whole inference); in one piece while tracing / exporting."""
         roi_feats = self.mask_roi_extractor(feats, rois)
-        chunk = max(1, len(rois)) if static_shapes() else _MASK_CHUNK
+        if static_shapes():  # one call: the number of detections is the graph's data-dependent size
+            with self.autocast():
+                return self.mask_head.forward_labels(roi_feats, labels).float().sigmoid()
         out = []
-        for f, lab in zip(roi_feats.split(chunk), labels.split(chunk)):
+        for f, lab in zip(roi_feats.split(_MASK_CHUNK), labels.split(_MASK_CHUNK)):
             with self.autocast():
                 logits = self.mask_head.forward_labels(f, lab)
             out.append(logits.float().sigmoid())
