@@ -15,7 +15,8 @@ identical for every variant. What differs:
   ``FCOS.compute_loss``, its losses and its post-processing), ``num_convs`` = the config's ``stacked_convs``, its
   default GroupNorm(32), one anchor per location of side = stride (its default ``AnchorGenerator`` rule), running
   on *the same* DenseDet backbone + FPN module (same class, same initialisation from the same seed);
-  its ``GeneralizedRCNNTransform`` is bypassed: both get the same normalised, padded batch from DenseDet's loader;
+  its ``GeneralizedRCNNTransform`` is bypassed: both get the same padded pixel batch from DenseDet's loader,
+  normalised by the DenseDet model's ``data_preprocessor``;
 * ``dd_*``: DenseDet's ``FCOSHead`` from the config with the overrides listed in ``VARIANTS``.
 
 Each trained model is evaluated (COCO AP, faster-coco-eval through ``densedet.engine.evaluate``) under two
@@ -100,6 +101,7 @@ def build_torchvision_fcos(det: Any, num_classes: int, num_convs: int, strides: 
             anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * len(strides))
             head = FCOSHead(feats.out_channels, 1, num_classes, num_convs=num_convs)
             self.fcos = FCOS(feats, num_classes, anchor_generator=anchors, head=head, **TV_TEST)
+            self.pre = det.data_preprocessor  # the DenseDet config's normalisation (pixels in)
             self.num_classes = num_classes
             self.channels_last = False
 
@@ -108,6 +110,7 @@ def build_torchvision_fcos(det: Any, num_classes: int, num_convs: int, strides: 
             return self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
 
         def head_outputs(self, images: torch.Tensor, metas: list[dict[str, Any]]) -> tuple[Any, ...]:
+            images = self.pre(images, metas)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             il = ImageList(images, [tuple(int(v) for v in m["img_shape"][:2]) for m in metas])
@@ -157,7 +160,7 @@ def densedet_raw_outputs(det: Any, images: Any, metas: list[dict[str, Any]]) -> 
 
     head = det.bbox_head
     with torch.no_grad():
-        cls, dist, ctr = head(det.extract_feat(images))  # eval mode: distances in pixels
+        cls, dist, ctr = head(det.extract_feat(det.data_preprocessor(images, metas)))  # eval: distances in pixels
         sizes = [tuple(m.shape[-2:]) for m in cls]
         points, per_level = head.points(sizes, images.device, torch.float32)
         boxes = head.bbox_coder.decode(points[None], flatten_levels(dist, 4))

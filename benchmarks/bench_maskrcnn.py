@@ -82,41 +82,10 @@ def _densedet_model() -> Any:
 
 
 def copy_weights(densedet_model: Any, tv_model: Any) -> None:
-    """Load DenseDet's (mmdet-layout) weights into torchvision's ``MaskRCNN``: same backbone names under
-    ``backbone.body``, FPN ``lateral_convs`` / ``fpn_convs`` -> ``inner_blocks`` / ``layer_blocks``, RPN, box head
-    (torchvision puts the background class first and has background box deltas, zero here) and mask head (its
-    background mask channel is zero). The delta encodings agree (RPN stds 1, R-CNN stds 0.1/0.1/0.2/0.2 = torchvision's
-    weights 10/10/5/5) and so does the RoI level mapping, so both compute the same network up to torchvision's
-    rounded anchors and its RoIAlign at a fixed 2 x 2 samples per bin (mmdet: adaptive)."""
-    def bg_first(v: torch.Tensor) -> torch.Tensor:  # classifier rows: background last -> first
-        return torch.cat([v[-1:], v[:-1]])
+    """DenseDet's weights into torchvision's Mask R-CNN: :func:`densedet.analysis.bench.copy_two_stage_weights`."""
+    from densedet.analysis.bench import copy_two_stage_weights
 
-    def zero_bg(rows: int) -> Any:  # prepend zero rows for torchvision's background deltas / mask channel
-        return lambda v: torch.cat([v.new_zeros((rows, *v.shape[1:])), v])
-
-    rh, tv = "roi_head.", "roi_heads."
-    table = [("neck.lateral_convs.", "backbone.fpn.inner_blocks.", None),
-             ("neck.fpn_convs.", "backbone.fpn.layer_blocks.", None),
-             ("rpn_head.rpn_conv.", "rpn.head.conv.0.0.", None), ("rpn_head.rpn_cls.", "rpn.head.cls_logits.", None),
-             ("rpn_head.rpn_reg.", "rpn.head.bbox_pred.", None),
-             (rh + "bbox_head.shared_fcs.0.", tv + "box_head.fc6.", None),
-             (rh + "bbox_head.shared_fcs.1.", tv + "box_head.fc7.", None),
-             (rh + "bbox_head.fc_cls.", tv + "box_predictor.cls_score.", bg_first),
-             (rh + "bbox_head.fc_reg.", tv + "box_predictor.bbox_pred.", zero_bg(4)),
-             (rh + "mask_head.convs.", tv + "mask_head.", None),
-             (rh + "mask_head.upsample.", tv + "mask_predictor.conv5_mask.", None),
-             (rh + "mask_head.conv_logits.", tv + "mask_predictor.mask_fcn_logits.", zero_bg(1)),
-             ("backbone.", "backbone.body.", None)]
-    out: dict[str, torch.Tensor] = {}
-    for k, v in densedet_model.state_dict().items():
-        if k.endswith("num_batches_tracked"):
-            continue
-        old, new, fn = next(row for row in table if k.startswith(row[0]))
-        key = new + k[len(old):]
-        if old.startswith(("neck.", rh + "mask_head.convs.")):
-            key = key.replace(".conv.", ".0.")  # ConvModule's .conv -> Conv2dNormActivation's .0
-        out[key] = fn(v) if fn else v
-    tv_model.load_state_dict(out, strict=True)
+    copy_two_stage_weights(densedet_model, tv_model)
 
 
 def build_densedet(mode: str) -> Any:
@@ -125,9 +94,6 @@ def build_densedet(mode: str) -> Any:
     model = _densedet_model()
     if mode != "train":
         model.fuse()  # BatchNorm folded into the convs, as ``densedet test`` and ``Predictor`` do by default
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
-
     def prepare(images: torch.Tensor, targets: list[dict[str, Any]]) -> tuple[Any, Any, Any]:
         h, w = images.shape[-2:]
         metas = [{"img_shape": (h, w), "pad_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)}
@@ -135,8 +101,8 @@ def build_densedet(mode: str) -> Any:
         tgts = []
         for t in targets:
             # the dataset's form: each mask decoded from an RLE into its box crop
-            from densedet.structures.masks import BitmapCrop
             from densedet.evaluation.segm import encode_crop_rle
+            from densedet.structures.masks import BitmapCrop
 
             rles = [encode_crop_rle(BitmapCrop(0, 0, m), h, w) for m in t["masks"]]
             tgts.append({"boxes": t["boxes"], "labels": t["labels"], "ignore_boxes": torch.zeros(0, 4),
@@ -144,13 +110,13 @@ def build_densedet(mode: str) -> Any:
         return metas, tgts, None
 
     def train_step(images: torch.Tensor, metas: Any, tgts: Any) -> None:
-        losses = model((images - mean) / std, tgts, metas, mode="loss")
+        losses = model(images, tgts, metas, mode="loss")  # pixels: the model normalises them
         return sum(v for k, v in losses.items() if k.startswith("loss"))
 
     def infer(images: torch.Tensor, metas: Any) -> Any:
         from densedet.evaluation.segm import encode_instance_masks
 
-        dets = model((images - mean) / std, None, metas, mode="predict")
+        dets = model(images, None, metas, mode="predict")
         return [encode_instance_masks(d["masks"]) for d in dets]
 
     return model, prepare, train_step, infer
@@ -236,9 +202,9 @@ def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
     from faster_coco_eval.core import mask as coco_mask
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from densedet.structures.masks import InstanceMasks
     from densedet.evaluation.segm import encode_instance_masks
     from densedet.models.roi_heads import paste_masks_in_boxes
+    from densedet.structures.masks import InstanceMasks
 
     h, w = INFER_SIZE
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ Random weights (seeded); ``--score-thr 0.0`` makes the R-CNN keep ``max_per_img`
 head runs on a full set in both (a fresh classifier gives every class ~1/81). The model is exported statically
 at ``--size`` (``densedet export``'s onnxruntime check is printed first). Timed, alternating, after one warm-up
 each: eager ``model(x, metas, mode="predict")`` (fused, fp32, channels_last per the config) and
-:class:`~densedet.deploy.runtime.OnnxRuntimeModel` on the same normalised batch - both return boxes in the
+:class:`~densedet.deploy.runtime.OnnxRuntimeModel` on the same uint8 pixel batch - both return boxes in the
 original image and masks pasted into it (box-only paste), so post-processing is inside both timings.
 """
 
@@ -34,12 +34,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from densedet.analysis.bench import cpu_name
+    from densedet import export
+    from densedet.analysis.bench import cpu_name, parse_size
     from densedet.config import load_config
-    from densedet.deploy import export
-    from densedet.deploy.command import parse_size
-    from densedet.deploy.onnx_export import normalize_params
-    from densedet.deploy.runtime import OnnxRuntimeModel
+    from densedet.inference import load_detector
     from densedet.models.build import build_detector
 
     h, w = parse_size(args.size)
@@ -54,12 +52,9 @@ def main() -> None:
     print(f"export + check: {time.perf_counter() - t0:.1f} s")
     print(res.summary())
 
-    model.eval().fuse()
-    model.use_channels_last(cfg.runtime.channels_last)
-    mean, std, to_rgb = normalize_params(cfg)
-    onnx_model = OnnxRuntimeModel(res.path, mean, std, to_rgb, mask_thr=0.5)
-    pixels = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, h, w), dtype=np.uint8)).float()
-    x = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    model = load_detector(cfg, ckpt, device="cpu", backend="eager")  # fused, the config's memory format
+    onnx_model = load_detector(cfg, res.path)  # the exported file behind the same interface
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, h, w), dtype=np.uint8))  # pixels
     metas = [{"img_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)}]
     runs = {"eager fp32": lambda: model(x, metas=metas, mode="predict"),
             "onnxruntime fp32": lambda: onnx_model(x, metas=metas)}

@@ -69,12 +69,10 @@ def _densedet(name: str, channels_last: bool) -> Any:
 
     m = densedet.build_model(name, num_classes=80, **POST).eval()
     m.use_channels_last(channels_last)
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
-    std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
     metas = [{"img_shape": INFER_SIZE, "scale_factor": (1.0, 1.0)}]
 
     def step(images: torch.Tensor) -> Any:
-        return m((images - mean) / std, metas=metas, mode="predict")
+        return m(images, metas=metas, mode="predict")  # pixels: the model normalises them
 
     return step
 

@@ -24,8 +24,8 @@ How the comparison is made fair (see docs/benchmarks.md for the remaining, docum
 * ``GeneralizedRCNNTransform`` gets ``min_size``/``max_size`` equal to the input size, so it never rescales
   (it still runs a scale-1.0 bilinear interpolate and stacks the list into a batch: part of its forward,
   timed and shown as the ``transform`` part);
-* normalisation is *included in both*: torchvision normalises inside its transform; DenseDet's timed region
-  starts from the same raw-pixel batch and applies ``(x - mean) / std`` itself;
+* normalisation is *included in both*: torchvision normalises inside its transform, DenseDet inside the model
+  (``model.data_preprocessor``); both start from the same raw-pixel batch;
 * the same post-processing settings: ``score_thr=0.0`` for both (random weights give sigmoid scores near the
   0.01 prior, so the usual 0.05 threshold would leave post-processing with nothing to do), top 1000 per level
   before NMS, class-wise NMS IoU 0.5, 100 detections per image;
@@ -59,10 +59,6 @@ NUM_CLASSES = 80
 BOXES_PER_IMAGE = 10
 # Targets of the issue: minimum torchvision_time / densedet_time.
 TARGETS = {("retinanet", "train"): 1.5, ("fcos", "train"): 1.2, ("retinanet", "infer"): 1.2, ("fcos", "infer"): 1.2}
-# Normalisation of the DenseDet configs (MMDetection img_norm_cfg): pytorch-style for RetinaNet, caffe-style
-# (BGR, std 1) for FCOS. Only the cost matters here, both are one broadcast subtract + divide.
-DD_NORM = {"retinanet": ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375]),
-           "fcos": ([103.53, 116.28, 123.675], [1.0, 1.0, 1.0])}
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -155,7 +151,6 @@ def make_step(lib: str, model_name: str, mode: str, m: Any, timer: PartTimer,
 
     images, targets = make_inputs(mode)
     if lib == "densedet":
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in DD_NORM[model_name])
         h, w = images.shape[-2:]
         metas = [{"img_shape": (h, w), "scale_factor": (1.0, 1.0)} for _ in range(images.shape[0])]
         dd_targets = [dict(t, ignore_boxes=torch.zeros(0, 4)) for t in targets]
@@ -165,9 +160,7 @@ def make_step(lib: str, model_name: str, mode: str, m: Any, timer: PartTimer,
             images = images.contiguous(memory_format=torch.channels_last)
 
         def run(mode_: str) -> Any:
-            t0 = time.perf_counter()
-            x = ((images - mean) / std).contiguous(memory_format=fmt)
-            timer.add("normalise", time.perf_counter() - t0)
+            x = images.contiguous(memory_format=fmt)  # pixels: the model normalises them (data_preprocessor)
             return m(x, targets=dd_targets if mode_ == "train" else None, metas=metas,
                      mode="loss" if mode_ == "train" else "predict")
     else:

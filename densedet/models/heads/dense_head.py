@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -384,6 +385,11 @@ class DenseHead(nn.Module):
         to the head's ``test_cfg``."""
         lp = self.decode_levels(outs, metas)
         return select_candidates(lp.scores, lp.factors, lp.decode, cfg or self.test_cfg)
+
+    def predict_candidates(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]]) -> Candidates:
+        """Deprecated name of :meth:`candidates`."""
+        warnings.warn("DenseHead.predict_candidates is deprecated: use candidates()", DeprecationWarning, stacklevel=2)
+        return self.candidates(outs, metas)
 
     def predict(self, outs: tuple[list[Tensor], ...], metas: list[dict[str, Any]],
                 rescale: bool = True) -> list[dict[str, Tensor]]:
