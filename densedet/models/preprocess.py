@@ -116,7 +116,10 @@ def build_preprocessor(cfg: dict[str, Any] | None) -> DetPreprocessor:
                           path="model.data_preprocessor.type")
     if "bgr_to_rgb" in cfg:  # mmdet 3 decodes BGR: bgr_to_rgb=True there means an RGB network input, to_rgb here
         cfg["to_rgb"] = bool(cfg.pop("bgr_to_rgb"))
-    cfg.pop("pad_value", None) if cfg.get("pad_value", 0) == 0 else None
+    if cfg.get("pad_value", 0) != 0:
+        raise ConfigError(f"model.data_preprocessor.pad_value={cfg['pad_value']!r}: only 0 (the padding is zero after "
+                          "normalising) is available", path="model.data_preprocessor.pad_value")
+    cfg.pop("pad_value", None)
     allowed = {"mean", "std", "to_rgb", "pad_size_divisor"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
