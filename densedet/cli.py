@@ -14,6 +14,7 @@ from densedet.analysis.data_check import data_check
 from densedet.analysis.levels import LevelLogError, levels_report
 from densedet.api import export
 from densedet.config import list_configs, load_config
+from densedet.config.schema import LOGGER_NAMES, check_logger_names
 from densedet.data import CocoDataset, build_dataloader, tta_pipeline
 from densedet.data.formats import prepare_dataset
 from densedet.data.synth import make_synthetic_coco
@@ -65,6 +66,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
+    if args.logger:  # --logger adds to runtime.loggers
+        cfg.runtime.loggers = check_logger_names([*cfg.runtime.loggers, *args.logger], "--logger")
     work_dir = Path(args.work_dir or cfg.runtime.work_dir or Path("work_dirs") / cfg.name)
     resume: Any = args.resume
     if resume == "auto":
@@ -253,12 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the traceback of an error (also DENSEDET_DEBUG=1); accepted anywhere on the line")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (torchrun for several processes)", epilog=EPILOG)
+    t = sub.add_parser("train", help="train a model (torchrun or srun for several processes)", epilog=EPILOG)
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optimizer.lr=0.02")
     t.add_argument("--work-dir", help="where checkpoints, logs and plots go (default work_dirs/CONFIG)")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the latest checkpoint in the work dir, or from the given file")
+    t.add_argument("--logger", action="append", choices=LOGGER_NAMES, metavar="NAME",
+                   help=f"also log to an experiment tracker ({', '.join(LOGGER_NAMES)}; repeatable; adds to "
+                        "runtime.loggers): losses, lr, speed, memory, COCO metrics, per-class AP, validation images "
+                        "(docs/tracking.md)")
     _add_data_args(t)
     t.set_defaults(fn=cmd_train)
 
