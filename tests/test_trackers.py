@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_ddp import ATSS_TINY
 from test_trainer import ToyDetector, make_cfg
 
 from densedet.cli import build_parser
@@ -24,6 +25,7 @@ from densedet.engine import Trainer, load_checkpoint
 from densedet.engine.trackers import draw_validation_images, require_tracker_packages, scalar_tags
 from densedet.errors import ConfigError
 from densedet.evaluation.coco_eval import evaluate_coco
+from densedet.models.build import build_detector
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +35,16 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _cfg(root: Path, loggers: list[str], **runtime):
+def _cfg(root: Path, loggers: list[str], **sections):
     return make_cfg(root, data={"samples_per_gpu": 4},
-                    runtime={"val_interval": 1, "loggers": loggers, "log_val_images": 2, "amp": True, **runtime},
-                    optimizer={"grad_clip": {"max_norm": 35}})
+                    runtime={"val_interval": 1, "loggers": loggers, "log_val_images": 2, "amp": True},
+                    optimizer={"grad_clip": {"max_norm": 35}}, **sections)
 
 
 def _train(cfg, work: Path, resume=None) -> Trainer:
     torch.manual_seed(0)
-    trainer = Trainer(cfg, work, model=ToyDetector(), resume=resume)
+    model = build_detector(cfg.model) if cfg.model["type"] == "ATSS" else ToyDetector()
+    trainer = Trainer(cfg, work, model=model, resume=resume)
     trainer.train()
     return trainer
 
@@ -89,12 +92,12 @@ def _mlflow_client(work: Path):
 def test_tensorboard_event_file_holds_the_logged_values(synth: Path, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     work = tmp_path / "tb"
-    _train(_cfg(synth, ["tensorboard"]), work)
+    _train(_cfg(synth, ["tensorboard"], model=ATSS_TINY), work)  # a real dense head: per-level statistics too
     expected = _expected_scalars(work)
     # each loss term, lr, speed, memory, grad norm, skipped AMP steps every interval; COCO metrics every validation
-    for tag in ("train/loss", "train/loss_cls", "train/loss_bbox", "train/lr", "train/it_per_s", "train/memory_mb",
-                "train/grad_norm", "train/skipped_steps", "val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75",
-                "val/bbox_mAP_s"):
+    for tag in ("train/loss", "train/loss_cls", "train/loss_bbox", "train/loss_centerness", "train/lr",
+                "train/it_per_s", "train/memory_mb", "train/grad_norm", "train/skipped_steps", "levels/lvl0_pos",
+                "levels/lvl4_neg_cls_loss", "val/bbox_mAP", "val/bbox_mAP_50", "val/bbox_mAP_75", "val/bbox_mAP_s"):
         assert tag in expected, tag
     acc = _read_tensorboard(work / "tensorboard")
     for tag, by_step in expected.items():
