@@ -25,6 +25,7 @@ from densedet.evaluation import format_metrics_table, format_per_class_table, pl
 from densedet.inference import Predictor
 from densedet.inference import draw_predictions as dp
 from densedet.inference.loading import load_detector, model_device, resolve_weights_path
+from densedet.inference.video import is_video_source, predict_video, require_av
 from densedet.io import atomic_write_text
 from densedet.weights import SWA_FINAL, convert_mmdet_checkpoint, fetch_zoo_weights, format_zoo_table, get_entry
 
@@ -126,17 +127,31 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.input and "=" in args.input and not Path(args.input).exists():  # `predict CFG CKPT --split val k=v`:
-        args.overrides, args.input = [args.input, *(args.overrides or [])], None  # argparse took k=v for INPUT
+    # `predict CFG CKPT --split val k=v`: argparse took k=v for INPUT (a URL's query is no override)
+    if args.input and "=" in args.input and not Path(args.input).exists() and "://" not in args.input:
+        args.overrides, args.input = [args.input, *(args.overrides or [])], None
     if bool(args.split) == bool(args.input):
         print("error: give INPUT (an image or a folder, or with --ann FILE the folder of its images) or --split "
               f"SPLIT, not {'both' if args.split else 'neither'}", file=sys.stderr)
         return 2
     _zoo_row_config(args)
     config = _load_cfg(args) if (args.data or args.img_size) else args.config
+    video = bool(args.input and not args.ann and is_video_source(args.input))
+    if args.every != 1 and not video:
+        print("error: --every applies to a video, webcam or stream INPUT", file=sys.stderr)
+        return 2
+    if video:
+        require_av()  # before loading the model: PyAV missing is a one-line install hint
     predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
                           overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse,
                           backend=args.backend, compile=args.compile)
+    if video:  # a video file, a webcam index or a stream URL (docs/video.md)
+        done = predict_video(predictor, args.input, args.out, every=args.every, score_thr=args.score_thr,
+                             max_frames=args.limit)
+        stopped = " (stopped by Ctrl-C)" if done["interrupted"] else ""
+        print(f"detected {done['frames_detected']} of {done['frames_read']} frames in {done['seconds']:.1f} s "
+              f"({done['fps']:.1f} fps){stopped}: {done['video']}  per-frame detections: {done['jsonl']}")
+        return 0
     if args.split:
         items = dp.coco_images(*dp.split_files(predictor.cfg, args.split), limit=args.limit)
     elif args.ann:
@@ -284,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(e)
     e.set_defaults(fn=cmd_test)
 
-    r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
+    r = sub.add_parser("predict", help="draw detections on images, videos, webcams and streams", epilog=EPILOG)
     r.add_argument("config")
     r.add_argument("checkpoint", help="checkpoint file or work dir")
-    r.add_argument("input", nargs="?", help="an image or a folder of images (with --ann: the folder of its images)")
+    r.add_argument("input", nargs="?", help="an image or a folder of images (with --ann: the folder of its images); "
+                                           "a video file (.mp4, .avi, .mov, .mkv, ...), a webcam index (0) or a "
+                                           "stream URL (rtsp://...): an annotated video + per-frame JSON lines")
     r.add_argument("overrides", nargs="*")
     r.add_argument("--out", required=True)
     src = r.add_mutually_exclusive_group()
@@ -296,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split", choices=["train", "val", "test"],
                      help="draw exactly the images of the config's data split (data.root + ann_file / img_dir)")
     r.add_argument("--score-thr", type=float, default=0.3)
-    r.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
+    r.add_argument("--limit", type=int, default=0, help="at most this many images, or video frames read (0 = all)")
+    r.add_argument("--every", type=int, default=1, metavar="N",
+                   help="video: detect on every N-th frame (the output video keeps those, at fps / N)")
     r.add_argument("--grid", type=int, default=12,
                    help="grid.png tiles: the first min(N, images) drawn, enlarged or reduced to 480 px (0 = none)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
