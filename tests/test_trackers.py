@@ -22,9 +22,9 @@ from densedet.cli import build_parser
 from densedet.config.schema import check_logger_names
 from densedet.data import CocoDataset, make_synthetic_coco
 from densedet.engine import Trainer, load_checkpoint
-from densedet.engine.trackers import draw_validation_images, require_tracker_packages, scalar_tags
+from densedet.engine.trackers import Trackers, draw_validation_images, require_tracker_packages, scalar_tags
 from densedet.errors import ConfigError
-from densedet.evaluation.coco_eval import evaluate_coco
+from densedet.evaluation.coco_eval import EvalResult, evaluate_coco
 from densedet.models.build import build_detector
 
 
@@ -192,6 +192,52 @@ def test_scalar_tags_of_a_log_line() -> None:
     assert tags == {"train/epoch": 1.0, "train/lr": 0.01, "train/loss": 1.5, "levels/lvl0_pos": 3.0}
     assert scalar_tags({"type": "val", "epoch": 2, "iter": 8, "bbox_mAP": 0.5, "bbox_mAP_m": None}) == (
         8, {"val/bbox_mAP": 0.5})
+
+
+class _Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def scalars(self, values, step):
+        self.calls.append(("scalars", step, dict(values)))
+
+    def images(self, images, step):
+        self.calls.append(("images", step, [n for n, _ in images]))
+
+    def state(self):
+        return {"recorder": True}
+
+    def close(self, status):
+        self.calls.append(("close", status))
+
+
+class _Broken(_Recorder):
+    name = "broken"
+
+    def scalars(self, values, step):
+        raise ConnectionError("tracking server gone")
+
+
+def test_per_class_ap_of_bbox_and_segm_and_a_failing_tracker(caplog: pytest.LogCaptureFixture) -> None:
+    segm = EvalResult(metrics={}, per_class=[{"class": "a b", "AP": float("nan"), "AP50": 0.25}], precision=None,
+                      iou_type="segm")
+    result = EvalResult(metrics={}, per_class=[{"class": "a b", "AP": 0.5, "AP50": 0.75}], precision=None,
+                        segm=segm)
+    rec, broken = _Recorder(), _Broken()
+    trackers = Trackers([broken, rec], val_images=0)
+    trackers.log_evaluation(result, dataset=None, results_json="missing.json", step=9)
+    assert rec.calls == [("scalars", 9, {"val_per_class/bbox_AP/a b": 0.5, "val_per_class/bbox_AP50/a b": 0.75,
+                                         "val_per_class/segm_AP50/a b": 0.25})]  # NaN (no ground truth): not logged
+    trackers.log_record({"type": "val", "epoch": 1, "iter": 9, "bbox_mAP": 0.5, "segm_mAP": 0.25})
+    assert rec.calls[-1] == ("scalars", 9, {"val/bbox_mAP": 0.5, "val/segm_mAP": 0.25})
+    # the broken tracker warned once, the other one kept logging; both are closed, the failures counted
+    assert sum("broken: could not log" in r.message for r in caplog.records) == 1
+    trackers.close("FINISHED")
+    assert rec.calls[-1] == ("close", "FINISHED") and trackers.failures == {"broken": 2}
+    assert trackers.state_dict() == {"recorder": True}
+    assert not Trackers() and Trackers().state_dict() == {}
 
 
 def test_unknown_or_missing_logger_is_a_config_error(synth: Path, monkeypatch: pytest.MonkeyPatch) -> None:
