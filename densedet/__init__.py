@@ -19,7 +19,7 @@ from densedet.deploy import ExportDependencyError, OnnxDetector, OnnxRuntimeMode
 from densedet.engine import Trainer, evaluate, train
 from densedet.errors import CheckpointError, DenseDetError, NonFiniteError
 from densedet.evaluation import EvalResult, evaluate_coco
-from densedet.inference import Predictor, draw_detections, load_detector
+from densedet.inference import Predictor, draw_detections, load_detector, predict_video
 from densedet.models.build import build_detector
 from densedet.models.detector import Detector, InferenceModel, SingleStageDetector
 from densedet.models.two_stage import TwoStageDetector
@@ -32,5 +32,5 @@ __all__ = [
     "SingleStageDetector", "Trainer", "TwoStageDetector", "ZOO", "__version__", "build_dataloader",
     "build_detector", "build_model", "convert_mmdet_checkpoint", "data_check", "detect_layout", "draw_detections",
     "evaluate", "evaluate_coco", "export", "fetch_zoo_weights", "list_configs", "load_checkpoint", "load_config",
-    "load_detector", "load_model_weights", "make_synthetic_coco", "prepare_dataset", "train",
+    "load_detector", "load_model_weights", "make_synthetic_coco", "predict_video", "prepare_dataset", "train",
 ]

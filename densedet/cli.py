@@ -14,6 +14,7 @@ from densedet.analysis.data_check import data_check
 from densedet.analysis.levels import LevelLogError, levels_report
 from densedet.api import export
 from densedet.config import list_configs, load_config
+from densedet.config.schema import LOGGER_NAMES, check_logger_names
 from densedet.data import CocoDataset, build_dataloader, tta_pipeline
 from densedet.data.formats import prepare_dataset
 from densedet.data.synth import make_synthetic_coco
@@ -24,6 +25,7 @@ from densedet.evaluation import format_metrics_table, format_per_class_table, pl
 from densedet.inference import Predictor
 from densedet.inference import draw_predictions as dp
 from densedet.inference.loading import load_detector, model_device, resolve_weights_path
+from densedet.inference.video import is_video_source, predict_video, require_av
 from densedet.io import atomic_write_text
 from densedet.weights import SWA_FINAL, convert_mmdet_checkpoint, fetch_zoo_weights, format_zoo_table, get_entry
 
@@ -65,6 +67,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
+    if args.logger:  # --logger adds to runtime.loggers
+        cfg.runtime.loggers = check_logger_names([*cfg.runtime.loggers, *args.logger], "--logger")
     work_dir = Path(args.work_dir or cfg.runtime.work_dir or Path("work_dirs") / cfg.name)
     resume: Any = args.resume
     if resume == "auto":
@@ -123,17 +127,31 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    if args.input and "=" in args.input and not Path(args.input).exists():  # `predict CFG CKPT --split val k=v`:
-        args.overrides, args.input = [args.input, *(args.overrides or [])], None  # argparse took k=v for INPUT
+    # `predict CFG CKPT --split val k=v`: argparse took k=v for INPUT (a URL's query is no override)
+    if args.input and "=" in args.input and not Path(args.input).exists() and "://" not in args.input:
+        args.overrides, args.input = [args.input, *(args.overrides or [])], None
     if bool(args.split) == bool(args.input):
         print("error: give INPUT (an image or a folder, or with --ann FILE the folder of its images) or --split "
               f"SPLIT, not {'both' if args.split else 'neither'}", file=sys.stderr)
         return 2
     _zoo_row_config(args)
     config = _load_cfg(args) if (args.data or args.img_size) else args.config
+    video = bool(args.input and not args.ann and is_video_source(args.input))
+    if args.every != 1 and not video:
+        print("error: --every applies to a video, webcam or stream INPUT", file=sys.stderr)
+        return 2
+    if video:
+        require_av()  # before loading the model: PyAV missing is a one-line install hint
     predictor = Predictor(config, _resolve_checkpoint(args.checkpoint, args.config), device=args.device,
                           overrides=args.overrides, tta=args.tta, precision=args.precision, fuse=args.fuse,
                           backend=args.backend, compile=args.compile)
+    if video:  # a video file, a webcam index or a stream URL (docs/video.md)
+        done = predict_video(predictor, args.input, args.out, every=args.every, score_thr=args.score_thr,
+                             max_frames=args.limit)
+        stopped = " (stopped by Ctrl-C)" if done["interrupted"] else ""
+        print(f"detected {done['frames_detected']} of {done['frames_read']} frames in {done['seconds']:.1f} s "
+              f"({done['fps']:.1f} fps){stopped}: {done['video']}  per-frame detections: {done['jsonl']}")
+        return 0
     if args.split:
         items = dp.coco_images(*dp.split_files(predictor.cfg, args.split), limit=args.limit)
     elif args.ann:
@@ -253,12 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the traceback of an error (also DENSEDET_DEBUG=1); accepted anywhere on the line")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model (torchrun for several processes)", epilog=EPILOG)
+    t = sub.add_parser("train", help="train a model (torchrun or srun for several processes)", epilog=EPILOG)
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optimizer.lr=0.02")
     t.add_argument("--work-dir", help="where checkpoints, logs and plots go (default work_dirs/CONFIG)")
     t.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="resume from the latest checkpoint in the work dir, or from the given file")
+    t.add_argument("--logger", action="append", choices=LOGGER_NAMES, metavar="NAME",
+                   help=f"also log to an experiment tracker ({', '.join(LOGGER_NAMES)}; repeatable; adds to "
+                        "runtime.loggers): losses, lr, speed, memory, COCO metrics, per-class AP, validation images "
+                        "(docs/tracking.md)")
     _add_data_args(t)
     t.set_defaults(fn=cmd_train)
 
@@ -277,10 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_options(e)
     e.set_defaults(fn=cmd_test)
 
-    r = sub.add_parser("predict", help="draw detections on images", epilog=EPILOG)
+    r = sub.add_parser("predict", help="draw detections on images, videos, webcams and streams", epilog=EPILOG)
     r.add_argument("config")
     r.add_argument("checkpoint", help="checkpoint file or work dir")
-    r.add_argument("input", nargs="?", help="an image or a folder of images (with --ann: the folder of its images)")
+    r.add_argument("input", nargs="?", help="an image or a folder of images (with --ann: the folder of its images); "
+                                           "a video file (.mp4, .avi, .mov, .mkv, ...), a webcam index (0) or a "
+                                           "stream URL (rtsp://...): an annotated video + per-frame JSON lines")
     r.add_argument("overrides", nargs="*")
     r.add_argument("--out", required=True)
     src = r.add_mutually_exclusive_group()
@@ -289,7 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--split", choices=["train", "val", "test"],
                      help="draw exactly the images of the config's data split (data.root + ann_file / img_dir)")
     r.add_argument("--score-thr", type=float, default=0.3)
-    r.add_argument("--limit", type=int, default=0, help="at most this many images (0 = all)")
+    r.add_argument("--limit", type=int, default=0, help="at most this many images, or video frames read (0 = all)")
+    r.add_argument("--every", type=int, default=1, metavar="N",
+                   help="video: detect on every N-th frame (the output video keeps those, at fps / N)")
     r.add_argument("--grid", type=int, default=12,
                    help="grid.png tiles: the first min(N, images) drawn, enlarged or reduced to 480 px (0 = none)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -176,6 +176,7 @@ _RANGES: dict[tuple[str, str], list[tuple[str, float]]] = {
     ("RuntimeConfig", "checkpoint_interval"): [(">=", 0)],
     ("RuntimeConfig", "log_interval"): [(">=", 1)],
     ("RuntimeConfig", "max_consecutive_skips"): [(">=", 1)],
+    ("RuntimeConfig", "log_val_images"): [(">=", 0)],
 }
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
 
@@ -278,6 +279,20 @@ class ScheduleConfig:
                               f"constant or null, got '{self.warmup}'")
 
 
+#: experiment trackers ``runtime.loggers`` / ``densedet train --logger`` accept (densedet.engine.trackers)
+LOGGER_NAMES = ("tensorboard", "mlflow")
+
+
+def check_logger_names(names: list[str], where: str = "runtime.loggers", source: str = "config") -> list[str]:
+    """``names`` without repeats (first occurrence kept) if each is one of :data:`LOGGER_NAMES`, else a
+    :class:`ConfigError` naming ``where`` and the accepted names."""
+    for name in names:
+        if name not in LOGGER_NAMES:
+            raise ConfigError(f"{source}: {where}: unknown logger {name!r}; accepted: {', '.join(LOGGER_NAMES)} "
+                              f"(log.jsonl, train.log and curves.png are always written)", where)
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class RuntimeConfig:
     """Everything about a run that is not model, data or optimisation."""
@@ -300,11 +315,18 @@ class RuntimeConfig:
     max_consecutive_skips: int = 20
     precision: str = "fp32"  # inference: fp32 | bf16 (autocast backbone/neck/head; decode + NMS in fp32)
     compile: bool = False  # inference: torch.compile backbone/neck/head (Inductor, frozen weights); decode + NMS eager
+    # Experiment trackers beside log.jsonl (docs/tracking.md): any of LOGGER_NAMES; rank 0 writes.
+    loggers: list[str] = field(default_factory=list)
+    mlflow_tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else file:<work_dir>/mlruns
+    mlflow_experiment: str | None = None  # default: $MLFLOW_EXPERIMENT_NAME, else the config's name
+    log_val_images: int = 4  # validation images drawn with their detections into the trackers (0 = none)
 
     def check(self, where: str, origins: dict[str, str]) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{origins.get(where + '.precision', 'config')}: {where}.precision must be fp32 or "
                               f"bf16, got {self.precision!r}", f"{where}.precision")
+        self.loggers = check_logger_names(self.loggers, f"{where}.loggers",
+                                          origins.get(f"{where}.loggers", origins.get(where, "config")))
 
 
 @dataclass

@@ -4,6 +4,13 @@ Only rank 0 writes. On a terminal the progress is one tqdm bar over the whole ru
 so its it/s and ETA are for the run) with loss components as postfix; without a TTY (CI, ``nohup``) a plain line
 is printed every ``log_interval`` iterations instead:
 ``epoch 2/12 iter 40/100 loss 1.234 loss_cls 0.800 ... lr 0.0100 2.3 it/s eta 0:01:10``.
+
+A JSONL train line holds the window averages of the iteration's floats (``loss``, ``loss_*``, statistics such as
+``num_pos``, ``grad_norm``, ``lvl*``), ``lr``, ``it_per_s`` (iterations per second over the window),
+``memory_mb`` (peak memory of the window: CUDA memory allocated by tensors, as MMEngine's ``memory``; on CPU the
+process's peak resident set size) and whatever the trainer's ``extras`` add (``skipped_steps`` under AMP).
+Listeners of :class:`JsonlLogger` (the experiment trackers of :mod:`densedet.engine.trackers`) receive every line
+exactly as it is written.
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
 from tqdm import tqdm
 
-__all__ = ["JsonlLogger", "TrainProgress", "format_seconds", "setup_logger"]
+__all__ = ["JsonlLogger", "TrainProgress", "format_seconds", "peak_memory_mb", "setup_logger"]
 
 LOGGER_NAME = "densedet"
 
@@ -75,17 +84,38 @@ def _json_value(v: Any) -> Any:
 class JsonlLogger:
     """Append one JSON object per line to ``path`` (flushed per line, so a crash loses at most the last line).
 
-    Non-finite floats become ``null`` / ``"inf"`` so every line is strict JSON.
+    Non-finite floats become ``null`` / ``"inf"`` so every line is strict JSON. Each callable in ``listeners`` is
+    called with the record as written (after that conversion), once the line is on disk.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
 
     def log(self, record: dict[str, Any]) -> None:
-        line = json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False)
+        clean = {k: _json_value(v) for k, v in record.items()}
+        line = json.dumps(clean, allow_nan=False)
         with open(self.path, "a") as f:
             f.write(line + "\n")
+        for listener in self.listeners:
+            listener(clean)
+
+
+def peak_memory_mb() -> float | None:
+    """Peak memory since the last call, in MiB: CUDA memory allocated by tensors (its peak counter is reset, as
+    MMEngine's ``get_max_cuda_memory`` does), or without CUDA the process's peak resident set size (never
+    reset by the OS); ``None`` where neither can be read."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        mb = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return mb
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 def format_seconds(seconds: float) -> str:
@@ -112,11 +142,14 @@ class TrainProgress:
         enabled: False on ranks other than 0 (nothing is displayed or written).
         tty: force bar (True) / plain lines (False); default: whether ``stream`` is a terminal.
         stream: where the bar or plain lines go (stderr by default).
+        extras: called when a line is logged (rank 0); its floats join the JSONL line as they are (counters such
+            as the trainer's ``skipped_steps``, not averaged over the window).
     """
 
     def __init__(self, total_iters: int, iters_per_epoch: int, epochs: int, start_iter: int = 0,
                  log_interval: int = 20, jsonl: JsonlLogger | None = None, enabled: bool = True,
-                 tty: bool | None = None, stream: TextIO | None = None) -> None:
+                 tty: bool | None = None, stream: TextIO | None = None,
+                 extras: Callable[[], dict[str, float]] | None = None) -> None:
         self.total_iters = int(total_iters)
         self.iters_per_epoch = int(iters_per_epoch)
         self.epochs = int(epochs)
@@ -127,6 +160,8 @@ class TrainProgress:
         self.tty = bool(tty if tty is not None else getattr(self.stream, "isatty", lambda: False)())
         self.start_iter = int(start_iter)
         self.t0 = time.perf_counter()
+        self.extras = extras
+        self._window_start = (self.t0, self.start_iter)  # (time, iterations done) at the last logged line
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}  # per key: statistics such as lvl* appear only on some iterations
         self.count = 0
@@ -172,9 +207,19 @@ class TrainProgress:
         if not self.enabled:
             return avg
         rate = self.rate(global_iter)
+        now = time.perf_counter()
+        t_prev, done_prev = self._window_start
+        window_rate = (global_iter + 1 - done_prev) / (now - t_prev) if now > t_prev else float("nan")
+        self._window_start = (now, global_iter + 1)
         if self.jsonl is not None:
+            extra: dict[str, Any] = {"it_per_s": window_rate}
+            memory = peak_memory_mb()
+            if memory is not None:
+                extra["memory_mb"] = memory
+            if self.extras is not None:
+                extra.update(self.extras())
             self.jsonl.log({"type": "train", "epoch": epoch + 1, "iter": global_iter + 1, "lr": lr, **avg,
-                            "time": time.time()})
+                            **extra, "time": time.time()})
         if self.bar is None:
             eta = (self.total_iters - global_iter - 1) / rate if rate == rate and rate > 0 else float("nan")
             parts = [f"epoch {epoch + 1}/{self.epochs}", f"iter {iter_in_epoch}/{self.iters_per_epoch}"]

@@ -58,6 +58,7 @@ from densedet.engine.logging import JsonlLogger, TrainProgress, format_seconds, 
 from densedet.engine.lr_schedule import LrScheduler
 from densedet.engine.optim import build_optimizer
 from densedet.engine.swa import read_swa_resume, resolve_work_path, train_swa
+from densedet.engine.trackers import Trackers, open_trackers, require_tracker_packages
 from densedet.errors import ConfigError, DataError, NonFiniteError
 from densedet.evaluation.coco_eval import format_metrics_table, format_per_class_table
 from densedet.evaluation.plots import plot_training_curves
@@ -177,6 +178,7 @@ class Trainer:
         set_random_seed(rt.seed, rt.deterministic)
         if self.is_main:
             self._dump_config()
+        require_tracker_packages(rt.loggers)  # experiment trackers: a missing package fails before any work
         logger.info("DenseDet training %s: device %s, %d process(es), work_dir %s", cfg.name or cfg.source or "",
                     self.device, self.world_size, self.work_dir)
 
@@ -218,6 +220,7 @@ class Trainer:
         self.last_metrics: dict[str, float] = {}
         self.last_train: dict[str, float] = {}
         self._resume_rng: Any = None
+        self._tracker_state: dict[str, Any] | None = None  # the checkpoint's meta["trackers"] when resuming
         self.swa: Any = None  # the running densedet.engine.swa.SWARunner during the SWA phase
         self._swa_resume: dict[str, Any] | None = None  # a SWA-phase checkpoint to continue from
         from_swa_key = bool(not resume and cfg.swa.swa_training and cfg.swa.swa_resume_from)
@@ -229,6 +232,9 @@ class Trainer:
         if rt.load_from and not resumed:  # as mmdet: resume wins; load_from only initialises the weights
             load_for_finetune(self.model, rt.load_from, cfg.name)  # zoo names; new classes: classifier re-init
             logger.info("loaded initial weights from %s", rt.load_from)
+        # TensorBoard / MLflow (runtime.loggers): rank 0 follows log.jsonl; a resume continues the same run
+        self.trackers: Trackers = open_trackers(cfg, self.work_dir, start_iter=self.iter, state=self._tracker_state,
+                                                enabled=self.is_main, jsonl=self.jsonl)
 
     # ------------------------------------------------------------------------------------------------ building
     def _dump_config(self) -> None:
@@ -338,6 +344,7 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{path}: cannot restore the training state: {e}") from e
         meta = ckpt.get("meta") or {}
+        self._tracker_state = meta.get("trackers")
         if "iter" not in meta:
             raise CheckpointError(f"{path}: no meta.iter in the checkpoint; it cannot be resumed (use load_from)")
         self.iter = int(meta["iter"])
@@ -354,6 +361,7 @@ class Trainer:
             raise ConfigError(f"{path} is a checkpoint of the SWA phase, but swa.swa_training is false",
                               path="swa.swa_training")
         self._swa_resume = read_swa_resume(ckpt, path)
+        self._tracker_state = ckpt["meta"].get("trackers")
         self.iter = int(ckpt["meta"]["iter"])
         if ckpt["meta"].get("rng") is not None:
             restore_rng(ckpt["meta"], self.rank)
@@ -456,7 +464,20 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Train to ``schedule.epochs`` (or ``schedule.max_iters``), then the SWA phase when ``swa.swa_training``
-        (:mod:`densedet.engine.swa`); returns the final metrics."""
+        (:mod:`densedet.engine.swa`); returns the final metrics. The experiment trackers are closed at the end
+        (an MLflow run ends ``FINISHED``, ``FAILED`` on an error, ``KILLED`` on Ctrl-C)."""
+        try:
+            out = self._train_phases()
+        except KeyboardInterrupt:
+            self.trackers.close("KILLED")
+            raise
+        except BaseException:
+            self.trackers.close("FAILED")
+            raise
+        self.trackers.close("FINISHED")
+        return out
+
+    def _train_phases(self) -> dict[str, float]:
         swa = self.cfg.swa
         out: dict[str, float] = {}
         if not (swa.swa_training and (swa.only_swa_training or self._swa_resume is not None)):
@@ -480,7 +501,8 @@ class Trainer:
         logger.info("training %d epochs x %d iterations (%d images per step) from iteration %d", epochs, ipe,
                     cfg.data.samples_per_gpu * self.world_size, self.iter)
         progress = TrainProgress(total, ipe, epochs, start_iter=self.iter, log_interval=cfg.runtime.log_interval,
-                                 jsonl=self.jsonl, enabled=self.is_main)
+                                 jsonl=self.jsonl, enabled=self.is_main,
+                                 extras=(lambda: {"skipped_steps": self.skipped_steps}) if self.use_amp else None)
         reduce = (lambda d: {k: float(v) for k, v in all_reduce_dict(d).items()}) if self.distributed else None
         t0 = time.perf_counter()
         start_epoch = self.iter // ipe
@@ -568,6 +590,8 @@ class Trainer:
                     "iters_per_epoch": self.iters_per_epoch, "world_size": self.world_size}
             if self.swa is not None:  # SWA phase: averaged weights + count, so a resume continues the average
                 meta["swa"] = self.swa.state_dict()
+            if self.trackers:  # the MLflow run id: a resume logs into the same run
+                meta["trackers"] = self.trackers.state_dict()
             save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.scaler, meta=meta)
             mark_last_checkpoint(self.work_dir, path)
             removed = prune_checkpoints(self.work_dir, self.cfg.runtime.max_keep_ckpts, keep=path)
@@ -596,6 +620,7 @@ class Trainer:
             if self.jsonl is not None:
                 ep = int(epoch) if epoch == int(epoch) else epoch
                 self.jsonl.log({"type": "val", "epoch": ep, "iter": self.iter, **metrics})
+            self.trackers.log_evaluation(result, self.val_dataset, self.work_dir / VAL_RESULTS, self.iter)
         self.last_metrics = metrics
         return metrics
 

@@ -24,8 +24,8 @@ from densedet.inference.predictor import Predictor, list_images, read_image
 from densedet.inference.visualize import draw_detections, save_detection_grid
 from densedet.structures.rle import encode_instance_masks
 
-__all__ = ["GRID_TILES", "GRID_TILE_SIDE", "ImageItem", "coco_images", "folder_images", "predict_and_draw",
-           "split_files"]
+__all__ = ["GRID_TILES", "GRID_TILE_SIDE", "ImageItem", "coco_images", "detection_records", "folder_images",
+           "predict_and_draw", "split_files"]
 
 GRID_TILES = 12  # grid.png shows the first this many drawn images (README: "grid.png shows 12 of them")
 GRID_TILE_SIDE = 480  # grid tiles are drawn at this longer side: small images are enlarged, large ones reduced
@@ -72,6 +72,20 @@ def coco_images(ann_file: str | Path, img_dir: str | Path, limit: int = 0) -> li
         items.append(ImageItem(name, str(dataset.img_dir / info["file_name"]), lambda i=i: dataset.load_image(i),
                                dataset.get_ann_info(i)["boxes"], int(info["id"])))
     return items
+
+
+def detection_records(det: dict[str, Any], classes: list[str], score_thr: float) -> list[dict[str, Any]]:
+    """One image's detections above ``score_thr`` as JSON-ready dicts: ``box_xyxy`` (image pixels, 2 decimals),
+    ``score``, ``label``, ``class`` and, for a mask model, ``segmentation`` (compressed COCO RLE)."""
+    keep = det["scores"] > score_thr
+    records = [
+        {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c),
+         "class": classes[int(c)]}
+        for b, s, c in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]
+    if "masks" in det:  # Mask R-CNN: each kept detection's mask as compressed COCO RLE
+        for rec, rle in zip(records, encode_instance_masks(det["masks"].subset(keep.numpy()))):
+            rec["segmentation"] = rle
+    return records
 
 
 def _chunks(items: list[ImageItem], n: int) -> Iterator[list[ImageItem]]:
@@ -126,18 +140,10 @@ def predict_and_draw(predictor: Predictor, items: list[ImageItem], out: str | Pa
             draw_detections(arr, *args, **kw).save(out / f"{item.name}.png")
             if len(tiles) < grid_tiles:
                 tiles.append(draw_detections(arr, *args, **kw, display_side=tile_side))
-            keep = det["scores"] > score_thr
             record: dict[str, Any] = {"file": item.source}
             if item.image_id is not None:
                 record["image_id"] = item.image_id
-            record["detections"] = [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(c),
-                 "class": predictor.classes[int(c)]}
-                for b, s, c in zip(det["boxes"][keep], det["scores"][keep], det["labels"][keep])]
-            if "masks" in det:  # Mask R-CNN: each kept detection's mask as compressed COCO RLE
-                rles = encode_instance_masks(det["masks"].subset(keep.numpy()))
-                for rec, rle in zip(record["detections"], rles):
-                    rec["segmentation"] = rle
+            record["detections"] = detection_records(det, predictor.classes, score_thr)
             records.append(record)
     (out / "predictions.json").write_text(json.dumps(records, indent=1))
     if tiles:
