@@ -16,8 +16,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	# the export extra too, so that `make test` (CI) runs the ONNX export / onnxruntime tests instead of skipping them
-	$(PY) -m pip install -q -e '.[dev,export]'
+	# the optional extras too, so that `make test` (CI) runs the ONNX export / onnxruntime, tracker and video tests
+	# instead of skipping them
+	$(PY) -m pip install -q -e '.[dev,export,tensorboard,mlflow,video]'
 	touch $(STAMP)
 
 demo: venv
