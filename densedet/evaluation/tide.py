@@ -1,9 +1,9 @@
 """Error breakdown by type with the AP each type costs: TIDE (Bolya, Foley, Hays, Hoffman, "TIDE: A General Toolbox
 for Identifying Object Detection Errors", ECCV 2020).
 
-Why not the package: ``tidecv`` 1.0.1 (PyPI, 2020, unmaintained) imports pycocotools, OpenCV, seaborn and pandas for
+Why not the package: ``tidecv`` 1.0.1 (PyPI, last released 2020) imports pycocotools, OpenCV, seaborn and pandas for
 its evaluation and plots; ``tidecv-light`` 1.0.2 needs only numpy but left the crowd-region IoU unfinished
-(``ignore_iou`` is never assigned, a ``NameError`` on any COCO image with a crowd annotation). DenseDet implements the
+(``ignore_iou`` is never assigned: an ``UnboundLocalError`` as soon as a crowd region is given). DenseDet implements the
 definitions below from the paper and tidecv's ``quantify.py`` / ``errors/main_errors.py`` semantics, on COCO dicts,
 with the COCO API's IoU (faster-coco-eval) for boxes and masks.
 
