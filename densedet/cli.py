@@ -1,4 +1,4 @@
-"""The ``densedet`` command: train, test, predict, data synth, convert, levels, configs."""
+"""The ``densedet`` command: train, test, predict, data synth, convert, levels, configs, info, analyze."""
 
 from __future__ import annotations
 
@@ -10,23 +10,38 @@ from pathlib import Path
 from typing import Any
 
 from densedet.analysis.bench import add_bench_parser, cmd_bench, parse_size
+from densedet.analysis.complexity import MMDET_DEFAULT_SIZE, format_complexity, model_complexity
 from densedet.analysis.data_check import data_check
 from densedet.analysis.levels import LevelLogError, levels_report
 from densedet.api import export
 from densedet.config import list_configs, load_config
 from densedet.config.schema import LOGGER_NAMES, check_logger_names
 from densedet.data import CocoDataset, build_dataloader, tta_pipeline
+from densedet.data.coco import load_coco_json
 from densedet.data.formats import prepare_dataset
 from densedet.data.synth import make_synthetic_coco
 from densedet.dist import cleanup
-from densedet.engine import evaluate, train
+from densedet.engine import evaluate, run_inference, train
 from densedet.errors import DataError, DenseDetError
-from densedet.evaluation import format_metrics_table, format_per_class_table, plot_pr_curves
+from densedet.evaluation import (
+    algorithm_name,
+    coco_testset_name,
+    detections_to_coco_results,
+    format_metrics_table,
+    format_per_class_table,
+    load_results_json,
+    plot_pr_curves,
+    write_coco_submission,
+    write_error_analysis,
+)
+from densedet.evaluation.confusion import DEFAULT_IOU_THR, DEFAULT_SCORE_THR
+from densedet.evaluation.segm import detections_to_segm_results
 from densedet.inference import Predictor
 from densedet.inference import draw_predictions as dp
 from densedet.inference.loading import load_detector, model_device, resolve_weights_path
 from densedet.inference.video import is_video_source, predict_video, require_av
 from densedet.io import atomic_write_text
+from densedet.models.build import build_detector
 from densedet.weights import SWA_FINAL, convert_mmdet_checkpoint, fetch_zoo_weights, format_zoo_table, get_entry
 
 EPILOG = "Configs are built-in names (see `densedet configs`) or paths to YAML files; key=value overrides any key."
@@ -81,9 +96,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDataset:
+    """The split's dataset in test mode; a ``data.test`` without a pipeline uses ``data.val``'s (what
+    ``_base_/coco_test-dev.yaml`` relies on: it names only the files)."""
     spec = getattr(cfg.data, split) or cfg.data.val
     root = Path(cfg.data.root)
-    pipeline = tta_pipeline(spec.pipeline, tta, where=f"data.{split}.pipeline")
+    steps, where = (spec.pipeline, f"data.{split}.pipeline") if spec.pipeline else (cfg.data.val.pipeline,
+                                                                                      "data.val.pipeline")
+    pipeline = tta_pipeline(steps, tta, where=where)
     return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True)
 
 
@@ -93,13 +112,19 @@ def cmd_test(args: argparse.Namespace) -> int:
     ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
     model = load_detector(cfg, ckpt_path, device=args.device, precision=args.precision, fuse=args.fuse,
                           compile=args.compile, backend=args.backend)
-    dataset = _build_eval_dataset(cfg, args.split, args.tta if model.supports_tta else False)
+    split = args.split or ("test" if cfg.data.test is not None else "val")
+    dataset = _build_eval_dataset(cfg, split, args.tta if model.supports_tta else False)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
     zoo = args.checkpoint.startswith("zoo")  # released weights: results go to work_dirs, not into the cache
     out = Path(args.out) if args.out else (Path("work_dirs") / cfg.name / "test_zoo" if zoo else
                                            ckpt_path.parent / "test")
     out.mkdir(parents=True, exist_ok=True)
+    if args.format_only or not dataset.has_annotations:
+        if not args.format_only:
+            print(f"{dataset.ann_file} has no 'annotations' (an image-info file such as image_info_test-dev2017.json):"
+                  " writing the evaluation-server files without metrics", file=sys.stderr)
+        return _format_only(args, cfg, model, loader, dataset, out)
     result = evaluate(model, loader, dataset, model_device(model), out_json=out / "results.bbox.json")
     print(format_metrics_table(result))
     print(format_per_class_table(result))
@@ -109,6 +134,32 @@ def cmd_test(args: argparse.Namespace) -> int:
     plot_pr_curves(result, dataset.classes, out / "pr_curves.png")
     atomic_write_text(out / "metrics.json", json.dumps(result.metrics, indent=2))
     print(f"results: {out / 'results.bbox.json'}  metrics: {out / 'metrics.json'}  PR curves: {out / 'pr_curves.png'}")
+    if args.analysis:  # confusion matrix + TIDE errors, from the results just written
+        print("error analysis (confusion matrix, TIDE; --no-analysis skips it) ...", file=sys.stderr)
+        segm = out / "results.segm.json"
+        analysis = write_error_analysis(dataset.coco_gt_dict, load_results_json(out / "results.bbox.json"), out,
+                                        load_results_json(segm) if result.segm is not None else None,
+                                        score_thr=args.cm_score_thr, iou_thr=args.cm_iou_thr)
+        print(analysis.summary())
+    return 0
+
+
+def _format_only(args: argparse.Namespace, cfg: Any, model: Any, loader: Any, dataset: CocoDataset,
+                 out: Path) -> int:
+    """``test --format-only``: inference, then the COCO server's files (json + zip, bbox and segm); no metrics."""
+    dets = run_inference(model, loader, model_device(model))
+    image_ids = [d["image_id"] for d in dets]
+    testset = args.testset or coco_testset_name(dataset.ann_file)
+    alg = algorithm_name(args.alg or cfg.name)
+    written = [write_coco_submission(detections_to_coco_results(dets, image_ids, dataset.label2cat), out, testset,
+                                     alg, "bbox")]
+    if dets and all("segms" in d for d in dets):
+        written.append(write_coco_submission(detections_to_segm_results(dets, image_ids, dataset.label2cat), out,
+                                             testset, alg, "segm"))
+    for sub in written:
+        print(f"{sub.iou_type}: {sub.num_results} detections on {len(dets)} images -> {sub.zip_path} "
+              f"(holds {sub.json_path.name})")
+    print("upload each zip to the COCO evaluation server's matching track (no metrics computed here)")
     return 0
 
 
@@ -263,6 +314,43 @@ def cmd_levels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count_arg(minimum: int) -> Any:
+    """argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, [*(args.overrides or []), "model.backbone.pretrained=null"])
+    model = build_detector(cfg.model, init=False)  # random weights: the counts do not depend on them
+    report = model_complexity(model, args.size, batch=args.batch, proposals=args.proposals,
+                              mask_rois=args.mask_rois, memory=args.memory)
+    print(format_complexity(report, cfg.name))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    gt = load_coco_json(args.ann_file)
+    try:
+        bbox = load_results_json(args.results)
+        segm = load_results_json(args.segm) if args.segm else None
+        analysis = write_error_analysis(gt, bbox, args.out, segm, score_thr=args.score_thr, iou_thr=args.iou_thr)
+    except ValueError as e:  # a results file that is not a results list, or ids the ground truth lacks
+        raise DataError(str(e)) from e
+    print(analysis.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densedet", description="Dense one-stage object detection in pure PyTorch.",
                                 epilog=EPILOG + " Exit codes: 2 config, 3 data, 4 checkpoint, 5 non-finite "
@@ -290,11 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(released weights, downloaded once)")
     e.add_argument("overrides", nargs="*")
     e.add_argument("--out", help="folder for results json, metrics and PR curves")
-    e.add_argument("--split", default="val", choices=["val", "test"])
+    e.add_argument("--split", default=None, choices=["val", "test"],
+                   help="the config's data split to test (default: data.test when the config has one, as "
+                        "MMDetection's test_dataloader, else data.val)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     e.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation: default as the config's pipeline (MultiScaleFlipAug); "
                         "--no-tta tests at its first scale only, --tta adds horizontal flips to one scale")
+    e.add_argument("--format-only", action="store_true",
+                   help="write the COCO evaluation server's files (detections_<testset>_<alg>_results.json and its "
+                        ".zip; segm/ for masks) without computing metrics; automatic for an annotation file "
+                        "without 'annotations' (image_info_test-dev2017.json)")
+    e.add_argument("--testset", help="the submission name's test set (default from the annotation file: "
+                                     "image_info_test-dev2017.json -> test-dev2017)")
+    e.add_argument("--alg", help="the submission name's algorithm part (default: the config name, '_' -> '-')")
+    e.add_argument("--no-analysis", dest="analysis", action="store_false",
+                   help="skip the confusion matrix and the TIDE error breakdown (seconds on COCO val)")
+    e.add_argument("--cm-score-thr", type=float, default=DEFAULT_SCORE_THR,
+                   help=f"confusion matrix: keep detections scored >= this (default {DEFAULT_SCORE_THR}, "
+                        "MMDetection's confusion_matrix.py)")
+    e.add_argument("--cm-iou-thr", type=float, default=DEFAULT_IOU_THR,
+                   help=f"confusion matrix: IoU that matches a detection to an object (default {DEFAULT_IOU_THR})")
     _add_data_args(e)
     _add_inference_options(e)
     e.set_defaults(fn=cmd_test)
@@ -373,6 +477,33 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("--urls", action="store_true", help="also print each row's download URL")
     z.add_argument("--fetch", metavar="NAME", help="download (resume, checksum) and convert the weights of NAME")
     z.set_defaults(fn=cmd_zoo)
+
+    inf = sub.add_parser("info", help="parameters, multiply-adds (FLOPs), activation memory and backbone stages of "
+                                      "a config's model (docs/diagnostics.md)", epilog=EPILOG)
+    inf.add_argument("config")
+    inf.add_argument("overrides", nargs="*")
+    inf.add_argument("--size", type=parse_size, default=MMDET_DEFAULT_SIZE,
+                     help="input HEIGHTxWIDTH (default 1280x800, MMDetection get_flops.py's shape)")
+    inf.add_argument("--batch", type=_count_arg(1), default=1, help="images per forward (default 1)")
+    inf.add_argument("--proposals", type=_count_arg(0), default=1000,
+                     help="two-stage models: RoIs of the box head (default 1000, MMDetection's forward_dummy)")
+    inf.add_argument("--mask-rois", type=_count_arg(0), default=100,
+                     help="two-stage models: RoIs of the mask head (default 100)")
+    inf.add_argument("--no-memory", dest="memory", action="store_false", help="skip the activation-memory passes")
+    inf.add_argument("--json", help="also write the numbers to this json file")
+    inf.set_defaults(fn=cmd_info)
+
+    an = sub.add_parser("analyze", help="confusion matrix and TIDE error breakdown of a COCO results json "
+                                        "(what `test` writes beside its metrics)")
+    an.add_argument("ann_file", help="COCO annotation json (the ground truth)")
+    an.add_argument("results", help="COCO results json (boxes), e.g. a test run's results.bbox.json")
+    an.add_argument("--segm", help="COCO results json of masks (results.segm.json) for a segm TIDE breakdown")
+    an.add_argument("--out", required=True, help="folder for confusion_matrix.png/.csv and tide_errors.*")
+    an.add_argument("--score-thr", type=float, default=DEFAULT_SCORE_THR,
+                    help=f"confusion matrix score threshold (default {DEFAULT_SCORE_THR}, MMDetection's)")
+    an.add_argument("--iou-thr", type=float, default=DEFAULT_IOU_THR,
+                    help=f"confusion matrix IoU threshold (default {DEFAULT_IOU_THR}, MMDetection's --tp-iou-thr)")
+    an.set_defaults(fn=cmd_analyze)
 
     lc = sub.add_parser("configs", help="list built-in configs")
     lc.set_defaults(fn=cmd_configs)

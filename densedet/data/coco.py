@@ -341,6 +341,12 @@ class CocoDataset(torch.utils.data.Dataset):
         """The loaded annotation json (all images, also those filtered out for training)."""
         return self._coco
 
+    @property
+    def has_annotations(self) -> bool:
+        """Whether the annotation file has an ``annotations`` key (COCO's ``image_info_test-dev2017.json`` has none:
+        results can only be formatted for the evaluation server, not evaluated)."""
+        return "annotations" in self._coco
+
     def __len__(self) -> int:
         return len(self.img_infos)
 
