@@ -15,13 +15,16 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import TINY_ATSS
 from torch import nn
 
 from densedet.config import config_from_dict, load_config
 from densedet.data import make_synthetic_coco
-from densedet.engine import Trainer, load_checkpoint
+from densedet.engine import Trainer, load_checkpoint, train
 from densedet.engine.checkpoint import find_nonfinite, remove_stale_temp_files
 from densedet.errors import CheckpointError, NonFiniteError
+from densedet.io import atomic_torch_save
+from densedet.models.build import build_detector
 from densedet.models.layers import ConvModule
 
 _PIPE = [{"type": "Resize", "img_scale": [64, 64], "keep_ratio": True}]
@@ -174,12 +177,6 @@ def test_load_from_skips_the_backbone_pretrained_weights(tmp_path, caplog) -> No
     """Issue 18 item 5: with ``runtime.load_from`` set, the backbone's ``pretrained`` source is never read (the
     checkpoint overwrites those weights anyway), so fine-tuning works offline; the log says so. The source here is
     a file that does not exist: reading it would be a CheckpointError."""
-    from tiny_models import TINY_ATSS
-
-    from densedet.engine import train
-    from densedet.io import atomic_torch_save
-    from densedet.models.build import build_detector
-
     root = tmp_path / "synth"
     make_synthetic_coco(root, num_train=2, num_val=1, size=64, seed=0)
     tiny = [o for o in TINY_ATSS if not o.startswith("model.backbone.pretrained")]
