@@ -32,7 +32,7 @@ from densedet.data.formats.common import IMAGE_EXTS, ProblemLog
 from densedet.data.formats.voc import voc_classes, voc_split_ids, voc_to_coco
 from densedet.data.formats.yolo import label_dir_for, read_data_yaml, yolo_classes, yolo_split_dirs, yolo_to_coco
 from densedet.home import densedet_home
-from densedet.io import atomic_write_json
+from densedet.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 
 __all__ = ["HOLDOUT_EVERY", "PreparedDataset", "SplitFiles", "detect_layout", "prepare_dataset", "split_holdout"]
 
@@ -159,11 +159,15 @@ def _cached(cache: Path, key: str, build: Any, log: ProblemLog | None = None) ->
             saved = json.loads(problems.read_text())
             log.counts, log.examples = saved["counts"], saved["examples"]
         return paths
+    ensure_writable_dir(cache, "the folder for the converted COCO json",
+                        "Set DENSEDET_HOME to a writable folder (DenseDet converts VOC / YOLO annotations into "
+                        "$DENSEDET_HOME/datasets), or convert once with `densedet data convert --out DIR` into a "
+                        "writable DIR")
     for s, coco in build().items():
         atomic_write_json(paths[s], coco)
     if log is not None:
         atomic_write_json(problems, {"counts": log.counts, "examples": log.examples})
-    stamp.write_text(key + "\n")
+    atomic_write_text(stamp, key + "\n")
     return paths
 
 
