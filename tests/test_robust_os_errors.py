@@ -19,9 +19,12 @@ from readonly_fs import make_read_only
 
 import densedet.api
 from densedet.cli import _user_error_exit, main
+from densedet.config import load_config
 from densedet.deploy.runtime import OnnxDetector
+from densedet.engine.checkpoint import save_checkpoint
 from densedet.errors import CheckpointError, PathError
 from densedet.io import atomic_torch_save, atomic_write, ensure_writable_dir
+from densedet.models.build import build_detector
 
 TINY = ["model.backbone.base_channels=8", "model.neck.in_channels=[16,32,64]", "model.neck.out_channels=16",
         "model.bbox_head.in_channels=16", "model.bbox_head.feat_channels=16", "model.bbox_head.stacked_convs=1",
@@ -185,3 +188,23 @@ def test_ensure_writable_dir_creates_and_names(tmp_path) -> None:
     (tmp_path / "f").write_text("")
     with pytest.raises(PathError, match=r"the thing .*f cannot be written: already exists and is not a folder"):
         ensure_writable_dir(tmp_path / "f", "the thing")
+
+
+def test_unlistable_image_folder_is_a_data_error(tmp_path, monkeypatch, capsys) -> None:
+    """A folder given to predict that cannot be listed (no read permission: simulated, root lists anything) is a
+    data error naming it."""
+    ckpt = tmp_path / "tiny.pth"
+    save_checkpoint(ckpt, build_detector(load_config("atss_r18_fpn_synth", TINY).model))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (32, 32)).save(folder / "a.png")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert main(["predict", "atss_r18_fpn_synth", str(ckpt), str(folder), "--out", str(tmp_path / "p"), *TINY]) == 3
+    assert f"{folder}: cannot list the image folder: permission denied" in _one_line(capsys, "data")
