@@ -17,7 +17,7 @@ from densedet.data import CocoDataset, DataError, build_dataloader, make_synthet
 from densedet.data.formats import detect_layout, prepare_dataset
 from densedet.deploy import ExportDependencyError, OnnxDetector, OnnxRuntimeModel
 from densedet.engine import Trainer, evaluate, train
-from densedet.errors import CheckpointError, DenseDetError, NonFiniteError
+from densedet.errors import CheckpointError, DenseDetError, NonFiniteError, PathError
 from densedet.evaluation import EvalResult, evaluate_coco
 from densedet.inference import Predictor, draw_detections, load_detector, predict_video
 from densedet.models.build import build_detector
@@ -28,8 +28,8 @@ from densedet.weights import ZOO, convert_mmdet_checkpoint, fetch_zoo_weights, l
 
 __all__ = [
     "CheckpointError", "CocoDataset", "Config", "ConfigError", "DataError", "DenseDetError", "Detector", "EvalResult",
-    "ExportDependencyError", "InferenceModel", "NonFiniteError", "OnnxDetector", "OnnxRuntimeModel", "Predictor",
-    "SingleStageDetector", "Trainer", "TwoStageDetector", "ZOO", "__version__", "build_dataloader",
+    "ExportDependencyError", "InferenceModel", "NonFiniteError", "OnnxDetector", "OnnxRuntimeModel", "PathError",
+    "Predictor", "SingleStageDetector", "Trainer", "TwoStageDetector", "ZOO", "__version__", "build_dataloader",
     "build_detector", "build_model", "convert_mmdet_checkpoint", "data_check", "detect_layout", "draw_detections",
     "evaluate", "evaluate_coco", "export", "fetch_zoo_weights", "list_configs", "load_checkpoint", "load_config",
     "load_detector", "load_model_weights", "make_synthetic_coco", "predict_video", "prepare_dataset", "train",

@@ -23,11 +23,13 @@ from densedet.data.synth import make_synthetic_coco
 from densedet.data.transforms import build_pipeline
 from densedet.data.tta import find_tta, tta_pipeline
 from densedet.deploy.onnx_export import ExportResult, check_onnx, export_detector
+from densedet.errors import PathError
 from densedet.inference.loading import load_detector, resolve_weights_path
+from densedet.io import ensure_writable_dir
 from densedet.models.build import build_detector
 from densedet.weights import load_checkpoint, load_model_weights
 
-__all__ = ["build_model", "default_check_image", "default_size", "export"]
+__all__ = ["build_model", "check_export_target", "default_check_image", "default_size", "export"]
 
 
 def build_model(name_or_path: str | Path, checkpoint: str | Path | None = None, pretrained_backbone: bool = False,
@@ -110,6 +112,14 @@ def _graph_input(image: np.ndarray, size: tuple[int, int] | None, cfg: Config) -
     return t.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def check_export_target(out: Path) -> None:
+    """A :class:`~densedet.errors.PathError` (exit 2) when ``out`` cannot be written: its folder is not writable
+    (created if missing), or ``out`` is a folder."""
+    if out.is_dir():
+        raise PathError(f"--out {out} is a folder; give the .onnx file to write (e.g. {out / 'model.onnx'})")
+    ensure_writable_dir(out.parent, "the folder of --out", "Choose another --out")
+
+
 def export(config: str | Path | Config, checkpoint: str | Path | None = None, out: str | Path = "model.onnx", *,
            nms: bool = True, dynamic: bool = False, size: tuple[int, int] | None = None, batch: int = 1,
            max_det: int | None = None, overrides: list[str] | None = None, check: bool = True,
@@ -119,7 +129,8 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
     Args:
         config: built-in config name, YAML path or :class:`Config`; checkpoint: weights (strict; a file, a work
             dir or ``zoo:NAME``), None = random.
-        out: the .onnx file to write (its folder must be writable).
+        out: the .onnx file to write; its folder must be writable, which is checked (a
+            :class:`~densedet.errors.PathError`) before anything is loaded or exported.
         nms: graph with NMS and fixed-shape outputs ``boxes (B, max_det, 4)``, ``scores (B, max_det)``, ``labels
             (B, max_det)`` (-1 padding), ``num_dets (B,)`` (and ``masks`` for Mask R-CNN); False: pre-NMS
             candidates ``boxes, scores, labels`` (dense heads).
@@ -135,6 +146,8 @@ def export(config: str | Path | Config, checkpoint: str | Path | None = None, ou
     Returns:
         :class:`~densedet.deploy.onnx_export.ExportResult` (``summary()`` prints what was written and the check).
     """
+    out = Path(out)
+    check_export_target(out)  # before the export's minutes of work, not after
     cfg = config if isinstance(config, Config) else load_config(config, overrides)
     model = load_detector(cfg, checkpoint, device="cpu", precision="fp32", compile=False, backend="eager")
     h, w = size or ((320, 448) if dynamic else default_size(cfg))

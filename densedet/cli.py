@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,16 +14,17 @@ from densedet.analysis.bench import add_bench_parser, cmd_bench, parse_size
 from densedet.analysis.complexity import MMDET_DEFAULT_SIZE, format_complexity, model_complexity
 from densedet.analysis.data_check import data_check
 from densedet.analysis.levels import LevelLogError, levels_report
-from densedet.api import export
+from densedet.api import check_export_target, export
 from densedet.config import list_configs, load_config
 from densedet.config.schema import LOGGER_NAMES, check_logger_names
 from densedet.data import CocoDataset, build_dataloader, tta_pipeline
 from densedet.data.coco import load_coco_json
 from densedet.data.formats import prepare_dataset
+from densedet.data.formats.common import IMAGE_EXTS
 from densedet.data.synth import make_synthetic_coco
 from densedet.dist import cleanup
 from densedet.engine import evaluate, run_inference, train
-from densedet.errors import DataError, DenseDetError
+from densedet.errors import CheckpointError, ConfigError, DataError, DenseDetError, PathError, os_error_reason
 from densedet.evaluation import (
     algorithm_name,
     coco_testset_name,
@@ -40,7 +42,7 @@ from densedet.inference import Predictor
 from densedet.inference import draw_predictions as dp
 from densedet.inference.loading import load_detector, model_device, resolve_weights_path
 from densedet.inference.video import is_video_source, predict_video, require_av
-from densedet.io import atomic_write_text
+from densedet.io import atomic_write_text, ensure_writable_dir
 from densedet.models.build import build_detector
 from densedet.weights import SWA_FINAL, convert_mmdet_checkpoint, fetch_zoo_weights, format_zoo_table, get_entry
 
@@ -80,11 +82,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                                       "(multi-scale ranges keep their proportions)")
 
 
+def _writable(folder: str | Path, what: str, option: str = "--out") -> Path:
+    """``folder`` created and checked writable before any long work writes into it (a one-line path error)."""
+    return ensure_writable_dir(folder, what, f"Choose another {option}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)
     if args.logger:  # --logger adds to runtime.loggers
         cfg.runtime.loggers = check_logger_names([*cfg.runtime.loggers, *args.logger], "--logger")
     work_dir = Path(args.work_dir or cfg.runtime.work_dir or Path("work_dirs") / cfg.name)
+    _writable(work_dir, "the work dir", "--work-dir")
     resume: Any = args.resume
     if resume == "auto":
         resume = True
@@ -109,6 +117,8 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDa
 def cmd_test(args: argparse.Namespace) -> int:
     _zoo_row_config(args)
     cfg = _load_cfg(args)
+    if args.out:
+        _writable(args.out, "the results folder (--out)")
     ckpt_path = _resolve_checkpoint(args.checkpoint, args.config)
     model = load_detector(cfg, ckpt_path, device=args.device, precision=args.precision, fuse=args.fuse,
                           compile=args.compile, backend=args.backend)
@@ -119,7 +129,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     zoo = args.checkpoint.startswith("zoo")  # released weights: results go to work_dirs, not into the cache
     out = Path(args.out) if args.out else (Path("work_dirs") / cfg.name / "test_zoo" if zoo else
                                            ckpt_path.parent / "test")
-    out.mkdir(parents=True, exist_ok=True)
+    _writable(out, "the results folder (--out)")
     if args.format_only or not dataset.has_annotations:
         if not args.format_only:
             print(f"{dataset.ann_file} has no 'annotations' (an image-info file such as image_info_test-dev2017.json):"
@@ -186,6 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"SPLIT, not {'both' if args.split else 'neither'}", file=sys.stderr)
         return 2
     _zoo_row_config(args)
+    _writable(args.out, "the drawings folder (--out)")
     config = _load_cfg(args) if (args.data or args.img_size) else args.config
     video = bool(args.input and not args.ann and is_video_source(args.input))
     if args.every != 1 and not video:
@@ -223,6 +234,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_export_target(Path(args.out))  # before the checkpoint is fetched and minutes of export run
     if args.checkpoint and "=" in args.checkpoint and not Path(args.checkpoint).exists():
         args.overrides, args.checkpoint = [args.checkpoint, *(args.overrides or [])], None  # an override, no weights
     result = export(args.config, _resolve_checkpoint(args.checkpoint, args.config) if args.checkpoint else None,
@@ -262,6 +274,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
+    if args.out:
+        _writable(Path(args.out).parent, "the folder of --out")
     text, png, _ = data_check(args.path, args.config, args.img_size, args.out, args.max_images, args.overrides)
     print(text)
     print(f"\nwrote {png}")
@@ -269,6 +283,9 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
+    # an --out inside the dataset is refused by prepare_dataset: never create it there
+    if not Path(args.out).expanduser().resolve().is_relative_to(Path(args.src).expanduser().resolve()):
+        _writable(args.out, "the json folder (--out)")
     ds = prepare_dataset(args.src, out_dir=args.out, expect=args.fmt)
     for split, f in ds.splits.items():
         print(f"{split}: {f.ann_file}  (images in {f.img_dir})")
@@ -278,6 +295,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     key_map = dict(kv.split("=", 1) for kv in args.key_map or [])
+    _writable(Path(args.dst).parent, "the folder of DST", "DST")
     model = None
     if args.config:  # check the fit before writing: an unfit file is never left at dst
         model = load_detector(load_config(args.config), None, device="cpu", fuse=False, compile=False,
@@ -305,6 +323,8 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_levels(args: argparse.Namespace) -> int:
+    if args.out:
+        _writable(Path(args.out).parent, "the folder of --out")
     try:
         table, png = levels_report(args.work_dir, args.out)
     except (LevelLogError, ValueError, TypeError) as e:  # no lvl* keys, or a corrupt log line: a data error
@@ -353,7 +373,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="densedet", description="Dense one-stage object detection in pure PyTorch.",
-                                epilog=EPILOG + " Exit codes: 2 config, 3 data, 4 checkpoint, 5 non-finite "
+                                epilog=EPILOG + " Exit codes: 2 config or path, 3 data, 4 checkpoint, 5 non-finite "
                                 "training (docs/cli.md).")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (also DENSEDET_DEBUG=1); accepted anywhere on the line")
@@ -545,18 +565,52 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _user_error_exit(err: BaseException, debug: bool) -> int | None:
-    """Print a user error as one line and return its exit code; None for a bug (or ``debug``): re-raise it."""
-    if isinstance(err, DenseDetError):
-        kind, code = err.kind, err.exit_code
+#: file suffixes by what they hold, for OSErrors that reach the CLI without a DenseDet error around them
+WEIGHT_SUFFIXES = (".pth", ".pt", ".onnx", ".safetensors", ".bin", ".ckpt", ".pkl", ".part", ".sha256")
+CONFIG_SUFFIXES = (".yaml", ".yml")
+DATA_SUFFIXES = (".json", ".jsonl", ".xml", ".txt", ".csv", *IMAGE_EXTS)
+
+
+def _os_error_kind(err: OSError) -> tuple[str, int, str]:
+    """``(kind, exit code, message)`` of an ``OSError`` that no DenseDet error wrapped (the safety net behind the
+    errors raised at the source): a full disk or a read-only file system -> path (2: an output's place); else by
+    the suffix of the path it names, a weights / ``.onnx`` file -> checkpoint (4), a config -> config (2), an
+    annotation or image -> data (3); any other path (a folder, an output) -> path (2), except a missing one given
+    on the command line -> input (3, as before)."""
+    path = err.filename if err.filename is not None else err.filename2
+    suffix = Path(str(path)).suffix.lower() if path is not None else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # only writes fail so: an output's place
+        kind, code = PathError.kind, PathError.exit_code
+    elif suffix in WEIGHT_SUFFIXES:
+        kind, code = CheckpointError.kind, CheckpointError.exit_code
+    elif suffix in CONFIG_SUFFIXES:
+        kind, code = ConfigError.kind, ConfigError.exit_code
+    elif suffix in DATA_SUFFIXES:
+        kind, code = DataError.kind, DataError.exit_code
     elif isinstance(err, FileNotFoundError):  # an input path given on the command line that does not exist
         kind, code = "input", DataError.exit_code
+    else:
+        kind, code = PathError.kind, PathError.exit_code
+    where = f"{path}: " if path is not None else ""
+    also = f" (-> {err.filename2})" if err.filename is not None and err.filename2 is not None else ""
+    return kind, code, f"{where}{os_error_reason(err)}{also}"
+
+
+def _user_error_exit(err: BaseException, debug: bool) -> int | None:
+    """Print a user error as one line and return its exit code; None for a bug (or ``debug``): re-raise it.
+
+    User errors: every :class:`~densedet.errors.DenseDetError`, and every ``OSError`` (permission denied, not a
+    folder, a full disk, a missing file ...), named by its path (see :func:`_os_error_kind`)."""
+    if isinstance(err, DenseDetError):
+        kind, code, text = err.kind, err.exit_code, str(err)
+    elif isinstance(err, OSError):
+        kind, code, text = _os_error_kind(err)
     else:
         return None
     if debug:
         return None
     # One line: a listing some messages append on indented lines (a checkpoint's missing keys) is joined with ';'.
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()] or [type(err).__name__]
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()] or [type(err).__name__]
     message = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "")
     print(f"densedet: {kind} error: {message}", file=sys.stderr)
     return code

@@ -12,6 +12,8 @@ so code that caught those keeps working. No torch import here: every module can 
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "EXIT_CODES",
     "CheckpointError",
@@ -22,6 +24,8 @@ __all__ = [
     "DenseDetError",
     "NonFiniteError",
     "NotImplementedConfigError",
+    "PathError",
+    "os_error_reason",
 ]
 
 
@@ -77,6 +81,41 @@ class NotImplementedConfigError(ConfigError, NotImplementedError):
     detector: a config error (exit 2) that is also a ``NotImplementedError``."""
 
 
+class PathError(DenseDetError, OSError):
+    """A folder or file DenseDet must write (a work dir, ``--out``, ``$DENSEDET_HOME``) that it cannot: not
+    writable, read-only, not a folder, a full disk. The message names the path and what to do (exit 2, as a bad
+    path on the command line). Also an ``OSError``, so callers that caught the original keep working; construct it
+    with one message string."""
+
+    exit_code = 2
+    kind = "path"
+
+
+#: errno -> what it means for a user, and what to do
+_ERRNO_TEXT = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device (free some, or write elsewhere)",
+    errno.EDQUOT: "disk quota exceeded (free some space, or write elsewhere)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EEXIST: "already exists and is not a folder",
+    errno.ENOENT: "no such file or folder",
+    errno.EIO: "input/output error (a failing disk or network share?)",
+    errno.ENAMETOOLONG: "file name too long",
+}
+
+
+def os_error_reason(err: BaseException) -> str:
+    """A short, plain reason for an ``OSError`` ("permission denied", "read-only file system", "no space left on
+    the device (...)"), without the path; ``str(err)`` for anything else."""
+    code = getattr(err, "errno", None)
+    if code in _ERRNO_TEXT:
+        return _ERRNO_TEXT[code]
+    return getattr(err, "strerror", None) or str(err) or type(err).__name__
+
+
 class NonFiniteError(DenseDetError, FloatingPointError):
     """Training produced a non-finite loss, or too many consecutive non-finite gradients; the message names the
     epoch and iteration."""
@@ -89,7 +128,7 @@ class NonFiniteError(DenseDetError, FloatingPointError):
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "internal error (a bug: the traceback is printed)",
-    ConfigError.exit_code: "usage or config error",
+    ConfigError.exit_code: "usage, config or path error (a folder that cannot be written, ...)",
     DataError.exit_code: "data error",
     CheckpointError.exit_code: "checkpoint error",
     NonFiniteError.exit_code: "training stopped: non-finite loss or gradients",

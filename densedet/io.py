@@ -6,6 +6,10 @@ the writer itself so it gets normal umask permissions), flushes it to disk, then
 target and syncs the folder: a reader sees the old file or the whole new one, never a part. The temp name carries
 the writer's pid, so :func:`remove_stale_temp_files` can delete what a killed writer left behind without touching
 a live writer's file.
+
+A write that the file system refuses (permission denied, read-only, a full disk, a file where a folder should be)
+raises :class:`~densedet.errors.PathError` naming the target and the reason, one line for the CLI (exit 2);
+:func:`ensure_writable_dir` checks a folder that way *before* long work writes into it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +25,10 @@ from typing import Any
 
 import torch
 
+from densedet.errors import DenseDetError, PathError, os_error_reason
+
 __all__ = ["atomic_torch_save", "atomic_write", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "remove_stale_temp_files", "temp_name"]
+           "ensure_writable_dir", "remove_stale_temp_files", "temp_name"]
 
 _TEMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
 
@@ -57,22 +64,62 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def ensure_writable_dir(folder: str | Path, what: str = "the output folder", hint: str = "") -> Path:
+    """Create ``folder`` (and its parents) if needed and check that a file can be created in it, by creating and
+    removing a hidden probe file; returns it. A :class:`~densedet.errors.PathError` names ``what``, the folder and
+    the reason (read-only, permission denied, a file in the way ...), followed by ``hint``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".densedet-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PathError(f"{what} {folder} cannot be written: {os_error_reason(e)}" + (f". {hint}" if hint else "")
+                        ) from e
+    return folder
+
+
+def _discard(tmp: Path) -> None:
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:  # a read-only folder where the temp file never came to be
+        pass
+
+
+def _is_about(err: OSError, *paths: Path) -> bool:
+    """The error names none of the files (a failed write() names none) or one of ``paths``."""
+    names = {str(p) for p in paths}
+    return all(f is None or str(f) in names for f in (err.filename, err.filename2))
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], Any], *, fsync: bool = True) -> Path:
     """Call ``write(tmp_path)``, then move the temp file onto ``path`` (creating its folder); returns ``path``.
 
     ``fsync``: flush the file and the folder to disk (off only for scratch output where speed matters more than
-    surviving a power cut). On any error the temp file is removed and ``path`` keeps its previous content.
+    surviving a power cut). On any error the temp file is removed and ``path`` keeps its previous content; an
+    ``OSError`` of the write itself (permission, read-only, full disk, not a folder) becomes a
+    :class:`~densedet.errors.PathError` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PathError(f"cannot write {path}: its folder {path.parent} cannot be created: {os_error_reason(e)}"
+                        ) from e
     tmp = temp_name(path)
     try:
         write(tmp)
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        if isinstance(e, DenseDetError) or not _is_about(e, tmp, path, path.parent):
+            raise
+        raise PathError(f"cannot write {path}: {os_error_reason(e)}") from e
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
     if fsync:
         _fsync_dir(path.parent)

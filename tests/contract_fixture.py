@@ -209,7 +209,56 @@ def _generate_before() -> dict[str, Any]:  # pragma: no cover - run by hand agai
     return refs
 
 
+def summaries_now(name: str) -> dict[str, Any]:
+    """``{"predict", "loss"}`` summaries of built-in config ``name`` computed by the current code (uint8 batch,
+    the model's own ``data_preprocessor``): what ``test_contract_equality.py`` compares with the reference."""
+    from densedet.config import load_config
+    from densedet.models.build import build_detector
+    from densedet.structures.masks import InstanceMasks
+
+    raw = load_config(name, validate_model=False)
+    kind = "two" if "roi_head" in raw.model else "single"
+    cfg = load_config(name, OVERRIDES[kind] + ["model.backbone.pretrained=null"])
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, init=False)
+    fill_weights(model)
+    batch = torch.zeros(2, 3, 96, 128, dtype=torch.uint8)  # pixels, as collate pads them: the model normalises
+    for i, px in enumerate(make_pixels()):
+        batch[i, :, : px.shape[0], : px.shape[1]] = torch.from_numpy(px).permute(2, 0, 1)
+    with_mask = kind == "two" and model.with_mask
+    targets = make_targets(model.num_classes, with_mask)
+    for t, (h, w) in zip(targets, IMAGE_SHAPES):
+        if with_mask:
+            t["masks"] = InstanceMasks.from_coco(t.pop("polygons"), h, w)
+    model.eval()
+    with torch.no_grad():
+        dets = summarize_predictions(model(batch, metas=make_metas(), mode="predict"))
+    model.train()
+    torch.manual_seed(0)
+    losses = summarize_losses(model(batch, targets=targets, metas=make_metas(), mode="loss"))
+    return {"predict": dets, "loss": losses}
+
+
+def update_reference(names: list[str]) -> None:  # pragma: no cover - run by hand for an intended change
+    """Recompute the reference entries of the models of configs ``names`` with the current code and keep every
+    other entry as it is (``python tests/contract_fixture.py --update NAME ...``); say why in the commit."""
+    torch.set_num_threads(1)  # as the test suite (conftest.py)
+    refs = torch.load(REFERENCE, weights_only=True)
+    for name in names:
+        key = refs["configs"][name]
+        refs["models"][key] = {"config": refs["models"][key].get("config", name), **summaries_now(name)}
+        print(name, key, {k: round(v, 4) for k, v in refs["models"][key]["loss"].items() if k.startswith("loss")},
+              flush=True)
+    torch.save(refs, REFERENCE)
+    print(f"updated {len(names)} entries of {REFERENCE}")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    REFERENCE.parent.mkdir(exist_ok=True)
-    torch.save(_generate_before(), REFERENCE)
-    print(f"wrote {REFERENCE}")
+    import sys
+
+    if sys.argv[1:2] == ["--update"]:
+        update_reference(sys.argv[2:])
+    else:
+        REFERENCE.parent.mkdir(exist_ok=True)
+        torch.save(_generate_before(), REFERENCE)
+        print(f"wrote {REFERENCE}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -286,3 +289,117 @@ def test_voc_and_yolo_routes_train_like_the_coco_route(tmp_path) -> None:
     assert len(losses["coco"]) == 2
     assert losses["voc"] == losses["coco"]
     assert losses["yolo"] == pytest.approx(losses["coco"], rel=1e-4)
+
+
+@pytest.fixture
+def opened_images(monkeypatch) -> list[str]:
+    """Every path the converters open with PIL (their only way to read an image)."""
+    import densedet.data.formats.common as common
+
+    seen: list[str] = []
+    real_open = common.Image.open
+
+    def spy(fp, *args, **kwargs):
+        seen.append(os.path.realpath(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(common.Image, "open", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_voc_filename_outside_the_dataset_is_refused_before_it_is_opened(kind, tmp_path, opened_images,
+                                                                         capsys) -> None:
+    """Issue 18 item 3: a VOC <filename> leading outside JPEGImages (``..``, absolute, a symlink) is a data error
+    naming the XML (exit 3), and the file it names is never opened, even when the XML gives no <size>."""
+    root = _voc_root(tmp_path)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (30, 20)).save(outside)
+    name = {"dotdot": "../../outside.png", "absolute": str(outside), "symlink": "c.png"}[kind]
+    if kind == "symlink":
+        (root / "JPEGImages" / "c.png").symlink_to(outside)
+    # no <size>: the converter would read the image header for it
+    (root / "Annotations" / "c.xml").write_text(f"<annotation><filename>{name}</filename>"
+                                                f"{_obj('cat', (1, 1, 5, 5))}</annotation>")
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nc\n")
+    why = {"dotdot": "goes up with '..'", "absolute": "is an absolute path", "symlink": "resolves to"}[kind]
+    with pytest.raises(DataError, match=rf"c\.xml: <filename> '{re.escape(name)}' {why}"):
+        prepare_dataset(root)
+    assert str(outside) not in opened_images
+    assert main(["data", "convert", "--from", "voc", str(root), "--out", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("densedet: data error: ") and "c.xml" in err and len(err.splitlines()) == 1
+    assert str(outside) not in opened_images
+
+
+def test_voc_ids_and_xml_files_outside_are_refused(tmp_path) -> None:
+    root = _voc_root(tmp_path)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\n../../secret\n")
+    with pytest.raises(DataError, match=r"train\.txt:2: image id '\.\./\.\./secret' goes up with '\.\.'"):
+        prepare_dataset(root)
+    (root / "ImageSets" / "Main" / "train.txt").write_text("a\nlinked\n")
+    elsewhere = tmp_path / "elsewhere.xml"
+    elsewhere.write_text(_xml("a.jpg", 100, 80, _obj("dog", (1, 1, 9, 9))))
+    (root / "Annotations" / "linked.xml").symlink_to(elsewhere)
+    with pytest.raises(DataError, match=r"linked\.xml: the annotation file resolves to .*elsewhere\.xml"):
+        prepare_dataset(root)
+
+
+@pytest.mark.parametrize("line", ["nan 0.5 0.5 0.2 0.2", "0 nan 0.5 0.2 0.2", "0 0.5 0.5 inf 0.2",
+                                  "0 0.1 0.1 0.5 -inf 0.9 0.9"])
+def test_yolo_non_finite_field_names_the_label_line(line, tmp_path) -> None:
+    """Issue 18 item 3: NaN / inf in any YOLO field (class id included) is a data error naming file:line, not a
+    traceback (class id) nor a box that passes every comparison (coordinates)."""
+    root = synth_as_yolo(tmp_path / "y", 2, 1, 64)
+    label = sorted((root / "labels" / "train").glob("*.txt"))[1]
+    label.write_text(label.read_text().rstrip("\n") + f"\n{line}\n")
+    n = len(label.read_text().splitlines())
+    with pytest.raises(DataError, match=rf"labels/train/{label.name}:{n}: NaN or infinite number"):
+        prepare_dataset(root)
+
+
+def test_yolo_symlinked_image_or_label_outside_is_refused_unopened(tmp_path, opened_images) -> None:
+    root = synth_as_yolo(tmp_path / "y", 2, 1, 64)
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (30, 20)).save(outside)
+    (root / "images" / "train" / "zz.png").symlink_to(outside)
+    with pytest.raises(DataError, match=r"zz\.png: the image resolves to .*outside\.png"):
+        prepare_dataset(root)
+    assert str(outside) not in opened_images
+    (root / "images" / "train" / "zz.png").unlink()
+    secret = tmp_path / "secret.txt"
+    secret.write_text("0 0.5 0.5 0.1 0.1\n")
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.unlink()
+    label.symlink_to(secret)
+    with pytest.raises(DataError, match=rf"{label.name}: the label file resolves to .*secret\.txt"):
+        prepare_dataset(root)
+
+
+def test_data_yaml_leading_outside_is_followed_logged_and_warned(tmp_path, caplog) -> None:
+    """data.yaml's path: pointing outside the --data folder is followed (Ultralytics), the folders read are logged,
+    and the folder's own images, unused, are warned about."""
+    other = synth_as_yolo(tmp_path / "other", 3, 1, 64, seed=2)
+    given = synth_as_yolo(tmp_path / "given", 2, 1, 64)
+    names = (given / "data.yaml").read_text().split("names:")[1]
+    (given / "data.yaml").write_text(f"path: ../other\ntrain: images/train\nval: images/val\nnames:{names}")
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.WARNING, logger="densedet"):
+        warnings.simplefilter("always")
+        ds = prepare_dataset(given)
+    train = json.loads(ds.splits["train"].ann_file.read_text())
+    assert len(train["images"]) == 3 and ds.splits["train"].img_dir == other.resolve() / "images"
+    logs = [r.getMessage() for r in caplog.records]
+    for split in ("train", "val"):
+        assert any(f"reading the {split} images from {other.resolve() / 'images' / split}" in m for m in logs), logs
+    msgs = [str(w.message) for w in rec if issubclass(w.category, DataWarning)]
+    assert any(m.startswith(f"{given.resolve()} holds images that are not used (e.g. images/train/") for m in msgs)
+    # the same outside folders from a yaml in a folder without images of its own: logged, no warning
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "data.yaml").write_text(f"path: {other}\ntrain: images/train\nval: images/val\nnames:{names}")
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as rec, caplog.at_level(logging.WARNING, logger="densedet"):
+        warnings.simplefilter("always")
+        prepare_dataset(bare)
+    assert not [w for w in rec if issubclass(w.category, DataWarning)]
+    assert any("reading the train images from" in r.getMessage() for r in caplog.records)

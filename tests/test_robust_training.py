@@ -1,6 +1,7 @@
 """No non-finite checkpoint, ever (issue 9, item 10): AMP gradient check with counted skips and a stop, checkpoints
 refused when they hold NaN/inf, convs on maps smaller than their kernel in fp32 under autocast, and the temp
-file of a killed save removed at the next start (item 11)."""
+file of a killed save removed at the next start (item 11); and (issue 18 item 5) ``runtime.load_from`` never reads
+the backbone's ``pretrained`` source."""
 
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import TINY_ATSS
 from torch import nn
 
 from densedet.config import config_from_dict, load_config
 from densedet.data import make_synthetic_coco
-from densedet.engine import Trainer, load_checkpoint
+from densedet.engine import Trainer, load_checkpoint, train
 from densedet.engine.checkpoint import find_nonfinite, remove_stale_temp_files
 from densedet.errors import CheckpointError, NonFiniteError
+from densedet.io import atomic_torch_save
+from densedet.models.build import build_detector
 from densedet.models.layers import ConvModule
 
 _PIPE = [{"type": "Resize", "img_scale": [64, 64], "keep_ratio": True}]
@@ -167,3 +171,35 @@ def test_temp_file_of_a_killed_save_is_removed_on_the_next_start(synth_root, tmp
         live.kill()
     assert not stale[0].exists() and busy.exists() and other.exists()
     assert remove_stale_temp_files(tmp_path) == [busy]  # its writer is gone now
+
+
+def test_load_from_skips_the_backbone_pretrained_weights(tmp_path, caplog) -> None:
+    """Issue 18 item 5: with ``runtime.load_from`` set, the backbone's ``pretrained`` source is never read (the
+    checkpoint overwrites those weights anyway), so fine-tuning works offline; the log says so. The source here is
+    a file that does not exist: reading it would be a CheckpointError."""
+    root = tmp_path / "synth"
+    make_synthetic_coco(root, num_train=2, num_val=1, size=64, seed=0)
+    tiny = [o for o in TINY_ATSS if not o.startswith("model.backbone.pretrained")]
+    start = build_detector(load_config("atss_r18_fpn_synth", TINY_ATSS).model)
+    atomic_torch_save({"state_dict": start.state_dict()}, tmp_path / "start.pth")
+    missing = tmp_path / "no_such_backbone.pth"
+    overrides = tiny + [f"model.backbone.pretrained={missing}", f"runtime.load_from={tmp_path / 'start.pth'}",
+                        f"data.root={root}", "data.auto_create=null", "data.samples_per_gpu=2",
+                        "data.workers_per_gpu=0", "schedule.epochs=1", "runtime.val_interval=0",
+                        "runtime.log_interval=1"]
+    cfg = load_config("atss_r18_fpn_synth", overrides)
+    with caplog.at_level(logging.INFO, logger="densedet"):
+        trainer = Trainer(cfg, tmp_path / "wd")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("runtime.load_from is set: not fetching the backbone's pretrained weights" in m and str(missing) in m
+               for m in msgs), msgs
+    assert any("loaded initial weights from" in m for m in msgs)
+    for k, v in start.state_dict().items():  # every weight, the backbone's included, is the checkpoint's
+        assert torch.equal(trainer.model.state_dict()[k], v), k
+    train(cfg, tmp_path / "wd2")  # and the run itself starts and finishes
+    assert (tmp_path / "wd2" / "epoch_1.pth").is_file()
+    assert not missing.exists()
+    # without load_from the same config does read the source, so the test above could fail
+    with pytest.raises(CheckpointError, match="no_such_backbone"):
+        Trainer(load_config("atss_r18_fpn_synth", [o for o in overrides if not o.startswith("runtime.load_from")]),
+                tmp_path / "wd3")

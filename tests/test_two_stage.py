@@ -259,3 +259,58 @@ def test_build_model_num_classes_and_predictor_returns_masks() -> None:
     drawn = densedet.draw_detections(img, det["boxes"], det["scores"], det["labels"], predictor.classes,
                                      score_thr=0.0, masks=det["masks"])
     assert drawn.size == (90, 70)
+
+
+def test_proposal_size_rules_by_hand() -> None:
+    """mmdet < 2.13 (``'ge'``): filter only when min_bbox_size > 0 and keep w, h >= it; mmdet >= 2.13 (``'gt'``):
+    always keep w, h > min_bbox_size."""
+    from densedet.models.heads.rpn_head import proposal_size_valid
+
+    boxes = torch.tensor([[5.0, 0, 5, 9],     # zero width
+                          [0, 3, 8, 3],       # zero height
+                          [0, 0, 2, 6],       # w == 2
+                          [0, 0, 2.5, 3],     # w, h > 2
+                          [0, 0, 1, 1]])      # 1 x 1
+    assert proposal_size_valid(boxes, 0, "ge").tolist() == [True, True, True, True, True]
+    assert proposal_size_valid(boxes, 0, "gt").tolist() == [False, False, True, True, True]
+    assert proposal_size_valid(boxes, 2, "ge").tolist() == [False, False, True, True, False]
+    assert proposal_size_valid(boxes, 2, "gt").tolist() == [False, False, False, True, False]
+
+
+@pytest.mark.parametrize("rule", ["ge", "gt"])
+def test_rpn_zero_width_proposals_from_padding_anchors_follow_the_rule(rule: str) -> None:
+    """A 96x128 batch holding a 64x80 image: anchors on its padding (x1 >= 80 or y1 >= 64) clip to zero-size boxes.
+    With zero deltas every proposal is its clipped anchor, so the expected proposals are written from mmdet's steps
+    directly: clip, size filter of the version's rule (min_bbox_size 0), NMS 0.7 per level, max_per_img."""
+    from torchvision.ops import batched_nms
+
+    torch.manual_seed(0)
+    head = RPNHead(in_channels=8, feat_channels=8, min_bbox_rule=rule,
+                   test_cfg={"nms_pre": 100000, "max_per_img": 100000, "nms": {"type": "nms", "iou_threshold": 0.7},
+                             "min_bbox_size": 0})
+    sizes = [(24, 32), (12, 16), (6, 8), (3, 4), (2, 2)]  # 96x128 at strides 4..64
+    cls = [torch.randn(2, 3, h, w) for h, w in sizes]
+    reg = [torch.zeros(2, 12, h, w) for h, w in sizes]
+    shapes = [(96, 128), (64, 80)]
+    metas = [{"img_shape": s, "pad_shape": (96, 128), "batch_input_shape": (96, 128)} for s in shapes]
+    got = head.proposals((cls, reg), metas)
+    anchors = head.anchor_generator.grid_priors(sizes, dtype=torch.float32, device="cpu")
+    for i, (h, w) in enumerate(shapes):
+        boxes = torch.cat(anchors)
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                             boxes[:, 3].clamp(0, h)], 1)
+        scores = torch.cat([c[i].permute(1, 2, 0).reshape(-1) for c in cls]).sigmoid()  # mmdet's (H, W, A) order
+        levels = torch.cat([torch.full((len(a),), k) for k, a in enumerate(anchors)])
+        wh = boxes[:, 2:] - boxes[:, :2]
+        keep = torch.ones(len(boxes), dtype=torch.bool) if rule == "ge" else (wh > 0).all(1)  # min_bbox_size 0
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        kept = batched_nms(boxes, scores, levels, 0.7)
+        want = torch.cat([boxes[kept], scores[kept, None]], 1)
+        zero = ((got[i][:, 2] - got[i][:, 0]) * (got[i][:, 3] - got[i][:, 1]) == 0).sum().item()
+        assert got[i].shape == want.shape, (rule, i, got[i].shape, want.shape)
+        order = lambda t: t[torch.argsort(t[:, 4], descending=True)]  # noqa: E731 - scores are distinct
+        torch.testing.assert_close(order(got[i]), order(want))
+        if rule == "ge" and i == 1:
+            assert zero > 0  # the padding anchors' zero-size boxes are proposals under mmdet < 2.13
+        else:
+            assert zero == 0

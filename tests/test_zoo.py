@@ -6,12 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import socket
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from readonly_fs import make_read_only
 
 from densedet.cli import main
 from densedet.config import list_configs, load_config
@@ -20,6 +22,7 @@ from densedet.models.build import build_detector
 from densedet.models.heads.dense_head import bias_init_with_prob
 from densedet.weights import ZOO, ZooEntry, ZooError, download, fetch_zoo_weights, format_zoo_table
 from densedet.weights import zoo as zoo_registry
+from densedet.weights.download import read_stamp
 
 
 class _Server:
@@ -252,3 +255,50 @@ def test_timm_weights_go_through_the_cache(server, monkeypatch, tmp_path) -> Non
     got = resnet.read_state_dict("timm:test_resnet.r160_in1k")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (tmp_path / "home" / "checkpoints" / fname).is_file()
+
+
+def test_cached_file_changed_since_its_stamp_is_hashed_again(server, monkeypatch, tmp_path) -> None:
+    """Issue 18 item 4: the stamp records size and mtime; a cached file replaced after its verification is hashed
+    again (and refused when it no longer matches), one only touched is re-verified and re-stamped."""
+    body, _ = _release_bytes()
+    entry = _entry(server, body)
+    monkeypatch.setattr(zoo_registry, "ZOO", (entry,))
+    fetch_zoo_weights("tiny_atss", progress=False)
+    raw = tmp_path / "home" / "checkpoints" / entry.filename
+    sha, size, mtime = read_stamp(raw)
+    st = raw.stat()
+    assert sha == hashlib.sha256(body).hexdigest() and (size, mtime) == (st.st_size, st.st_mtime_ns)
+    other, _ = _release_bytes(num_classes=2)  # another valid release put in its place
+    raw.write_bytes(other)
+    with pytest.raises(ZooError, match=rf"{entry.filename}: checksum mismatch: expected SHA-256 prefix "
+                                       rf"{entry.hash_prefix}"):
+        fetch_zoo_weights("tiny_atss", progress=False)
+    raw.write_bytes(body)  # the right bytes again, newer mtime: verified again, stamp renewed, reconverted
+    n = len(server.requests)
+    path = fetch_zoo_weights("tiny_atss", progress=False)
+    assert read_stamp(raw)[1:] == (raw.stat().st_size, raw.stat().st_mtime_ns) and len(server.requests) == n
+    assert load_checkpoint(path)["meta"]["classes"] == ["circle", "square", "triangle"]
+
+
+def test_read_only_cache_holding_the_download_still_works(server, monkeypatch, request, tmp_path, caplog) -> None:
+    """A read-only $DENSEDET_HOME that holds the downloaded file: the conversion goes to a private temp folder (no
+    download, a log line says where); one that lacks the file is a one-line path error saying what to do."""
+    body, sd = _release_bytes()
+    entry = _entry(server, body)
+    monkeypatch.setattr(zoo_registry, "ZOO", (entry,))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    first = fetch_zoo_weights("tiny_atss", progress=False)
+    first.unlink()  # the converted file is gone (e.g. a cache shared read-only after the download only)
+    make_read_only(tmp_path / "home", monkeypatch, request)
+    n = len(server.requests)
+    with caplog.at_level("WARNING", logger="densedet"):
+        path = fetch_zoo_weights("tiny_atss", progress=False)
+    assert len(server.requests) == n and path.is_relative_to(tmp_path / "tmp") and path.name == "tiny_atss.pth"
+    assert "using the converted weights" in caplog.text and "set DENSEDET_HOME to a writable folder" in caplog.text
+    assert all(torch.equal(load_checkpoint(path)["state_dict"][k], v) for k, v in sd.items())
+    assert fetch_zoo_weights("tiny_atss", progress=False) == path  # reused, not converted again
+    monkeypatch.setattr(zoo_registry, "ZOO", (_entry(server, body, name="other"),))
+    assert main(["zoo", "--fetch", "other"]) == 2
+    assert len(server.requests) == n  # no download attempted into a cache that cannot take it
+    assert main(["predict", "atss_r18_fpn_synth", "zoo:other", str(tmp_path), "--out", str(tmp_path / "p")]) == 2

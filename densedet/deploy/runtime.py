@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from densedet.errors import CheckpointNotFoundError, ConfigError
+from densedet.errors import CheckpointError, CheckpointNotFoundError, ConfigError, os_error_reason
 from densedet.models.roi_heads import paste_masks_in_boxes
 from densedet.structures.masks import InstanceMasks
 
@@ -53,13 +53,20 @@ class OnnxDetector:
         n = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if n > 0:
             opts.intra_op_num_threads = n
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        inp = self.session.get_inputs()[0]
+        try:  # onnxruntime raises its own classes (InvalidProtobuf, Fail, ...) for a truncated or foreign file
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            inp = self.session.get_inputs()[0]
+            names = self.session.get_modelmeta().custom_metadata_map.get("densedet.classes")
+            classes = json.loads(names) if names else None  # written by export()
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            why = os_error_reason(e) if isinstance(e, OSError) else f"{type(e).__name__}: {first}"
+            raise CheckpointError(f"{path}: not a readable ONNX model (truncated, or not a file written by `densedet "
+                                  f"export`?): {why}") from e
         self.input_name = inp.name
         self.input_shape: list[Any] = list(inp.shape)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        names = self.session.get_modelmeta().custom_metadata_map.get("densedet.classes")
-        self.classes: list[str] | None = json.loads(names) if names else None  # written by export()
+        self.classes: list[str] | None = classes
 
     @property
     def dynamic(self) -> bool:

@@ -14,7 +14,7 @@ from densedet.data.collate import collate
 from densedet.data.image_io import read_image
 from densedet.data.transforms import build_pipeline
 from densedet.data.tta import tta_pipeline
-from densedet.errors import ConfigError
+from densedet.errors import ConfigError, DataError, os_error_reason
 from densedet.inference.loading import load_detector, model_device, resolve_weights_path
 
 __all__ = ["IMAGE_SUFFIXES", "Predictor", "list_images", "read_image"]
@@ -26,7 +26,10 @@ def list_images(path: str | Path) -> list[Path]:
     """An image file, or every image in a folder (sorted)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as e:  # e.g. a folder without read permission: a data error naming it
+            raise DataError(f"{path}: cannot list the image folder: {os_error_reason(e)}") from e
         if not files:
             raise FileNotFoundError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return files

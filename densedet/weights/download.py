@@ -6,11 +6,18 @@ the full SHA-256 when one is known, else against the leading hex digits MMDetect
 file names (``-c2398f9e.pth``, the check ``torch.hub`` does), and only then renamed into place. A mismatch deletes
 the bad file and says which URL gave it and where to put a good copy by hand; so does a network failure (the partial
 file is kept for the next try).
+
+A verified file is remembered in ``<file>.sha256``: its SHA-256, size and modification time. A file whose size or
+mtime no longer match the stamp (replaced or modified since) is hashed again before it is used. A cache that cannot
+be written (``$DENSEDET_HOME`` read-only) still serves the files it holds: the stamp is then not written and the
+file is hashed each time; a file that must be downloaded into it is a :class:`~densedet.errors.PathError` saying
+what to do.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import sys
@@ -21,11 +28,14 @@ from pathlib import Path
 
 from densedet.errors import CheckpointError
 from densedet.home import densedet_home
+from densedet.io import atomic_write_text, ensure_writable_dir
 
-__all__ = ["ZooError", "cached_download", "checkpoint_dir", "download", "file_sha256", "hash_prefix_of"]
+__all__ = ["ZooError", "cached_download", "checkpoint_dir", "download", "file_sha256", "hash_prefix_of", "home_hint",
+           "read_stamp", "write_stamp"]
 
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.[a-z]+$")
 _CHUNK = 1 << 20
+logger = logging.getLogger("densedet")
 
 
 class ZooError(CheckpointError):
@@ -139,14 +149,67 @@ def download(url: str, dest: str | Path, sha256: str | None = None, hash_prefix:
     return dest
 
 
+def home_hint() -> str:
+    """What to do when ``$DENSEDET_HOME`` cannot be written."""
+    env = os.environ.get("DENSEDET_HOME")
+    where = f"DENSEDET_HOME={env}" if env else f"the default cache {densedet_home()} (DENSEDET_HOME is not set)"
+    return (f"DenseDet keeps downloads and converted files under {where}: set DENSEDET_HOME to a writable folder, "
+            f"e.g. `export DENSEDET_HOME=$HOME/densedet-cache`")
+
+
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def read_stamp(dest: Path) -> tuple[str, int | None, int | None]:
+    """``(sha256, size, mtime_ns)`` from ``<dest>.sha256`` (``("", None, None)`` when absent or unreadable; a stamp
+    written before sizes were recorded gives ``(sha, None, None)``)."""
+    try:
+        words = _stamp_path(dest).read_text().split()
+    except OSError:
+        return "", None, None
+    if len(words) >= 3 and words[1].isdigit() and words[2].isdigit():
+        return words[0], int(words[1]), int(words[2])
+    return (words[0] if words else ""), None, None
+
+
+def write_stamp(dest: Path, sha: str) -> None:
+    """Remember that ``dest`` hashed to ``sha`` at its current size and mtime (skipped, with a log line, when the
+    cache is read-only: the file is hashed again next time)."""
+    st = dest.stat()
+    try:
+        atomic_write_text(_stamp_path(dest), f"{sha} {st.st_size} {st.st_mtime_ns}\n")
+    except OSError as e:
+        logger.info("%s: not remembered as verified (%s); it is hashed again next time", dest, e)
+
+
+def _check_cached(dest: Path, want: str, sha256: str | None, page: str | None, url: str) -> None:
+    """Verify a file already in the cache, unless its stamp says it was verified at its current size and mtime."""
+    known, size, mtime = read_stamp(dest)
+    st = dest.stat()
+    unchanged = size == st.st_size and mtime == st.st_mtime_ns
+    if unchanged and known and (not want or known.startswith(want)):
+        return
+    if not want and not known:
+        return  # nothing to check against (no published hash, never downloaded by DenseDet): used as torch.hub does
+    got = file_sha256(dest)
+    if want and not got.startswith(want):
+        raise ZooError(f"{dest}: checksum mismatch: expected {'SHA-256' if sha256 else 'SHA-256 prefix'} {want}, "
+                       f"got {got}. Delete it, or replace it with the file from {page or url}.")
+    if not want and got != known:
+        raise ZooError(f"{dest}: changed since it was downloaded and verified (SHA-256 {known}, now {got}). Delete "
+                       f"it to download it again, or delete {_stamp_path(dest).name} to use the new file.")
+    write_stamp(dest, got)
+
+
 def cached_download(urls: str | Sequence[str], filename: str | None = None, sha256: str | None = None,
                     hash_prefix: str | None = None, page: str | None = None,
                     legacy_dirs: Sequence[Path] = (), progress: bool = True) -> Path:
     """``$DENSEDET_HOME/checkpoints/<filename>``, downloaded from the first of ``urls`` that works when missing.
 
-    A file already there (e.g. put there by hand) is verified once (remembered in ``<file>.sha256``); one in
-    ``legacy_dirs`` (torch.hub's cache) is used as it is, as torch.hub does. ``hash_prefix`` defaults to the one
-    in the first URL's name.
+    A file already there (e.g. put there by hand) is verified once (remembered in ``<file>.sha256`` with its size
+    and mtime, and verified again when either changed); one in ``legacy_dirs`` (torch.hub's cache) is used as it
+    is, as torch.hub does. ``hash_prefix`` defaults to the one in the first URL's name.
     """
     urls = [urls] if isinstance(urls, str) else list(urls)
     if not urls:
@@ -158,16 +221,10 @@ def cached_download(urls: str | Sequence[str], filename: str | None = None, sha2
         if legacy.is_file() and not dest.is_file():
             return legacy  # torch.hub's cache: used as torch.hub does (it checks hashes only when downloading)
     if dest.is_file():
-        want = (sha256 or hash_prefix or "").lower()
-        stamp = dest.with_name(dest.name + ".sha256")
-        known = stamp.read_text().strip() if stamp.is_file() else ""
-        if want and not known.startswith(want):  # placed by hand, or not verified yet: check once
-            got = file_sha256(dest)
-            if not got.startswith(want):
-                raise ZooError(f"{dest}: checksum mismatch: expected {'SHA-256' if sha256 else 'SHA-256 prefix'} "
-                               f"{want}, got {got}. Delete it, or replace it with the file from {page or urls[0]}.")
-            stamp.write_text(got + "\n")
+        _check_cached(dest, (sha256 or hash_prefix or "").lower(), sha256, page, urls[0])
         return dest
+    ensure_writable_dir(dest.parent, "the weights cache", f"{home_hint()}; or download {urls[0]} by hand and give "
+                                                          f"its local path instead")
     errors = []
     for url in urls:
         try:
@@ -175,7 +232,7 @@ def cached_download(urls: str | Sequence[str], filename: str | None = None, sha2
         except ZooError as e:
             errors.append(str(e))
             continue
-        out.with_name(out.name + ".sha256").write_text(file_sha256(out) + "\n")
+        write_stamp(out, file_sha256(out))
         return out
     if len(errors) == 1:
         raise ZooError(errors[0])

@@ -5,18 +5,30 @@
 :func:`densedet.weights.mmdet.convert_mmdet_checkpoint` (unwraps ``state_dict`` / ``model`` / ``module.``, keeps
 the class names, reads the file with safe loading only). Every seed release uses MMDetection 2.x parameter names,
 which are DenseDet's, so the conversion needs no renaming; the caller loads the result with ``strict=True``.
+
+A read-only cache that already holds the downloaded file still works: the conversion then goes to a per-user
+folder in the system's temp dir (``<tmp>/densedet-<user>/checkpoints/NAME.pth``, reused while it is newer than the
+download), and a log line says where and how to make it permanent.
 """
 
 from __future__ import annotations
 
 import difflib
+import getpass
+import logging
+import os
+import tempfile
 from pathlib import Path
 
-from densedet.weights.download import ZooError, cached_download, checkpoint_dir
+from densedet.errors import PathError
+from densedet.io import ensure_writable_dir
+from densedet.weights.download import ZooError, cached_download, checkpoint_dir, home_hint
 from densedet.weights.mmdet import convert_mmdet_checkpoint
 from densedet.weights.zoo_table import MMDET, ZOO, ZooEntry
 
 __all__ = ["fetch_zoo_weights", "format_zoo_table", "get_entry", "resolve_weights"]
+
+logger = logging.getLogger("densedet")
 
 
 def get_entry(name: str) -> ZooEntry:
@@ -43,9 +55,45 @@ def fetch_zoo_weights(name: str, progress: bool = True) -> Path:
     raw = cached_download(entry.urls, entry.filename, sha256=entry.sha256, hash_prefix=entry.hash_prefix,
                           page=entry.page, progress=progress)
     out = checkpoint_dir() / "densedet" / f"{entry.name}.pth"
-    if not out.is_file() or out.stat().st_mtime_ns < raw.stat().st_mtime_ns:
-        convert_mmdet_checkpoint(raw, out)
+    if _fresh(out, raw):
+        return out
+    try:
+        ensure_writable_dir(out.parent, "the converted-weights cache")
+    except PathError as e:  # a read-only cache holding the download: convert into a writable place
+        out = _scratch_dir() / f"{entry.name}.pth"
+        if not _fresh(out, raw):
+            ensure_writable_dir(out.parent, "the temp folder for converted weights", home_hint())
+            convert_mmdet_checkpoint(raw, out)
+        logger.warning("%s; using the converted weights %s in the temp folder instead. %s", e, out, home_hint())
+        return out
+    convert_mmdet_checkpoint(raw, out)
     return out
+
+
+def _fresh(converted: Path, raw: Path) -> bool:
+    """``converted`` exists and is not older than the download it was converted from."""
+    return converted.is_file() and converted.stat().st_mtime_ns >= raw.stat().st_mtime_ns
+
+
+def _scratch_dir() -> Path:
+    """``<system temp>/densedet-<user>/checkpoints``: where weights are converted when the cache is read-only.
+
+    The user's folder is created private (0700); one that another user owns, or that others may write, is refused
+    (the temp dir is shared: nobody else may plant the weights this process loads)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in this environment (some containers)
+        user = "user"
+    base = Path(tempfile.gettempdir()) / f"densedet-{user}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = base.stat()
+    except OSError as e:
+        raise PathError(f"the temp folder for converted weights {base} cannot be used: {e}. {home_hint()}") from e
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        raise PathError(f"the temp folder for converted weights {base} is owned by another user or writable by "
+                        f"others: not used. {home_hint()}")
+    return base / "checkpoints"
 
 
 def resolve_weights(source: str, config_name: str | None = None) -> str:

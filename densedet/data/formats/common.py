@@ -9,6 +9,7 @@ Problems that would silently train the wrong thing (a class id out of range, a m
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,25 @@ class ProblemLog:
             more = ", ..." if n > len(self.examples[kind]) else ""
             warnings.warn(f"{verb} {n} {what} in {self.source} (e.g. {', '.join(self.examples[kind])}{more})",
                           DataWarning, stacklevel=3)
+
+
+def outside_reason(name: str, folder: Path) -> str | None:
+    """Why the relative file name ``name`` leads outside ``folder``, or None when ``folder / name`` stays inside.
+
+    Refused: an absolute path (POSIX, Windows drive or UNC), any ``..`` component (even one that comes back, as
+    :class:`~densedet.data.coco.CocoDataset` refuses it), and a path whose symlinks resolve outside the real path of
+    ``folder`` (``folder`` itself may be a symlink, e.g. ``JPEGImages`` -> a shared image store). Nothing is opened:
+    only ``lstat`` / ``readlink`` through :func:`os.path.realpath`.
+    """
+    if os.path.isabs(name) or name.startswith(("/", "\\")) or name[1:3] in (":/", ":\\"):
+        return "is an absolute path"
+    if ".." in name.replace("\\", "/").split("/"):
+        return "goes up with '..'"
+    root = os.path.realpath(folder)
+    target = os.path.realpath(os.path.join(folder, name))
+    if os.path.commonpath([root, target]) != root:
+        return f"resolves to {target} (a symlink)"
+    return None
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -10,6 +10,10 @@ VOC and YOLO annotations are converted (:mod:`densedet.data.formats.voc`, :mod:`
 only read. The json is rebuilt when any annotation file changes (a fingerprint of names, sizes and mtimes).
 A dataset without a validation split gets one: every 5th image (in file order) is held out for validation, and
 that is logged.
+
+A YOLO ``data.yaml`` whose ``path`` / ``train`` / ``val`` lead outside the given root is followed (Ultralytics'
+semantics); the folders actually read are then logged (a warning-level line per split), and a :class:`DataWarning`
+says so when the root holds images of its own that none of those folders contains (docs/own_data.md).
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from densedet.data.coco import DataError, load_coco_json
+from densedet.data.coco import DataError, DataWarning, load_coco_json
 from densedet.data.formats.common import IMAGE_EXTS, ProblemLog
 from densedet.data.formats.voc import voc_classes, voc_split_ids, voc_to_coco
 from densedet.data.formats.yolo import label_dir_for, read_data_yaml, yolo_classes, yolo_split_dirs, yolo_to_coco
 from densedet.home import densedet_home
-from densedet.io import atomic_write_json
+from densedet.io import atomic_write_json, atomic_write_text, ensure_writable_dir
 
 __all__ = ["HOLDOUT_EVERY", "PreparedDataset", "SplitFiles", "detect_layout", "prepare_dataset", "split_holdout"]
 
@@ -154,11 +159,15 @@ def _cached(cache: Path, key: str, build: Any, log: ProblemLog | None = None) ->
             saved = json.loads(problems.read_text())
             log.counts, log.examples = saved["counts"], saved["examples"]
         return paths
+    ensure_writable_dir(cache, "the folder for the converted COCO json",
+                        "Set DENSEDET_HOME to a writable folder (DenseDet converts VOC / YOLO annotations into "
+                        "$DENSEDET_HOME/datasets), or convert once with `densedet data convert --out DIR` into a "
+                        "writable DIR")
     for s, coco in build().items():
         atomic_write_json(paths[s], coco)
     if log is not None:
         atomic_write_json(problems, {"counts": log.counts, "examples": log.examples})
-    stamp.write_text(key + "\n")
+    atomic_write_text(stamp, key + "\n")
     return paths
 
 
@@ -189,11 +198,44 @@ def _prepare_voc(root: Path, ds: PreparedDataset, out: Path) -> None:
     ds.splits = {s: SplitFiles(paths[s], root / "JPEGImages") for s in _SPLITS}
 
 
+def _unused_own_image(root: Path, used: list[Path]) -> Path | None:
+    """An image file under ``root`` that none of the ``used`` folders holds (the first found, walking in sorted
+    order without following symlinks), or None."""
+    used_real = {os.path.realpath(d) for d in used}
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if os.path.realpath(os.path.join(folder, d)) not in used_real
+                            and not d.startswith("."))
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_EXTS:
+                return Path(folder) / name
+    return None
+
+
+def _report_outside_folders(root: Path, dirs: dict[str, list[Path]]) -> None:
+    """``data.yaml`` led outside ``root``: log each split's folders actually read, and warn when ``root``'s own
+    images go unused (both deliberate: Ultralytics follows a dataset yaml anywhere)."""
+    yaml_file = read_data_yaml(root)[0]
+    outside = {s: [d for d in ds if not d.is_relative_to(root)] for s, ds in dirs.items()}
+    if not any(outside.values()):
+        return
+    for split, ds in dirs.items():
+        if outside[split]:
+            logger.warning("%s leads outside %s: reading the %s images from %s (labels from %s)", yaml_file, root,
+                           split, ", ".join(map(str, ds)), ", ".join(str(label_dir_for(d)) for d in ds))
+    stray = _unused_own_image(root, dirs["train"] + dirs["val"])
+    if stray is not None:
+        read = "; ".join(f"{s}: {', '.join(map(str, ds))}" for s, ds in dirs.items() if ds)
+        warnings.warn(f"{root} holds images that are not used (e.g. {stray.relative_to(root)}): {yaml_file} sends "
+                      f"the splits to folders outside it ({read}). Edit its 'path' / 'train' / 'val' if the "
+                      f"folder's own images are meant", DataWarning, stacklevel=3)
+
+
 def _prepare_yolo(root: Path, ds: PreparedDataset, out: Path) -> None:
     ds.classes = yolo_classes(root)
     dirs = {s: yolo_split_dirs(root, s) for s in _SPLITS}
     if not dirs["train"]:
         raise DataError(f"{root}: no training images (data.yaml 'train', or images/train/)")
+    _report_outside_folders(root, dirs)
     all_dirs = dirs["train"] + dirs["val"]
     # file_name entries are relative to the deepest folder holding every image folder
     common = Path(os.path.commonpath([str(d) for d in all_dirs]))

@@ -10,10 +10,16 @@ XML's ``size`` element, or from the image header when the XML has none (mmdet do
 
 Classes: ``classes.txt`` (or ``labels.txt``) in the dataset root, one name per line, when present; otherwise every
 object name found in ``Annotations/``, sorted.
+
+Containment: an image id (``ImageSets`` line) and an XML's ``<filename>`` are file names inside ``Annotations/`` and
+``JPEGImages/``. An absolute path, a ``..`` component, or a symlink resolving outside that folder is a
+:class:`DataError` naming the XML (or the ``ImageSets`` line), raised before the file it names is opened: an
+annotation never makes DenseDet read a file outside the dataset (:func:`~densedet.data.formats.common.outside_reason`).
 """
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +32,11 @@ from densedet.data.formats.common import (
     ProblemLog,
     clip_box,
     image_size,
+    outside_reason,
     read_class_file,
 )
 
-__all__ = ["VocObject", "VocRecord", "parse_voc_xml", "voc_classes", "voc_split_ids", "voc_to_coco"]
+__all__ = ["VocObject", "VocRecord", "parse_voc_xml", "voc_classes", "voc_split_ids", "voc_to_coco", "xml_path"]
 
 
 @dataclass
@@ -64,8 +71,8 @@ def parse_voc_xml(path: Path) -> VocRecord:
     size = root.find("size")
     try:
         width, height = int(float(_text(size, "width", "0"))), int(float(_text(size, "height", "0")))
-    except ValueError as e:
-        raise DataError(f"{path}: <size> holds a non-number ({e})") from e
+    except (ValueError, OverflowError) as e:  # 'abc', 'nan' (ValueError), 'inf' (OverflowError)
+        raise DataError(f"{path}: <size> holds a non-number or a non-finite one ({e})") from e
     rec = VocRecord(_text(root, "filename"), width, height)
     for k, obj in enumerate(root.findall("object")):
         name = _text(obj, "name")
@@ -76,6 +83,8 @@ def parse_voc_xml(path: Path) -> VocRecord:
             xyxy = [float(_text(bnd, t)) for t in ("xmin", "ymin", "xmax", "ymax")]
         except ValueError as e:
             raise DataError(f"{path}: object #{k} ({name}) has a bndbox that is not 4 numbers ({e})") from e
+        if not all(math.isfinite(v) for v in xyxy):
+            raise DataError(f"{path}: object #{k} ({name}) has a non-finite bndbox corner {xyxy}")
         flag = {t: _text(obj, t, "0") for t in ("difficult", "truncated")}
         rec.objects.append(VocObject(name, xyxy, difficult=flag["difficult"] in ("1", "true"),
                                      truncated=flag["truncated"] in ("1", "true")))
@@ -83,11 +92,34 @@ def parse_voc_xml(path: Path) -> VocRecord:
 
 
 def voc_split_ids(root: Path, split: str) -> list[str] | None:
-    """Image ids of ``ImageSets/Main/{split}.txt`` (first word of each line), or ``None`` when the file is absent."""
+    """Image ids of ``ImageSets/Main/{split}.txt`` (first word of each line), or ``None`` when the file is absent.
+
+    An id that would lead outside ``Annotations/`` (absolute, ``..``) is a :class:`DataError` naming the line."""
     f = root / "ImageSets" / "Main" / f"{split}.txt"
     if not f.is_file():
         return None
-    return [ln.split()[0] for ln in f.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    ids = []
+    for n, ln in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+        if not ln.strip():
+            continue
+        image_id = ln.split()[0]
+        why = outside_reason(f"{image_id}.xml", root / "Annotations")
+        if why is not None and "symlink" not in why:  # a symlinked XML is named by xml_path when it is read
+            raise DataError(f"{f}:{n}: image id '{image_id}' {why}; ids are file names inside "
+                            f"{root / 'Annotations'} (DenseDet reads no file outside the dataset)")
+        ids.append(image_id)
+    return ids
+
+
+def xml_path(ann_dir: Path, image_id: str) -> Path:
+    """``ann_dir / '{image_id}.xml'``, after checking that it stays inside ``ann_dir`` (a :class:`DataError` naming
+    it otherwise: an absolute id, ``..``, or a symlink leading outside)."""
+    path = ann_dir / f"{image_id}.xml"
+    why = outside_reason(f"{image_id}.xml", ann_dir)
+    if why is not None:
+        raise DataError(f"{path}: the annotation file {why}, outside {ann_dir} (DenseDet reads no file outside the "
+                        f"dataset)")
+    return path
 
 
 def voc_classes(root: Path, records: dict[str, VocRecord] | None = None) -> list[str]:
@@ -98,8 +130,9 @@ def voc_classes(root: Path, records: dict[str, VocRecord] | None = None) -> list
     if records is None:  # unreadable XMLs are skipped here: the conversion counts them
         records = {}
         for p in sorted((root / "Annotations").glob("*.xml")):
+            xml = xml_path(root / "Annotations", p.stem)  # a symlink leading outside: an error, never opened
             try:
-                records[p.stem] = parse_voc_xml(p)
+                records[p.stem] = parse_voc_xml(xml)
             except DataError:
                 continue
     names = sorted({o.name for r in records.values() for o in r.objects})
@@ -108,14 +141,31 @@ def voc_classes(root: Path, records: dict[str, VocRecord] | None = None) -> list
     return names
 
 
-def _find_image(root: Path, image_id: str, rec: VocRecord) -> Path | None:
+def _find_image(root: Path, image_id: str, rec: VocRecord, xml: Path) -> Path | None:
+    """The image of ``xml``: ``JPEGImages/<filename>``, else ``JPEGImages/<image_id>.<ext>``; None when missing.
+
+    Containment is checked before anything is looked at: a ``<filename>`` that is absolute, has ``..`` or is a
+    symlink leading outside ``JPEGImages`` (and a found image that is such a symlink) is a :class:`DataError`
+    naming ``xml``."""
     img_dir = root / "JPEGImages"
-    if rec.filename and (img_dir / rec.filename).is_file():
-        return img_dir / rec.filename
+
+    def refuse(name: str, why: str) -> DataError:
+        return DataError(f"{xml}: <filename> '{name}' {why}, outside the image folder {img_dir}; file names must "
+                         f"be relative paths inside it (DenseDet reads no file outside the dataset)")
+
+    if rec.filename:
+        why = outside_reason(rec.filename, img_dir)
+        if why is not None:
+            raise refuse(rec.filename, why)
+        if (img_dir / rec.filename).is_file():
+            return img_dir / rec.filename
     for ext in IMAGE_EXTS:
-        for cand in (img_dir / f"{image_id}{ext}", img_dir / f"{image_id}{ext.upper()}"):
-            if cand.is_file():
-                return cand
+        for name in (f"{image_id}{ext}", f"{image_id}{ext.upper()}"):
+            why = outside_reason(name, img_dir)
+            if why is not None:
+                raise refuse(name, why)
+            if (img_dir / name).is_file():
+                return img_dir / name
     return None
 
 
@@ -134,20 +184,22 @@ def voc_to_coco(root: str | Path, ids: list[str] | None = None, classes: list[st
     if ids is None:
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
     records: dict[str, VocRecord] = {}
+    xmls: dict[str, Path] = {}
     for image_id in ids:
-        xml = ann_dir / f"{image_id}.xml"
+        xml = xml_path(ann_dir, image_id)
         if not xml.is_file():
             log.add("missing_xml", xml.name)
             continue
         try:
             records[image_id] = parse_voc_xml(xml)
+            xmls[image_id] = xml
         except DataError:
             log.add("unreadable_xml", xml.name)
     classes = list(classes) if classes is not None else voc_classes(root, records)
     label_of = {n: i for i, n in enumerate(classes)}
     coco = CocoBuilder(classes)
     for image_id, rec in records.items():
-        img = _find_image(root, image_id, rec)
+        img = _find_image(root, image_id, rec, xmls[image_id])
         if img is None:
             log.add("missing_image", f"{image_id}.xml")
             continue

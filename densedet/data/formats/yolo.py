@@ -10,19 +10,26 @@ A label line is ``class cx cy w h`` with the centre and size normalised by the i
 absolute xyxy box ``[(cx - w/2) W, (cy - h/2) H, (cx + w/2) W, (cy + h/2) H]``. A line with more than five numbers
 is a polygon ``class x1 y1 x2 y2 ...`` (normalised); its box is the polygon's extent. An image without a label file
 is a background image (Ultralytics' convention), counted in the warning; an empty label file is a background image
-too, silently. A class id outside ``0..len(names)-1`` or a malformed line is a :class:`DataError` naming the file
-and line.
+too, silently. A class id outside ``0..len(names)-1``, a malformed line, or a NaN / infinite number in any field
+(the class id included) is a :class:`DataError` naming the file and line.
+
+Folders: ``data.yaml``'s ``path`` / ``train`` / ``val`` are followed wherever they point, also outside the folder
+given with ``--data`` (Ultralytics' semantics: a dataset yaml may name image folders anywhere); the layout module
+logs the folders it then reads and warns when the given folder's own images go unused (docs/own_data.md). Inside
+an image folder, an image or label file that is a symlink resolving outside its folder is a :class:`DataError`
+naming it, raised before it is opened.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from densedet.data.coco import DataError
-from densedet.data.formats.common import IMAGE_EXTS, CocoBuilder, ProblemLog, clip_box, image_size
+from densedet.data.formats.common import IMAGE_EXTS, CocoBuilder, ProblemLog, clip_box, image_size, outside_reason
 
 __all__ = ["label_dir_for", "parse_yolo_line", "read_data_yaml", "yolo_split_dirs", "yolo_to_coco"]
 
@@ -112,6 +119,8 @@ def parse_yolo_line(line: str, num_classes: int, width: float, height: float, wh
         vals = [float(v) for v in parts[1:]]
     except (ValueError, IndexError) as e:
         raise DataError(f"{where}: expected 'class cx cy w h' numbers, got {line!r}") from e
+    if not all(math.isfinite(v) for v in (cls_f, *vals)):  # NaN passes every range check: refuse it here
+        raise DataError(f"{where}: NaN or infinite number in {line!r}; every field must be a finite number")
     if cls_f != int(cls_f):
         raise DataError(f"{where}: class id must be an integer, got {parts[0]!r}")
     cls = int(cls_f)
@@ -142,6 +151,10 @@ def yolo_to_coco(img_dirs: list[Path], classes: list[str], log: ProblemLog | Non
         images = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
         for img in images:
             rel = img.relative_to(img_dir)
+            why = outside_reason(str(rel), img_dir)
+            if why is not None:
+                raise DataError(f"{img}: the image {why}, outside its folder {img_dir} (DenseDet reads no file "
+                                f"outside the dataset's folders)")
             try:
                 w, h = image_size(img)
             except OSError:
@@ -149,6 +162,10 @@ def yolo_to_coco(img_dirs: list[Path], classes: list[str], log: ProblemLog | Non
                 continue
             iid = coco.add_image(img.relative_to(common_root).as_posix(), w, h)
             label = (lbl_dir / rel).with_suffix(".txt")
+            why = outside_reason(str(rel.with_suffix(".txt")), lbl_dir)
+            if why is not None:
+                raise DataError(f"{label}: the label file {why}, outside its folder {lbl_dir} (DenseDet reads no "
+                                f"file outside the dataset's folders)")
             if not label.is_file():
                 log.add("missing_label", str(rel.with_suffix(".txt")))
                 continue

@@ -7,7 +7,21 @@ A dense head built from DenseDet's anchor machinery: :class:`~densedet.structure
 :class:`~densedet.structures.DeltaXYWHBBoxCoder` and the valid-prior rule of :class:`DenseHead`. Loss: sigmoid CE on
 the sampled anchors + L1 on the positives' deltas, both over ``sum_i max(#pos_i, 1) + max(#neg_i, 1)`` (mmdet
 ``num_total_samples`` with sampling). Proposals: per level the ``nms_pre`` best anchors, decoded and clipped, boxes
-with ``w, h <= min_bbox_size`` dropped, NMS per level (mmdet ``batched_nms`` with level ids), ``max_per_img`` kept.
+smaller than ``min_bbox_size`` dropped by the head's ``min_bbox_rule`` (below), NMS per level (mmdet ``batched_nms``
+with level ids), ``max_per_img`` kept.
+
+``min_bbox_rule`` (:data:`MIN_BBOX_RULES`) is the size filter of the mmdet version the weights were trained with:
+
+- ``'ge'``: only when ``min_bbox_size > 0``, keep ``w >= min_bbox_size and h >= min_bbox_size``; at 0 every
+  proposal is kept, zero-width / zero-height ones included (mmdet 2.0 - 2.12 ``rpn_head.py``
+  ``_get_bboxes_single``: ``if cfg.min_bbox_size > 0``; the seeds' mmdet 2.10 in hyz-xmaster/VarifocalNet and 2.11
+  in rayleizhu/BiFormer). Anchors on the batch padding of a smaller image decode to such boxes after clipping to
+  the image: they stay proposals (and RoIs to sample in training).
+- ``'gt'``: keep ``w > min_bbox_size and h > min_bbox_size`` whenever ``min_bbox_size >= 0``, so zero-size
+  proposals are dropped even at 0 (mmdet 2.13 on, PR #5011 "Discard bboxes with sizes equals to min_bbox_size").
+
+Default ``'ge'``: every built-in Mask R-CNN config (MMDetection's released ``mask_rcnn_r50_fpn_1x_coco_20200205``
+weights, BiFormer, the synthetic R-18) comes from mmdet < 2.13 (docs/configs.md).
 """
 
 from __future__ import annotations
@@ -35,13 +49,26 @@ from densedet.models.roi_heads.sampler import random_sample, sampling_generator
 from densedet.registry import HEADS, ConfigError, check_kwargs
 from densedet.structures import pad_targets
 
-__all__ = ["RPNHead"]
+__all__ = ["MIN_BBOX_RULES", "RPNHead", "proposal_size_valid"]
 
 RPN_ANCHORS = {"scales": [8], "ratios": [0.5, 1.0, 2.0], "strides": [4, 8, 16, 32, 64]}
 RPN_ASSIGNER = {"type": "MaxIoUAssigner", "pos_iou_thr": 0.7, "neg_iou_thr": 0.3, "min_pos_iou": 0.3,
                 "match_low_quality": True, "ignore_iof_thr": -1}
 RPN_SAMPLER = {"type": "RandomSampler", "num": 256, "pos_fraction": 0.5, "neg_pos_ub": -1,
                "add_gt_as_proposals": False}
+#: ``min_bbox_rule`` values: ``'ge'`` (mmdet < 2.13: filter only when ``min_bbox_size > 0``, keep sizes ``>=`` it),
+#: ``'gt'`` (mmdet >= 2.13: always keep sizes ``>`` it, so zero-size proposals go even at 0).
+MIN_BBOX_RULES = ("ge", "gt")
+
+
+def proposal_size_valid(boxes: Tensor, min_bbox_size: float, rule: str) -> Tensor:
+    """``(..., 4)`` xyxy proposals -> ``(...)`` bool: kept by the size filter of ``rule`` (:data:`MIN_BBOX_RULES`)."""
+    wh = boxes[..., 2:] - boxes[..., :2]
+    if rule == "gt":
+        return (wh > min_bbox_size).all(-1)
+    if min_bbox_size > 0:
+        return (wh >= min_bbox_size).all(-1)
+    return torch.ones(boxes.shape[:-1], dtype=torch.bool, device=boxes.device)
 
 
 @HEADS.register()
@@ -50,14 +77,19 @@ class RPNHead(DenseHead):
 
     ``train_cfg`` is mmdet's ``train_cfg.rpn`` (assigner, sampler, allowed_border, pos_weight, debug); ``test_cfg``
     is ``test_cfg.rpn`` (nms_pre, max_per_img, nms, min_bbox_size); the detector passes ``train_cfg.rpn_proposal``
-    to :meth:`proposals` during training.
+    to :meth:`proposals` during training. ``min_bbox_rule``: how ``min_bbox_size`` filters proposals in both, by
+    the mmdet version of the weights (``'ge'``: < 2.13, the default; ``'gt'``: >= 2.13; see the module docstring).
     """
 
     def __init__(self, in_channels: int, feat_channels: int = 256, num_classes: int = 1,
                  anchor_generator: dict | None = None, bbox_coder: dict | None = None,
                  reg_decoded_bbox: bool = False, loss_cls: dict | None = None, loss_bbox: dict | None = None,
                  num_convs: int = 1, train_cfg: dict | None = None, test_cfg: dict | None = None,
-                 init_cfg: dict | None = None) -> None:
+                 init_cfg: dict | None = None, min_bbox_rule: str = "ge") -> None:
+        if min_bbox_rule not in MIN_BBOX_RULES:
+            raise ConfigError(f"model.rpn_head.min_bbox_rule: one of {MIN_BBOX_RULES} ('ge': mmdet < 2.13, keeps "
+                              f"zero-size proposals at min_bbox_size 0; 'gt': mmdet >= 2.13, drops them), got "
+                              f"{min_bbox_rule!r}", path="model.rpn_head.min_bbox_rule")
         if num_classes != 1 or num_convs != 1 or reg_decoded_bbox:
             raise ConfigError("model.rpn_head: only num_classes=1, num_convs=1, reg_decoded_bbox=false (mmdet's "
                               "RPN) are available", path="model.rpn_head")
@@ -87,6 +119,7 @@ class RPNHead(DenseHead):
             raise ConfigError("model.train_cfg.rpn.sampler: only RandomSampler without add_gt_as_proposals")
         check_kwargs(lambda num, pos_fraction, neg_pos_ub=-1: None, sampler, "model.train_cfg.rpn.sampler")
         self.sampler_kwargs = sampler
+        self.min_bbox_rule = min_bbox_rule
         self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_base_priors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_base_priors * 4, 1)
@@ -195,14 +228,14 @@ class RPNHead(DenseHead):
     def proposal_candidates(self, outs: tuple[list[Tensor], list[Tensor]], metas: list[dict[str, Any]],
                             tc: TestConfig | None = None) -> Candidates:
         """Everything of :meth:`proposals` before the NMS: the shared :meth:`candidates` with no score threshold
-        (per level the ``nms_pre`` best anchors by objectness, decoded and clipped), ``valid`` where ``w, h >
-        min_bbox_size``, and the level index as the label (NMS runs per level). Shapes ``(B, K)``, ``K = sum_l
-        min(nms_pre, N_l)``; shared by :mod:`densedet.deploy`'s exported graph."""
+        (per level the ``nms_pre`` best anchors by objectness, decoded and clipped), ``valid`` where the size filter
+        of ``min_bbox_rule`` keeps the box (:func:`proposal_size_valid`), and the level index as the label (NMS runs
+        per level). Shapes ``(B, K)``, ``K = sum_l min(nms_pre, N_l)``; shared by :mod:`densedet.deploy`'s exported
+        graph."""
         tc = tc or self.test_cfg
         cand = self.candidates(outs, metas, replace(tc, score_thr=-math.inf))
         sizes = [m.shape[-2] * m.shape[-1] * self.num_base_priors for m in outs[0]]
         levels = torch.cat([torch.full((cand.boxes.shape[0], k), lvl, dtype=torch.long, device=cand.boxes.device)
                             for lvl, k in enumerate(candidates_per_level(sizes, 1, tc.nms_pre))], 1)
-        wh = cand.boxes[..., 2:] - cand.boxes[..., :2]
-        valid = (wh > tc.min_bbox_size).all(-1)  # mmdet 2.x drops w, h <= min_bbox_size even at 0
+        valid = proposal_size_valid(cand.boxes, tc.min_bbox_size, self.min_bbox_rule)
         return Candidates(cand.boxes, cand.scores, levels, valid)
