@@ -360,6 +360,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    _writable(args.out, "the analysis folder (--out)")
     gt = load_coco_json(args.ann_file)
     try:
         bbox = load_results_json(args.results)
