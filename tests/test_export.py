@@ -207,6 +207,15 @@ def test_compare_detections_matches_by_label_and_tolerance():
     assert not compare_detections(ref, got)["ok"]
     got = {k: v[:1] for k, v in ref.items()}
     assert not compare_detections(ref, got)["ok"]  # a missing detection fails
+    # a tie at the max_det cut: the last kept detections score the same, each side kept another member of it
+    tie = {"boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], np.float32),
+           "scores": np.array([0.9, 0.5, 0.5]), "labels": np.array([0, 1, 1])}
+    other = {k: v.copy() for k, v in tie.items()}
+    other["boxes"][2] = [70, 70, 80, 80]  # another box of the same score
+    r = compare_detections(tie, other)
+    assert r["ok"] and r["matched"] == 2 and r["tied_at_cut"] == 1
+    other["scores"][2] = 0.4  # not a tie: a real mismatch
+    assert not compare_detections(tie, other)["ok"]
 
 
 def test_soft_nms_and_tta_configs_get_a_note_of_what_the_graph_does(tmp_path):
