@@ -55,8 +55,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from densedet.config import load_config
     from densedet.analysis.levels import format_level_table, read_level_log
+    from densedet.config import load_config
     from densedet.engine import train
 
     rows = {}

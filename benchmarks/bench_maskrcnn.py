@@ -135,8 +135,8 @@ def build_densedet(mode: str) -> Any:
         tgts = []
         for t in targets:
             # the dataset's form: each mask decoded from an RLE into its box crop
-            from densedet.structures.masks import BitmapCrop
             from densedet.evaluation.segm import encode_crop_rle
+            from densedet.structures.masks import BitmapCrop
 
             rles = [encode_crop_rle(BitmapCrop(0, 0, m), h, w) for m in t["masks"]]
             tgts.append({"boxes": t["boxes"], "labels": t["labels"], "ignore_boxes": torch.zeros(0, 4),
@@ -236,9 +236,9 @@ def bench_paste_rle(reps: int = 3, num: int = 100) -> dict[str, float]:
     from faster_coco_eval.core import mask as coco_mask
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from densedet.structures.masks import InstanceMasks
     from densedet.evaluation.segm import encode_instance_masks
     from densedet.models.roi_heads import paste_masks_in_boxes
+    from densedet.structures.masks import InstanceMasks
 
     h, w = INFER_SIZE
     g = torch.Generator().manual_seed(0)

@@ -33,11 +33,11 @@ def main() -> None:
 
     import numpy as np
     import torch
+    from densedet.deploy.command import parse_size
 
     from densedet.analysis.bench import cpu_name
     from densedet.config import load_config
     from densedet.deploy import export
-    from densedet.deploy.command import parse_size
     from densedet.deploy.onnx_export import normalize_params
     from densedet.deploy.runtime import OnnxRuntimeModel
     from densedet.models.build import build_detector
