@@ -80,7 +80,8 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDa
     spec = getattr(cfg.data, split) or cfg.data.val
     root = Path(cfg.data.root)
     pipeline = tta_pipeline(spec.pipeline, tta, where=f"data.{split}.pipeline")
-    return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True)
+    return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True,
+                       **spec.mask_options(cfg.data.train))
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -92,7 +92,10 @@ def evaluate(model: InferenceModel | nn.Module, loader: Any, dataset: Any, devic
     ``result.metrics`` and its :class:`EvalResult` is ``result.segm``).
 
     Args:
-        dataset: has ``label2cat`` (contiguous label -> category id) and ``coco_gt_dict`` (COCO ground truth).
+        dataset: has ``label2cat`` (contiguous label -> category id) and ``coco_gt_dict`` (COCO ground truth; a
+            :class:`~densedet.data.CocoDataset` rebuilds it from its validated annotation store, so the evaluator
+            sees what training saw), and for ``segm`` optionally ``segm_gt_dict()`` (the ground truth with
+            validated segmentations).
         out_json: if given, the COCO results list is written there (rank 0, atomically).
 
     Returns:
@@ -106,23 +109,27 @@ def evaluate(model: InferenceModel | nn.Module, loader: Any, dataset: Any, devic
             save_results_json(results, out_json)
         if not results:
             logger.warning("evaluation: the model produced no detections on %d images", len(dets))
-        result = evaluate_coco(dataset.coco_gt_dict, results)
+        gt = dataset.coco_gt_dict
+        result = evaluate_coco(gt, results)
         if dets and all("segms" in d for d in dets):
-            anns = dataset.coco_gt_dict.get("annotations", [])
-            if all("segmentation" in a for a in anns):
-                result.segm = _evaluate_segm(dets, dataset, out_json)
+            segm_gt = dataset.segm_gt_dict() if callable(getattr(dataset, "segm_gt_dict", None)) else gt
+            anns = segm_gt.get("annotations", [])
+            with_segm = sum("segmentation" in a for a in anns)
+            if with_segm == len(anns) and (anns or not gt.get("annotations")):
+                result.segm = _evaluate_segm(dets, dataset, segm_gt, out_json)
                 result.metrics.update(result.segm.metrics)
             else:
-                logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have no "
-                               "'segmentation'", sum("segmentation" not in a for a in anns), len(anns))
+                total = len(gt.get("annotations", []))
+                logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have a usable "
+                               "'segmentation'", with_segm, max(total, len(anns)))
     return broadcast_object(result)
 
 
-def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, out_json: str | Path | None) -> Any:
-    """``segm`` evaluation of mask detections; results go beside ``out_json`` as ``*.segm.json``."""
+def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, gt: dict, out_json: str | Path | None) -> Any:
+    """``segm`` evaluation of mask detections against ``gt``; results go beside ``out_json`` as ``*.segm.json``."""
     results = detections_to_segm_results(dets, [d["image_id"] for d in dets], dataset.label2cat)
     if out_json is not None:
         path = Path(out_json)
         name = path.name[: -len(".bbox.json")] if path.name.endswith(".bbox.json") else path.stem
         save_results_json(results, path.with_name(f"{name}.segm.json"))
-    return evaluate_coco(dataset.coco_gt_dict, results, iou_type="segm")
+    return evaluate_coco(gt, results, iou_type="segm")

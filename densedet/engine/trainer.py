@@ -272,11 +272,15 @@ class Trainer:
                     raise ConfigError("data.train.ann_file is empty", path="data.train.ann_file")
                 train_dataset = CocoDataset(train_ann, _resolve(data.root, data.train.img_dir), data.train.pipeline,
                                             filter_empty_gt=data.train.filter_empty_gt, test_mode=False,
-                                            with_mask=data.train.with_mask)
+                                            with_mask=data.train.with_mask, **data.train.mask_options(data.train))
             if val_dataset is None and self.cfg.runtime.val_interval > 0 and data.val.ann_file:
+                # Built (and so validated: its counted warnings, its errors) before the first iteration, with the
+                # masks a mask model is evaluated on: the evaluator scores against this dataset's checked store.
                 val_dataset = CocoDataset(_resolve(data.root, data.val.ann_file),
                                           _resolve(data.root, data.val.img_dir), data.val.pipeline,
-                                          filter_empty_gt=False, test_mode=True)
+                                          filter_empty_gt=False, test_mode=True,
+                                          with_mask=data.val.with_mask or data.train.with_mask,
+                                          **data.val.mask_options(data.train))
         logger.info("train set: %d images; val set: %s", len(train_dataset),
                     f"{len(val_dataset)} images" if val_dataset is not None else "none")
         return train_dataset, val_dataset
