@@ -80,8 +80,10 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDa
     spec = getattr(cfg.data, split) or cfg.data.val
     root = Path(cfg.data.root)
     pipeline = tta_pipeline(spec.pipeline, tta, where=f"data.{split}.pipeline")
+    # with masks for a mask model (as the trainer's val set): the evaluator then scores against the annotations
+    # training kept, and the masks are checked before inference starts
     return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True,
-                       **spec.mask_options(cfg.data.train))
+                       with_mask=spec.with_mask or cfg.data.train.with_mask, **spec.mask_options(cfg.data.train))
 
 
 def cmd_test(args: argparse.Namespace) -> int:

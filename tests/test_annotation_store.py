@@ -497,3 +497,83 @@ def test_bitmap_crop_dtype_of_an_rle_is_unchanged(tmp_path) -> None:
         ds = CocoDataset(ann_file, img_dir, [], with_mask=True)
     crops = [m for m in ds[0]["masks"].items if isinstance(m, BitmapCrop)]
     assert crops and all(c.bits.dtype == np.uint8 for c in crops)
+
+
+def test_trainer_validates_the_val_split_with_masks_before_the_first_iteration(tmp_path) -> None:
+    """A Mask R-CNN run builds its val set with masks when the trainer is constructed: a bad val mask is a counted
+    warning naming the val file (and the log line says so) before any iteration; an unreadable val file stops the
+    run there, not at its first evaluation."""
+    from test_maskrcnn_train import make_cfg
+
+    from densedet.engine import Trainer
+    from densedet.errors import DataError
+
+    root = tmp_path / "synth"
+    make_synthetic_coco(root, num_train=4, num_val=2, size=96, seed=0)
+    val_file = root / "annotations" / "instances_val.json"
+    val = json.loads(val_file.read_text())
+    val["annotations"][0]["segmentation"] = [[0, 0, 1e12, 0, 10, 10]]
+    val_file.write_text(json.dumps(val))
+    cfg = make_cfg(root, runtime={"val_interval": 1})
+    with pytest.warns(DataWarning, match=rf"bad polygon in {val_file} \(ids {val['annotations'][0]['id']};"):
+        trainer = Trainer(cfg, tmp_path / "work")
+    assert trainer.iter == 0 and trainer.val_dataset.with_mask
+    assert trainer.val_dataset.skipped_counts["mask: bad polygon"] == 1
+    assert "val set: 2 images (at load: 1 mask: bad polygon)" in (tmp_path / "work" / "train.log").read_text()
+    val["annotations"][0]["category_id"] = 999
+    val_file.write_text(json.dumps(val))
+    with pytest.raises(DataError, match=rf"{val_file}: annotation id .* unknown category id 999"):
+        Trainer(cfg, tmp_path / "work2")
+
+
+def test_mask_bbox_check_config_keys(tmp_path) -> None:
+    from test_maskrcnn_train import make_cfg
+
+    from densedet.errors import ConfigError
+
+    cfg = make_cfg(tmp_path, data={"val": {"ann_file": "v.json", "img_dir": "v"},
+                                   "train": {"ann_file": "t.json", "img_dir": "t", "mask_bbox_check": "use_mask",
+                                             "mask_bbox_iou_thr": 0.3, "with_mask": True}})
+    assert cfg.data.val.mask_options(cfg.data.train) == {"mask_bbox_check": "use_mask", "mask_bbox_iou_thr": 0.3}
+    assert cfg.data.train.mask_options(cfg.data.train) == {"mask_bbox_check": "use_mask", "mask_bbox_iou_thr": 0.3}
+    with pytest.raises(ConfigError, match=r"data.train.mask_bbox_check=fix: must be one of warn, skip, use_mask"):
+        make_cfg(tmp_path, data={"train": {"mask_bbox_check": "fix"}})
+    with pytest.raises(ConfigError, match=r"data.val.mask_bbox_iou_thr=1.5: must be >= 0 and <= 1"):
+        make_cfg(tmp_path, data={"val": {"mask_bbox_iou_thr": 1.5}})
+
+
+class _MaskOracle(torch.nn.Module):
+    """Predicts each image's kept ground truth (boxes and masks) from a dataset loaded with masks."""
+
+    def __init__(self, truth: CocoDataset) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.truth = {info["id"]: i for i, info in enumerate(truth.img_infos)}
+        self.dataset = truth
+
+    def forward(self, images, targets=None, metas=None, mode="predict"):
+        out = []
+        for meta in metas:
+            item = self.dataset[self.truth[meta["image_id"]]]
+            n = len(item["boxes"])
+            out.append({"boxes": item["boxes"], "scores": torch.ones(n), "labels": item["labels"],
+                         "masks": item["masks"]})
+        return out
+
+
+def test_evaluation_of_a_mask_model_on_data_it_trained_on_never_crashes(tmp_path) -> None:
+    """The evaluator of a mask model, given a dataset loaded without masks (as `densedet test` does), scores
+    against segmentations validated as for training: the NaN / 1e12 / corrupt-RLE annotations that training
+    skipped are skipped there too, and a perfect prediction of the rest is AP 1 for boxes and masks."""
+    from densedet.data import build_dataloader
+    from densedet.engine.evaluator import evaluate
+
+    ann_file, img_dir, _ = _bad_mask_file(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataWarning)
+        truth = CocoDataset(ann_file, img_dir, [], test_mode=True, with_mask=True)
+        plain = CocoDataset(ann_file, img_dir, [], test_mode=True)
+        loader = build_dataloader(plain, 1, 0, shuffle=False, seed=0)
+        result = evaluate(_MaskOracle(truth), loader, plain, "cpu", out_json=tmp_path / "r.bbox.json")
+    assert result.metrics["bbox_mAP"] == pytest.approx(1.0) and result.metrics["segm_mAP"] == pytest.approx(1.0)
+    assert (tmp_path / "r.segm.json").is_file()

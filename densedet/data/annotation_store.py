@@ -25,6 +25,8 @@ and the item.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -336,10 +338,23 @@ def _warn(message: str) -> None:
     warnings.warn(message, DataWarning, stacklevel=4)
 
 
+def release_freed_memory() -> None:
+    """Hand the memory of freed objects back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere).
+
+    The parsed json is millions of small objects; once it is dropped, glibc keeps most of its heap pages because
+    the arrays built meanwhile sit above them, so the process would stay ~3x larger than the store it kept
+    (measured: 78 MiB resident for a 21 MiB store, 29 MiB after the trim)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_annotation_store(ann_file: str | Path, *, require_annotations: bool = True, min_box_size: float = 1e-3,
                           with_mask: bool = False, mask_bbox_check: str = DEFAULT_MASK_BBOX_CHECK,
                           mask_bbox_iou_thr: float = DEFAULT_MASK_BBOX_IOU_THR,
-                          data: dict | None = None) -> AnnotationStore:
+                          data: dict | None = None, warn_boxes: bool = True) -> AnnotationStore:
     """Parse, check and pack a COCO annotation file (module docstring).
 
     Args:
@@ -352,12 +367,22 @@ def load_annotation_store(ann_file: str | Path, *, require_annotations: bool = T
             empty inside the image or disagrees with its box (:func:`~densedet.data.mask_loading.mask_box_problems`).
         mask_bbox_iou_thr: the IoU of mask extent and box below which they disagree.
         data: the parsed json, when the caller has it already (else read from ``ann_file``).
+        warn_boxes: warn about skipped / clipped boxes (off when the file is read again for its masks only).
 
     Boxes: ``[x, y, w, h]`` in the json; kept ``xyxy`` pixels clipped to the image (a box partly outside is
     clipped, counted as ``clipped``; one narrower than ``min_box_size`` is ``degenerate``; one with nothing inside
     the image is ``outside``: both skipped).
     """
-    ann_file = Path(ann_file)
+    store = _build_store(Path(ann_file), require_annotations, min_box_size, with_mask, mask_bbox_check,
+                         mask_bbox_iou_thr, data, warn_boxes)
+    if data is None:  # the json parsed here is gone now: give its pages back
+        release_freed_memory()
+    return store
+
+
+def _build_store(ann_file: Path, require_annotations: bool, min_box_size: float, with_mask: bool,
+                 mask_bbox_check: str, mask_bbox_iou_thr: float, data: dict | None,
+                 warn_boxes: bool) -> AnnotationStore:
     if mask_bbox_check not in MASK_BBOX_CHECKS:
         raise ValueError(f"mask_bbox_check must be one of {MASK_BBOX_CHECKS}, got {mask_bbox_check!r}")
     if not 0.0 <= float(mask_bbox_iou_thr) <= 1.0:
@@ -420,7 +445,7 @@ def load_annotation_store(ann_file: str | Path, *, require_annotations: bool = T
     for kind, mask in (("degenerate", degenerate), ("outside", outside), ("clipped", clipped)):
         count = int(mask.sum())
         skipped[kind] = count
-        if count:
+        if count and warn_boxes:
             verb, text = _KIND_TEXT[kind]
             _warn(f"{verb} {count} annotation{'s' if count > 1 else ''} with {text} in {ann_file} "
                   f"(ids {ids_text(ann_ids[mask])})")

@@ -147,10 +147,11 @@ class CocoDataset(torch.utils.data.Dataset):
         self.pipeline: Compose = build_pipeline(pipeline, where=f"pipeline of {self.ann_file.name}")
 
     # ----------------------------------------------------------------------------------------------- loading
-    def _load_store(self, with_mask: bool) -> AnnotationStore:
+    def _load_store(self, with_mask: bool, warn_boxes: bool = True) -> AnnotationStore:
         return load_annotation_store(self.ann_file, require_annotations=not self.test_mode,
                                      min_box_size=self.min_box_size, with_mask=with_mask,
-                                     mask_bbox_check=self.mask_bbox_check, mask_bbox_iou_thr=self.mask_bbox_iou_thr)
+                                     mask_bbox_check=self.mask_bbox_check, mask_bbox_iou_thr=self.mask_bbox_iou_thr,
+                                     warn_boxes=warn_boxes)
 
     def _load_categories(self, classes: list[str] | None) -> None:
         names = dict(zip(self.store.cat_ids.tolist(), self.store.cat_names))
@@ -236,7 +237,7 @@ class CocoDataset(torch.utils.data.Dataset):
         (same rules, same counted warnings), and nothing of it is kept."""
         if self.store.with_mask:
             return self.store.coco_dict()
-        return self._load_store(True).coco_dict()
+        return self._load_store(True, warn_boxes=False).coco_dict()  # the box warnings came at load
 
     def __len__(self) -> int:
         return len(self._items)

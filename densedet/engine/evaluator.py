@@ -109,20 +109,33 @@ def evaluate(model: InferenceModel | nn.Module, loader: Any, dataset: Any, devic
             save_results_json(results, out_json)
         if not results:
             logger.warning("evaluation: the model produced no detections on %d images", len(dets))
-        gt = dataset.coco_gt_dict
+        gt = box_gt = dataset.coco_gt_dict
+        mask_model = bool(dets) and all("segms" in d for d in dets)
+        segm_gt = _segm_ground_truth(dataset, gt) if mask_model else None
+        if segm_gt is not None and (segm_gt.get("annotations") or not gt.get("annotations")):
+            gt = segm_gt  # boxes are scored against what a mask model trains on (annotations with a usable mask)
         result = evaluate_coco(gt, results)
-        if dets and all("segms" in d for d in dets):
-            segm_gt = dataset.segm_gt_dict() if callable(getattr(dataset, "segm_gt_dict", None)) else gt
-            anns = segm_gt.get("annotations", [])
+        if mask_model:
+            anns = (segm_gt or {}).get("annotations", [])
             with_segm = sum("segmentation" in a for a in anns)
-            if with_segm == len(anns) and (anns or not gt.get("annotations")):
+            if segm_gt is gt and with_segm == len(anns):
                 result.segm = _evaluate_segm(dets, dataset, segm_gt, out_json)
                 result.metrics.update(result.segm.metrics)
             else:
-                total = len(gt.get("annotations", []))
                 logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have a usable "
-                               "'segmentation'", with_segm, max(total, len(anns)))
+                               "'segmentation'", with_segm, len(box_gt.get("annotations", [])))
     return broadcast_object(result)
+
+
+def _segm_ground_truth(dataset: Any, gt: dict) -> dict:
+    """The ground truth with segmentations: ``gt`` itself when every annotation has one (a dataset loaded with
+    masks: validated as for training), else the dataset's ``segm_gt_dict()`` (its file read again with the masks
+    checked as for training), else ``gt`` as it is."""
+    if all("segmentation" in a for a in gt.get("annotations", [])):
+        return gt
+    if callable(getattr(dataset, "segm_gt_dict", None)):
+        return dataset.segm_gt_dict()
+    return gt
 
 
 def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, gt: dict, out_json: str | Path | None) -> Any:

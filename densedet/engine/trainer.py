@@ -140,6 +140,13 @@ def _resolve(root: str, path: str) -> Path:
     return p if p.is_absolute() or not root else Path(root) / p
 
 
+def _load_fixes(dataset: Any) -> str:
+    """`` (at load: 3 clipped, 1 mask: bad polygon)``: what the dataset's loader skipped or fixed, for the log."""
+    counts = {k: v for k, v in (getattr(dataset, "skipped_counts", None) or {}).items()
+              if v and k != "unselected_category"}
+    return f" (at load: {', '.join(f'{v} {k}' for k, v in counts.items())})" if counts else ""
+
+
 # --------------------------------------------------------------------------------------------------------- Trainer
 class Trainer:
     """Runs training for one config.
@@ -281,8 +288,8 @@ class Trainer:
                                           filter_empty_gt=False, test_mode=True,
                                           with_mask=data.val.with_mask or data.train.with_mask,
                                           **data.val.mask_options(data.train))
-        logger.info("train set: %d images; val set: %s", len(train_dataset),
-                    f"{len(val_dataset)} images" if val_dataset is not None else "none")
+        logger.info("train set: %d images%s; val set: %s", len(train_dataset), _load_fixes(train_dataset),
+                    f"{len(val_dataset)} images{_load_fixes(val_dataset)}" if val_dataset is not None else "none")
         return train_dataset, val_dataset
 
     def _build_loaders(self) -> tuple[Any, Any]:
