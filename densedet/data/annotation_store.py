@@ -29,7 +29,9 @@ import ctypes
 import ctypes.util
 import json
 import warnings
+from array import array
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -282,6 +284,32 @@ def _parse_categories(data: dict, ann_file: Path) -> tuple[np.ndarray, tuple[str
 
 
 def _parse_images(data: dict, ann_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Image ids, widths, heights and file names; checked over whole columns, with a scan naming the first bad
+    image when a check fails."""
+    images = data["images"]
+    try:
+        ids = [img["id"] for img in images]
+        widths = [img["width"] for img in images]
+        heights = [img["height"] for img in images]
+        names = [img["file_name"] for img in images]
+    except (KeyError, TypeError):
+        return _scan_images(data, ann_file)
+    number = {int, float}
+    if images and (set(map(type, ids)) != {int} or not set(map(type, widths)) <= number
+                   or not set(map(type, heights)) <= number):
+        return _scan_images(data, ann_file)
+    ids_arr = np.asarray(ids, np.int64).reshape(-1) if ids else np.zeros(0, np.int64)
+    w_arr = np.asarray(widths, np.float64).reshape(-1)
+    h_arr = np.asarray(heights, np.float64).reshape(-1)
+    ok = np.isfinite(w_arr) & np.isfinite(h_arr) & (w_arr > 0) & (h_arr > 0)
+    if not ok.all() or len(np.unique(ids_arr)) != len(ids_arr):
+        return _scan_images(data, ann_file)
+    if images and set(map(type, names)) != {str}:
+        names = [str(n) for n in names]
+    return ids_arr, w_arr, h_arr, names
+
+
+def _scan_images(data: dict, ann_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     ids: list[int] = []
     widths: list[float] = []
     heights: list[float] = []
@@ -404,10 +432,14 @@ def _build_store(ann_file: Path, require_annotations: bool, min_box_size: float,
         category_ids = np.array([a["category_id"] for a in anns], dtype=np.int64).reshape(n)
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool).reshape(n)
         ignore = np.array([bool(a.get("ignore", 0)) for a in anns], dtype=bool).reshape(n)
-        xywh = np.array([a["bbox"] for a in anns])
-        if xywh.dtype.kind not in "iuf":  # strings, None, bools: numpy would convert or keep them as objects
+        bboxes = [a["bbox"] for a in anns]
+        if n and set(map(len, bboxes)) != {4}:
+            raise ValueError("bbox is not [x, y, w, h]")
+        # array('d') converts in C and refuses strings and None (as float() does); booleans would count as 0 / 1
+        if n and set(map(type, chain.from_iterable(bboxes))) - {int, float}:
             raise TypeError("non-numeric bbox")
-        xywh = xywh.astype(np.float64).reshape(n, 4)
+        xywh = np.frombuffer(array("d", chain.from_iterable(bboxes)), dtype=np.float64).reshape(n, 4)
+        del bboxes
         given = [a.get("area") for a in anns]
         areas = np.array(given)
         if areas.dtype.kind not in "iuf":  # None (no area) reads as NaN; anything else but a number is an error

@@ -21,6 +21,7 @@ as in MMDetection 2.x (``gt_bboxes_ignore``).
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,45 +133,37 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _flatten_polygons(segms: list[Any], polygon_ids: list[int]) -> tuple[list[Any], list[int], list[int]]:
-    """Every part's numbers in one list, each part's length (-1: not a list), each annotation's part count."""
-    flat: list[Any] = []
+def _polygon_numbers(segms: list[Any], polygon_ids: list[int], problem: np.ndarray
+                     ) -> tuple[np.ndarray, list[int], list[int], list[int]]:
+    """Every polygon's numbers as one float64 array, each part's length (-1: not a list), each annotation's part
+    count, and the annotations they came from. An annotation holding anything but numbers (a string, ``None``, a
+    nested list) is marked ``bad polygon`` and left out.
+
+    ``array('d').extend`` converts each number in C (no list of 40M Python floats built first, no second pass);
+    like ``float()`` it refuses strings and ``None``; booleans count as 0 / 1."""
+    coords = array("d")
     part_lens: list[int] = []
     part_counts: list[int] = []
-    extend, append = flat.extend, part_lens.append
+    good: list[int] = []
+    extend, append = coords.extend, part_lens.append
     for k in polygon_ids:
         s = segms[k]
-        for p in s:
-            if type(p) is list:
-                extend(p)
-                append(len(p))
-            else:
-                append(-1)
-        part_counts.append(len(s))
-    return flat, part_lens, part_counts
-
-
-def _polygon_numbers(segms: list[Any], polygon_ids: list[int], problem: np.ndarray) -> tuple[np.ndarray, list[int],
-                                                                                                list[int], list[int]]:
-    """The coordinates as float64; annotations holding anything but numbers are marked ``bad polygon`` (found
-    by a per-annotation scan only when the one-array conversion shows that something is not a number)."""
-    flat, part_lens, part_counts = _flatten_polygons(segms, polygon_ids)
-    try:
-        coords = np.array(flat)
-        if coords.dtype.kind not in "iuf" or coords.ndim != 1:
-            raise TypeError("not numbers")
-        return coords.astype(np.float64, copy=False), polygon_ids, part_lens, part_counts
-    except (TypeError, ValueError, OverflowError):
-        pass
-    del flat
-    good = []
-    for k in polygon_ids:
-        if all(not isinstance(p, list) or all(_is_number(v) for v in p) for p in segms[k]):
-            good.append(k)
-        else:
+        n_coords, n_parts = len(coords), len(part_lens)
+        try:
+            for p in s:
+                if type(p) is list:
+                    extend(p)
+                    append(len(p))
+                else:
+                    append(-1)
+        except (TypeError, OverflowError):  # drop what this annotation had appended already
+            del coords[n_coords:]
+            del part_lens[n_parts:]
             problem[k] = _BAD_POLY
-    flat, part_lens, part_counts = _flatten_polygons(segms, good)
-    return np.array(flat, dtype=np.float64).reshape(-1), good, part_lens, part_counts
+            continue
+        good.append(k)
+        part_counts.append(len(s))
+    return np.frombuffer(coords, dtype=np.float64), good, part_lens, part_counts
 
 
 def pack_segmentations(segms: list[Any], heights: np.ndarray, widths: np.ndarray
@@ -222,9 +215,11 @@ def _pack_polygons(segms: list[Any], polygon_ids: list[int], heights: np.ndarray
     part_offsets = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(sizes, out=part_offsets[1:])
     # Per part: 0 fine, else the kind check_segmentation gives its first failing part.
-    nonfinite = np.zeros(len(coords) + 1, np.int64)
-    np.cumsum(~np.isfinite(coords), out=nonfinite[1:])
-    has_nonfinite = (nonfinite[part_offsets[1:]] - nonfinite[part_offsets[:-1]]) > 0
+    has_nonfinite = np.zeros(len(lens), bool)
+    finite = np.isfinite(coords)
+    if not finite.all():
+        has_nonfinite[np.searchsorted(part_offsets, np.flatnonzero(~finite), side="right") - 1] = True
+    del finite
     code = np.where((lens < 0) | (lens % 2 == 1) | ((lens > 0) & (lens < 6)) | has_nonfinite, _BAD_POLY, 0)
     code = np.where(lens == 0, _EMPTY, code).astype(np.uint8)
     part_ann = np.repeat(np.arange(len(ids_arr)), counts)
@@ -273,7 +268,7 @@ def _rle_problem(segm: dict, height: float, width: float) -> tuple[int, Any]:
         except UnicodeEncodeError:
             return _BAD_RLE, None
     if type(counts) is list:
-        if not all(type(c) is int and c >= 0 for c in counts):
+        if counts and (set(map(type, counts)) != {int} or min(counts) < 0):  # type() in C: no bools, no floats
             return _BAD_RLE, None
         return (0, counts) if sum(counts) == height * width else (_WRONG_SIZE, None)
     return _BAD_RLE, None
