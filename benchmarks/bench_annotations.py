@@ -206,10 +206,19 @@ def child_json_load(ann_file: str) -> dict[str, Any]:
     return {"seconds": seconds, "images": len(data["images"]), "annotations": len(data["annotations"])}
 
 
-def child_dataset(ann_file: str, img_dir: str, with_mask: bool, samples: int, workers: int) -> dict[str, Any]:
+def child_dataset(ann_file: str, img_dir: str, with_mask: bool, samples: int, workers: int,
+                  parser: str) -> dict[str, Any]:
     import torch
 
     from densedet.data import CocoDataset
+
+    if parser == "json":  # measure the fallback parser even where orjson is installed
+        try:
+            import densedet.data.annotation_store as store_module
+
+            store_module._fast_json = lambda: None
+        except ImportError:  # a revision without the store always uses json
+            pass
 
     torch.set_num_threads(1)
     gc.collect()
@@ -264,6 +273,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--repeat", type=int, default=1,
                    help="time each load this many times, in fresh processes, and report the fastest (default 1)")
+    p.add_argument("--parser", choices=("auto", "json"), default="auto",
+                   help="auto: orjson when installed (DenseDet's default); json: force the fallback parser")
     p.add_argument("--out", help="also write the raw numbers as JSON here")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -272,7 +283,7 @@ def main() -> None:
         if kind == "json":
             result = child_json_load(rest[0])
         else:
-            result = child_dataset(rest[0], rest[1], kind == "masks", int(rest[2]), int(rest[3]))
+            result = child_dataset(rest[0], rest[1], kind == "masks", int(rest[2]), int(rest[3]), rest[4])
         print(json.dumps(result))
         return
     if not args.scratch:
@@ -283,7 +294,7 @@ def main() -> None:
     try:
         import orjson
 
-        parser = f"orjson {orjson.__version__}"
+        parser = f"orjson {orjson.__version__}" if args.parser == "auto" else "json (--parser json)"
     except ImportError:
         parser = "json (orjson not installed)"
     import densedet
@@ -299,7 +310,7 @@ def main() -> None:
             samples = args.samples if r == 0 else 0
             print(f"[{r + 1}/{args.repeat}] CocoDataset ({kind})" + (" + DataLoader" if samples else "") + " ...",
                   file=sys.stderr, flush=True)
-            run[kind] = _run_child(kind, str(ann_file), str(img_dir), str(samples), str(args.workers))
+            run[kind] = _run_child(kind, str(ann_file), str(img_dir), str(samples), str(args.workers), args.parser)
         results["runs"].append(run)
     first = results["runs"][0]
     ref = dict(first["json_load"], seconds=min(run["json_load"]["seconds"] for run in results["runs"]))
@@ -309,7 +320,7 @@ def main() -> None:
     def workers_text(r: dict[str, Any], detail: bool) -> str:
         ws = r.get("workers") or []
         if not ws:
-            return "n/a"
+            return "not measured"
         growth = max(w["uss_last_kib"] - w["uss_first_kib"] for w in ws)
         if detail:
             lo = min(w["uss_first_kib"] for w in ws) / 1024

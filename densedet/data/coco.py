@@ -1,10 +1,12 @@
-"""COCO-format detection dataset (boxes only), with annotation checks at load time.
+"""COCO-format detection dataset (boxes, and instance masks with ``with_mask``) over the compact, validated
+annotation store of :mod:`densedet.data.annotation_store`, which evaluation scores against too.
 
 Semantics follow MMDetection 2.x ``CocoDataset`` (``mmdet/datasets/coco.py``): ``iscrowd`` boxes become ignore
 regions, labels are contiguous ``0..C-1`` in category order, images without boxes are dropped for training.
 Where it differs (on purpose): a box partly outside its image is clipped at load time, boxes are dropped only when
-narrower than ``min_box_size`` (1e-3 px; mmdet drops < 1 px), and every dropped or fixed annotation is counted and
-reported in one warning per kind instead of being skipped silently.
+narrower than ``min_box_size`` (1e-3 px; mmdet drops < 1 px), every dropped or fixed annotation is counted and
+reported in one warning per kind instead of being skipped silently, and the evaluator's ground truth is rebuilt
+from what the loader kept (mmdet evaluates against the raw file).
 """
 
 from __future__ import annotations
