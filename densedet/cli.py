@@ -111,7 +111,10 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDa
     steps, where = (spec.pipeline, f"data.{split}.pipeline") if spec.pipeline else (cfg.data.val.pipeline,
                                                                                       "data.val.pipeline")
     pipeline = tta_pipeline(steps, tta, where=where)
-    return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True)
+    # with masks for a mask model (as the trainer's val set): the evaluator then scores against the annotations
+    # training kept, and the masks are checked before inference starts
+    return CocoDataset(root / spec.ann_file, root / spec.img_dir, pipeline=pipeline, test_mode=True,
+                       with_mask=spec.with_mask or cfg.data.train.with_mask, **spec.mask_options(cfg.data.train))
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -234,10 +234,30 @@ def test_dataset_with_masks_counts_bad_ones_and_collates(tmp_path) -> None:
     assert "masks" not in plain and plain["boxes"].shape == (3, 4)
 
 
-def test_corrupt_compressed_rle_names_the_annotation(tmp_path) -> None:
+def test_corrupt_compressed_rle_is_skipped_at_load_and_named(tmp_path) -> None:
+    """A corrupt compressed RLE is found at load time (its runs are decoded, not its pixels), skipped with its box
+    and named; the evaluator's ground truth never holds it."""
     bad = {"id": 42, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10],
            "segmentation": {"size": [40, 50], "counts": "zzz"}}
-    ann_file, img_dir = _write_mask_coco(tmp_path, [bad])
+    good = {"id": 43, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10],
+            "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]}
+    ann_file, img_dir = _write_mask_coco(tmp_path, [bad, good])
+    with pytest.warns(DataWarning, match=r"skipped 1 annotation with bad RLE .*ids 42; first: annotation id 42"):
+        ds = CocoDataset(ann_file, img_dir, [], with_mask=True)
+    assert ds.skipped_counts["mask: bad RLE"] == 1
+    assert ds.get_ann_info(0)["ann_ids"].tolist() == [43]
+    assert [a["id"] for a in ds.coco_gt_dict["annotations"]] == [43]
+
+
+def test_rle_of_an_image_whose_real_size_differs_names_the_annotation(tmp_path) -> None:
+    """The json says 50x40 and the RLE fits it; the image file is 60x40: decoding it for that image is a DataError
+    naming the annotation (a mask cannot be stretched to a stale size)."""
+    full = np.zeros((40, 50), np.uint8)
+    full[5:15, 5:15] = 1
+    rle = _uncompressed_rle(full)
+    ann_file, img_dir = _write_mask_coco(tmp_path, [{"id": 42, "image_id": 1, "category_id": 1,
+                                                      "bbox": [5, 5, 10, 10], "segmentation": rle}])
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img_dir / "a.png")
     ds = CocoDataset(ann_file, img_dir, [], with_mask=True)
-    with pytest.raises(DataError, match="annotation id 42"):
+    with pytest.warns(DataWarning, match="stale size"), pytest.raises(DataError, match="annotation id 42"):
         ds[0]

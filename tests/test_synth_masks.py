@@ -9,6 +9,7 @@ import numpy as np
 
 from densedet.data import CocoDataset, make_synthetic_coco
 from densedet.data.coco import DataWarning
+from densedet.data.mask_loading import POLYGON, RLE, RLE_UNCOMPRESSED
 from densedet.data.synth import _render
 from densedet.structures.masks import InstanceMasks, PolygonMask, decode_segmentation
 
@@ -53,6 +54,6 @@ def test_occluded_shapes_get_exact_visible_rle(tmp_path):
             ys, xs = np.nonzero(full)
             assert xs.min() >= box[0] - 1 and xs.max() + 1 <= box[2] + 1  # inside its box
             assert ys.min() >= box[1] - 1 and ys.max() + 1 <= box[3] + 1
-        for a in ds._anns[i]["segms"]:
-            kinds.add("polygon" if isinstance(a, list) else type(a["counts"]).__name__)
-    assert kinds == {"polygon", "str", "list"}  # polygons, compressed RLE (circles), uncompressed (occluded)
+    names = {POLYGON: "polygon", RLE: "compressed RLE", RLE_UNCOMPRESSED: "uncompressed RLE"}
+    kinds = {names[int(k)] for k in ds.store.masks.kinds}
+    assert kinds == {"polygon", "compressed RLE", "uncompressed RLE"}  # squares/triangles, circles, occluded

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from densedet.config.legacy import move_normalize_into_model
+from densedet.data.mask_loading import DEFAULT_MASK_BBOX_CHECK, DEFAULT_MASK_BBOX_IOU_THR, MASK_BBOX_CHECKS
 from densedet.registry import ConfigError
 
 
@@ -197,13 +198,37 @@ def _check_range(section: str, key: str, value: Any, typed: Any, path: str, orig
 @dataclass
 class DatasetSplit:
     """One split: COCO instances json + image folder + transform list (each a ``{'type': ...}`` dict).
-    ``with_mask``: load instance masks too (Mask R-CNN training)."""
+    ``with_mask``: load instance masks too (Mask R-CNN training; the val split is then loaded with masks too).
+    ``mask_bbox_check``: with masks, what to do with an annotation whose mask is empty inside the image or whose
+    extent has an IoU below ``mask_bbox_iou_thr`` with its box: ``warn`` (keep, counted warning), ``skip`` (drop)
+    or ``use_mask`` (take the box from the mask); ``null`` in val/test: as ``data.train`` (default ``warn``,
+    ``0.1``)."""
 
     ann_file: str = ""
     img_dir: str = ""
     pipeline: list[dict[str, Any]] = field(default_factory=list)
     filter_empty_gt: bool = True
     with_mask: bool = False
+    mask_bbox_check: str | None = None
+    mask_bbox_iou_thr: float | None = None
+
+    def check(self, where: str, origins: dict[str, str]) -> None:
+        if self.mask_bbox_check is not None and self.mask_bbox_check not in MASK_BBOX_CHECKS:
+            key = f"{where}.mask_bbox_check"
+            raise ConfigError(f"{origins.get(key, _parent_origin(key, origins))}: {key}={self.mask_bbox_check}: "
+                              f"must be one of {', '.join(MASK_BBOX_CHECKS)}", key)
+        if self.mask_bbox_iou_thr is not None and not 0.0 <= self.mask_bbox_iou_thr <= 1.0:
+            key = f"{where}.mask_bbox_iou_thr"
+            raise ConfigError(f"{origins.get(key, _parent_origin(key, origins))}: {key}={self.mask_bbox_iou_thr:g}: "
+                              f"must be >= 0 and <= 1", key)
+
+    def mask_options(self, train: DatasetSplit) -> dict[str, Any]:
+        """``mask_bbox_check`` / ``mask_bbox_iou_thr`` keyword arguments of a CocoDataset for this split (unset:
+        ``train``'s, then the defaults)."""
+        check = self.mask_bbox_check or train.mask_bbox_check or DEFAULT_MASK_BBOX_CHECK
+        thr = next((v for v in (self.mask_bbox_iou_thr, train.mask_bbox_iou_thr) if v is not None),
+                   DEFAULT_MASK_BBOX_IOU_THR)
+        return {"mask_bbox_check": check, "mask_bbox_iou_thr": float(thr)}
 
 
 @dataclass

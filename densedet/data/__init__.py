@@ -1,5 +1,6 @@
 """COCO-format data: dataset, transforms, batching, samplers and a synthetic shapes dataset."""
 
+from densedet.data.annotation_store import AnnotationStore, load_annotation_store
 from densedet.data.coco import CocoDataset, DataError, DataWarning, load_coco_json
 from densedet.data.collate import collate
 from densedet.data.samplers import (
@@ -24,6 +25,7 @@ from densedet.structures.masks import InstanceMasks
 
 __all__ = [
     "SYNTH_CLASSES",
+    "AnnotationStore",
     "CocoDataset",
     "Compose",
     "DataError",
@@ -40,6 +42,7 @@ __all__ = [
     "build_dataloader",
     "build_pipeline",
     "collate",
+    "load_annotation_store",
     "load_coco_json",
     "make_synthetic_coco",
     "seed_transforms",

@@ -1,74 +1,65 @@
-"""COCO-format detection dataset (boxes only), with annotation checks at load time.
+"""COCO-format detection dataset (boxes, and instance masks with ``with_mask``) over the compact, validated
+annotation store of :mod:`densedet.data.annotation_store`, which evaluation scores against too.
 
 Semantics follow MMDetection 2.x ``CocoDataset`` (``mmdet/datasets/coco.py``): ``iscrowd`` boxes become ignore
 regions, labels are contiguous ``0..C-1`` in category order, images without boxes are dropped for training.
 Where it differs (on purpose): a box partly outside its image is clipped at load time, boxes are dropped only when
-narrower than ``min_box_size`` (1e-3 px; mmdet drops < 1 px), and every dropped or fixed annotation is counted and
-reported in one warning per kind instead of being skipped silently.
+narrower than ``min_box_size`` (1e-3 px; mmdet drops < 1 px), every dropped or fixed annotation is counted and
+reported in one warning per kind instead of being skipped silently, and the evaluator's ground truth is rebuilt
+from what the loader kept (mmdet evaluates against the raw file).
 """
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from densedet.data.annotation_store import (
+    FLAG_CROWD,
+    AnnotationStore,
+    load_annotation_store,
+    load_coco_json,
+)
 from densedet.data.image_io import decode_image
-from densedet.data.mask_loading import attach_segmentations, ids_text, sample_masks
+from densedet.data.mask_loading import DEFAULT_MASK_BBOX_CHECK, DEFAULT_MASK_BBOX_IOU_THR
 from densedet.data.transforms import Compose, build_pipeline
 from densedet.errors import DataError, DataWarning
+from densedet.structures.masks import InstanceMasks, MaskFormatError
 
-__all__ = ["CocoDataset", "DataError", "DataWarning", "load_coco_json"]
-
-
-_REQUIRED_KEYS = ("images", "annotations", "categories")
-
-# kind -> text used in the warning "skipped N annotations with <text> in FILE (ids ...)"
-_KIND_TEXT = {
-    "degenerate": ("skipped", "non-positive width/height (or smaller than the minimum box size)"),
-    "outside": ("skipped", "boxes entirely outside their image"),
-    "clipped": ("clipped", "boxes partly outside their image (clipped to the image)"),
-}
+__all__ = ["CocoDataset", "DataError", "DataWarning", "ImageInfos", "load_coco_json"]
 
 
-def load_coco_json(ann_file: str | Path, require_annotations: bool = True) -> dict:
-    """Read a COCO json file; :class:`DataError` naming the file if it is missing, empty, invalid or incomplete."""
-    path = Path(ann_file)
-    if not path.is_file():
-        raise DataError(f"annotation file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read annotation file {path}: {e}") from e
-    if not text.strip():
-        raise DataError(f"annotation file {path} is empty")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(
-            f"annotation file {path} is not valid JSON (truncated or corrupt?): {e.msg} at line {e.lineno}, "
-            f"column {e.colno}"
-        ) from e
-    if not isinstance(data, dict):
-        raise DataError(f"annotation file {path}: expected a JSON object at the top level, got {type(data).__name__}")
-    required = _REQUIRED_KEYS if require_annotations else ("images", "categories")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise DataError(f"annotation file {path} lacks the top-level key(s) {missing} of the COCO format")
-    for key in required:
-        if not isinstance(data[key], list):
-            raise DataError(f"annotation file {path}: '{key}' must be a list, got {type(data[key]).__name__}")
-    return data
+class ImageInfos(Sequence):
+    """``dataset.img_infos``: item ``i``'s ``{"id", "file_name", "width", "height"}``, made on access from the
+    annotation store's arrays (no Python object per image is kept: a DataLoader worker reading them copies
+    nothing)."""
+
+    def __init__(self, store: AnnotationStore, index: np.ndarray) -> None:
+        self._store = store
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._store.image_info(int(self._index[i]))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for j in self._index.tolist():
+            yield self._store.image_info(j)
 
 
 class CocoDataset(torch.utils.data.Dataset):
-    """COCO-format detection dataset.
+    """COCO-format detection dataset over a compact, validated annotation store.
 
     Args:
         ann_file: COCO instances json (``images``, ``annotations`` with ``bbox`` = ``[x, y, w, h]``, ``categories``).
@@ -80,9 +71,18 @@ class CocoDataset(torch.utils.data.Dataset):
             every category, labels in ascending category-id order.
         min_box_size: boxes narrower or shorter than this (pixels) are skipped with a warning.
         with_mask: also load instance masks (:mod:`densedet.data.mask_loading`); items then carry ``masks``.
-            Off: the loader does exactly what it does without mask support.
+            Off: segmentations are not read at all.
+        mask_bbox_check: with masks, what to do with an annotation whose mask is empty inside the image or whose
+            extent disagrees with its box: ``'warn'`` (keep it, counted warning), ``'skip'`` (drop it) or
+            ``'use_mask'`` (take the box from the mask).
+        mask_bbox_iou_thr: IoU of mask extent and box below which they disagree.
 
-    Item ``i`` is a dict: ``img`` float32 ``(3, H, W)`` tensor; ``boxes`` float32 ``(n, 4)`` xyxy pixels of the
+    The annotations are read once into an :class:`~densedet.data.annotation_store.AnnotationStore` (``store``):
+    numpy arrays only, the parsed json dropped, so DataLoader workers share them without copying. Evaluation scores
+    against the same store (:attr:`coco_gt_dict`, :meth:`segm_gt_dict`): what the loader skipped or clipped is
+    skipped or clipped for the evaluator too.
+
+    Item ``i`` is a dict: ``img`` uint8 ``(3, H, W)`` tensor; ``boxes`` float32 ``(n, 4)`` xyxy pixels of the
     transformed image; ``labels`` int64 ``(n,)`` in ``0..C-1``; ``ignore_boxes`` float32 ``(k, 4)`` xyxy (crowd);
     ``meta`` with ``image_id``, ``file_name``, ``ori_shape`` (h, w), ``img_shape`` (h, w, after resize, before
     padding), ``scale_factor`` (w_scale, h_scale) and ``flip``. ``dataset[(i, entropy)]`` seeds the random
@@ -103,45 +103,60 @@ class CocoDataset(torch.utils.data.Dataset):
         classes: list[str] | None = None,
         min_box_size: float = 1e-3,
         with_mask: bool = False,
+        mask_bbox_check: str = DEFAULT_MASK_BBOX_CHECK,
+        mask_bbox_iou_thr: float = DEFAULT_MASK_BBOX_IOU_THR,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.img_dir = Path(img_dir)
         self.test_mode = test_mode
         self.filter_empty_gt = filter_empty_gt
         self.min_box_size = float(min_box_size)
-        self._coco = load_coco_json(self.ann_file, require_annotations=not test_mode)
+        self.with_mask = bool(with_mask)
+        self.mask_bbox_check = mask_bbox_check
+        self.mask_bbox_iou_thr = float(mask_bbox_iou_thr)
+        if not self.ann_file.is_file():
+            raise DataError(f"annotation file not found: {self.ann_file}")
         if not self.img_dir.is_dir():
             raise DataError(f"image folder not found: {self.img_dir} (images of {self.ann_file})")
+        self.store: AnnotationStore = self._load_store(self.with_mask)
+        self._check_inside_img_dir()
         self._load_categories(classes)
-        images = self._load_images()
-        per_image = self._load_annotations(images)
-        self.with_mask = bool(with_mask)
-        if self.with_mask:
-            per_image = attach_segmentations(self, images, per_image)
-        keep = [
-            i
-            for i in range(len(images))
-            if test_mode or not filter_empty_gt or len(per_image[i]["labels"]) > 0
-        ]
-        if not keep and not test_mode:
-            raise DataError(self._empty_training_set_message(len(images), per_image))
-        self.img_infos: list[dict[str, Any]] = [images[i] for i in keep]
-        self._anns: list[dict[str, np.ndarray]] = [per_image[i] for i in keep]
-        self.aspect_flags = np.array([info["width"] / info["height"] > 1 for info in self.img_infos], dtype=np.uint8)
+        st = self.store
+        # Label of every kept annotation (-1: a category not selected), by binary search over the selected ids.
+        sel_ids = np.array(sorted(self.cat2label), dtype=np.int64)
+        sel_labels = np.array([self.cat2label[c] for c in sel_ids.tolist()], dtype=np.int64)
+        self._labels = np.full(len(st), -1, np.int64)
+        if len(sel_ids):
+            pos = np.searchsorted(sel_ids, st.category_ids).clip(0, len(sel_ids) - 1)
+            self._labels = np.where(sel_ids[pos] == st.category_ids, sel_labels[pos], -1)
+        self._labels.flags.writeable = False
+        crowd = (st.flags & FLAG_CROWD) != 0
+        self.skipped_counts: dict[str, int] = {k: v for k, v in st.skipped.items() if not k.startswith("mask")}
+        self.skipped_counts["unselected_category"] = int((self._labels < 0).sum())
+        self.skipped_counts.update({k: v for k, v in st.skipped.items() if k.startswith("mask")})
+        img_of_ann = np.repeat(np.arange(st.num_images), np.diff(st.ann_offsets))
+        trainable = np.bincount(img_of_ann[~crowd & (self._labels >= 0)], minlength=st.num_images)
+        if test_mode or not filter_empty_gt:
+            keep = np.arange(st.num_images, dtype=np.int64)
+        else:
+            keep = np.flatnonzero(trainable > 0).astype(np.int64)
+        if len(keep) == 0 and not test_mode:
+            raise DataError(self._empty_training_set_message())
+        self._items = keep
+        self._items.flags.writeable = False
+        self.img_infos = ImageInfos(st, keep)
+        self.aspect_flags = (st.widths[keep] / st.heights[keep] > 1).astype(np.uint8)
         self.pipeline: Compose = build_pipeline(pipeline, where=f"pipeline of {self.ann_file.name}")
 
     # ----------------------------------------------------------------------------------------------- loading
+    def _load_store(self, with_mask: bool, warn_boxes: bool = True) -> AnnotationStore:
+        return load_annotation_store(self.ann_file, require_annotations=not self.test_mode,
+                                     min_box_size=self.min_box_size, with_mask=with_mask,
+                                     mask_bbox_check=self.mask_bbox_check, mask_bbox_iou_thr=self.mask_bbox_iou_thr,
+                                     warn_boxes=warn_boxes)
+
     def _load_categories(self, classes: list[str] | None) -> None:
-        cats = self._coco["categories"]
-        names: dict[int, str] = {}
-        for j, cat in enumerate(cats):
-            if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
-                raise DataError(f"{self.ann_file}: categories[{j}] needs an 'id' and a 'name', got {cat!r}")
-            if not isinstance(cat["id"], int) or isinstance(cat["id"], bool):
-                raise DataError(f"{self.ann_file}: categories[{j}] has a non-integer id {cat['id']!r}")
-            if cat["id"] in names:
-                raise DataError(f"{self.ann_file}: category id {cat['id']} appears twice")
-            names[int(cat["id"])] = str(cat["name"])
+        names = dict(zip(self.store.cat_ids.tolist(), self.store.cat_names))
         self._all_cat_ids = set(names)
         if classes is None:
             self.cat_ids: list[int] = sorted(names)
@@ -155,30 +170,7 @@ class CocoDataset(torch.utils.data.Dataset):
         self.label2cat: dict[int, int] = {i: c for c, i in self.cat2label.items()}
         self.classes: list[str] = [names[c] for c in self.cat_ids]
 
-    def _load_images(self) -> list[dict[str, Any]]:
-        images = []
-        seen: set[int] = set()
-        for j, img in enumerate(self._coco["images"]):
-            ok = isinstance(img, dict) and all(k in img for k in ("id", "file_name", "width", "height"))
-            if not ok:
-                raise DataError(
-                    f"{self.ann_file}: images[{j}] needs 'id', 'file_name', 'width' and 'height', got {img!r}"
-                )
-            if not isinstance(img["id"], int) or isinstance(img["id"], bool):
-                raise DataError(f"{self.ann_file}: images[{j}] has a non-integer id {img['id']!r}")
-            if img["id"] in seen:
-                raise DataError(f"{self.ann_file}: image id {img['id']} appears twice")
-            seen.add(img["id"])
-            w, h = img["width"], img["height"]
-            if not (isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0):
-                raise DataError(
-                    f"{self.ann_file}: image id {img['id']} ({img['file_name']}) has invalid size {w!r} x {h!r}"
-                )
-            images.append({"id": int(img["id"]), "file_name": str(img["file_name"]), "width": w, "height": h})
-        self._check_inside_img_dir(images)
-        return images
-
-    def _check_inside_img_dir(self, images: list[dict[str, Any]]) -> None:
+    def _check_inside_img_dir(self) -> None:
         """Refuse any ``file_name`` that leads outside ``img_dir`` (``..``, an absolute path, a symlink resolving
         elsewhere) before a single image is opened: an annotation file must not make DenseDet read other files.
 
@@ -195,8 +187,9 @@ class CocoDataset(torch.utils.data.Dataset):
                     links[folder] = set()
             return links[folder]
 
-        for info in images:
-            name = info["file_name"]
+        st = self.store
+        for i in range(st.num_images):
+            name = st.file_name(i)
             parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
             why = None
             if os.path.isabs(name) or name.startswith(("/", "\\")) or name[1:3] in (":/", ":\\"):
@@ -214,119 +207,16 @@ class CocoDataset(torch.utils.data.Dataset):
                     folder = os.path.join(folder, part)
             if why is not None:
                 raise DataError(
-                    f"{self.ann_file}: image id {info['id']}: file_name '{name}' {why}, outside the image folder "
-                    f"{self.img_dir}; file names must be relative paths inside it (DenseDet reads no file outside "
-                    f"it)"
+                    f"{self.ann_file}: image id {int(st.image_ids[i])}: file_name '{name}' {why}, outside the image "
+                    f"folder {self.img_dir}; file names must be relative paths inside it (DenseDet reads no file "
+                    f"outside it)"
                 )
 
-    def _bad_annotation(self, anns: list, index_of: dict[int, int]) -> DataError:
-        """Find the first malformed annotation (slow path, only after the fast parse failed)."""
-        for j, a in enumerate(anns):
-            if not isinstance(a, dict):
-                return DataError(f"{self.ann_file}: annotations[{j}] is not an object: {a!r}")
-            missing = [k for k in ("id", "image_id", "category_id", "bbox") if k not in a]
-            if missing:
-                return DataError(f"{self.ann_file}: annotation id {a.get('id', f'#{j}')} lacks {missing}")
-            where = f"{self.ann_file}: annotation id {a['id']} (image id {a['image_id']})"
-            if a["image_id"] not in index_of:
-                return DataError(f"{where}: image id {a['image_id']} is not in 'images'")
-            bbox = a["bbox"]
-            if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
-                return DataError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
-                return DataError(f"{where}: bbox must hold 4 numbers, got {bbox!r}")
-        return DataError(f"{self.ann_file}: malformed annotations")
-
-    def _load_annotations(self, images: list[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
-        anns = self._coco.get("annotations", [])
-        index_of = {info["id"]: i for i, info in enumerate(images)}
-        n = len(anns)
-        # Fast columnar parse; any surprise falls back to a scan that names the offending annotation.
-        try:
-            ann_ids = np.array([a["id"] for a in anns], dtype=np.int64).reshape(n)
-            img_idx = np.array([index_of[a["image_id"]] for a in anns], dtype=np.int64).reshape(n)
-            cat_ids = np.array([a["category_id"] for a in anns], dtype=np.int64).reshape(n)
-            crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool).reshape(n)
-            xywh = np.array([a["bbox"] for a in anns])
-            if xywh.dtype.kind not in "iuf":  # strings, None, bools: numpy would convert or keep them as objects
-                raise TypeError("non-numeric bbox")
-            xywh = xywh.astype(np.float64).reshape(n, 4)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise self._bad_annotation(anns, index_of) from e
-
-        def where(k: int) -> str:
-            return f"{self.ann_file}: annotation id {ann_ids[k]} (image id {images[img_idx[k]]['id']})"
-
-        unknown = ~np.isin(cat_ids, np.array(sorted(self._all_cat_ids), dtype=np.int64))
-        if unknown.any():
-            k = int(np.flatnonzero(unknown)[0])
-            raise DataError(
-                f"{where(k)}: unknown category id {cat_ids[k]}; known category ids: {sorted(self._all_cat_ids)}"
-            )
-        nonfinite = ~np.isfinite(xywh).all(axis=1)
-        if nonfinite.any():
-            k = int(np.flatnonzero(nonfinite)[0])
-            raise DataError(f"{where(k)}: bbox has NaN or inf values: {anns[k]['bbox']}")
-
-        widths = np.array([info["width"] for info in images], dtype=np.float64)[img_idx]
-        heights = np.array([info["height"] for info in images], dtype=np.float64)[img_idx]
-        x1, y1 = xywh[:, 0], xywh[:, 1]
-        x2, y2 = x1 + xywh[:, 2], y1 + xywh[:, 3]
-        cx1, cy1 = x1.clip(0, None), y1.clip(0, None)
-        cx2, cy2 = np.minimum(x2, widths), np.minimum(y2, heights)
-        m = self.min_box_size
-        degenerate = (xywh[:, 2] < m) | (xywh[:, 3] < m)
-        outside = ~degenerate & ((cx2 - cx1 < m) | (cy2 - cy1 < m))
-        eps = 1e-3  # float noise in the json (x + w = 640.0000001) is not worth a warning
-        clipped = ~degenerate & ~outside & ((x1 < -eps) | (y1 < -eps) | (x2 > widths + eps) | (y2 > heights + eps))
-        self.skipped_counts: dict[str, int] = {}
-        for kind, mask in (("degenerate", degenerate), ("outside", outside), ("clipped", clipped)):
-            count = int(mask.sum())
-            self.skipped_counts[kind] = count
-            if count:
-                verb, text = _KIND_TEXT[kind]
-                warnings.warn(
-                    f"{verb} {count} annotation{'s' if count > 1 else ''} with {text} in {self.ann_file} "
-                    f"(ids {ids_text(ann_ids[mask])})",
-                    DataWarning,
-                    stacklevel=3,
-                )
-
-        selected = np.isin(cat_ids, np.array(self.cat_ids, dtype=np.int64))
-        self.skipped_counts["unselected_category"] = int((~selected & ~degenerate & ~outside).sum())
-        valid = selected & ~degenerate & ~outside
-        boxes = np.stack([cx1, cy1, cx2, cy2], axis=1).astype(np.float32)
-        # cat id -> label by binary search over the selected ids (ids can be large and sparse).
-        sel_ids = np.array(sorted(self.cat2label), dtype=np.int64)
-        sel_labels = np.array([self.cat2label[c] for c in sel_ids.tolist()], dtype=np.int64)
-        pos = np.searchsorted(sel_ids, cat_ids).clip(0, max(len(sel_ids) - 1, 0))
-        labels = np.where(selected, sel_labels[pos] if len(sel_ids) else -1, -1)
-
-        # Per image, for the reasons an image drops out of a training set (see _empty_training_set_message).
-        self._ann_counts = np.bincount(img_idx, minlength=len(images))
-        self._noncrowd_counts = np.bincount(img_idx[~crowd], minlength=len(images))
-
-        # Group the valid annotations by image in one sort (stable: keeps the json order within an image).
-        per_image: list[dict[str, np.ndarray]] = []
-        order = np.flatnonzero(valid)
-        order = order[np.argsort(img_idx[order], kind="stable")]
-        bounds = np.searchsorted(img_idx[order], np.arange(len(images) + 1))
-        for i in range(len(images)):
-            sel = order[bounds[i] : bounds[i + 1]]
-            is_crowd = crowd[sel]
-            per_image.append(
-                {
-                    "boxes": boxes[sel[~is_crowd]].reshape(-1, 4),
-                    "labels": labels[sel[~is_crowd]],
-                    "ignore_boxes": boxes[sel[is_crowd]].reshape(-1, 4),
-                    "ann_ids": ann_ids[sel[~is_crowd]],
-                }
-            )
-        return per_image
-
-    def _empty_training_set_message(self, num_images: int, per_image: list[dict[str, np.ndarray]]) -> str:
-        no_ann = int((self._ann_counts == 0).sum())
-        only_crowd = int(((self._ann_counts > 0) & (self._noncrowd_counts == 0)).sum())
+    def _empty_training_set_message(self) -> str:
+        st = self.store
+        num_images = st.num_images
+        no_ann = int((st.ann_counts == 0).sum())
+        only_crowd = int(((st.ann_counts > 0) & (st.noncrowd_counts == 0)).sum())
         invalid = num_images - no_ann - only_crowd
         reasons = [f"{no_ann} without annotations", f"{only_crowd} with only crowd (iscrowd=1) boxes",
                    f"{invalid} whose boxes are all invalid (degenerate, outside the image"
@@ -338,8 +228,18 @@ class CocoDataset(torch.utils.data.Dataset):
     # ----------------------------------------------------------------------------------------------- access
     @property
     def coco_gt_dict(self) -> dict:
-        """The loaded annotation json (all images, also those filtered out for training)."""
-        return self._coco
+        """The COCO ground truth the evaluator scores against, rebuilt from the store on each access (not kept):
+        every image of the file (also those filtered out for training), the annotations the loader kept (crowd
+        included, boxes clipped as for training), with segmentations when the dataset loads masks."""
+        return self.store.coco_dict()
+
+    def segm_gt_dict(self) -> dict:
+        """The ground truth with segmentations for ``segm`` evaluation: :attr:`coco_gt_dict` when the dataset loads
+        masks; else the file is read again with every segmentation validated as a ``with_mask`` dataset would
+        (same rules, same counted warnings), and nothing of it is kept."""
+        if self.store.with_mask:
+            return self.store.coco_dict()
+        return self._load_store(True, warn_boxes=False).coco_dict()  # the box warnings came at load
 
     @property
     def has_annotations(self) -> bool:
@@ -348,12 +248,53 @@ class CocoDataset(torch.utils.data.Dataset):
         return "annotations" in self._coco
 
     def __len__(self) -> int:
-        return len(self.img_infos)
+        return len(self._items)
+
+    def _item_annotations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Store positions of item ``i``'s training boxes and of its ignore (crowd) boxes, json order."""
+        st = self.store
+        sl = st.ann_range(int(self._items[i]))
+        pos = np.arange(sl.start, sl.stop)
+        selected = self._labels[sl] >= 0
+        crowd = (st.flags[sl] & FLAG_CROWD) != 0
+        return pos[selected & ~crowd], pos[selected & crowd]
+
+    def _boxes_of(self, i: int) -> dict[str, np.ndarray]:
+        train, crowd = self._item_annotations(i)
+        st = self.store
+        return {"boxes": st.boxes[train].reshape(-1, 4), "labels": self._labels[train],
+                "ignore_boxes": st.boxes[crowd].reshape(-1, 4)}
 
     def get_ann_info(self, i: int) -> dict[str, np.ndarray]:
         """Annotations of item ``i`` in original image pixels: ``boxes`` float32 (n, 4) xyxy, ``labels`` int64 (n,),
-        ``ignore_boxes`` float32 (k, 4) xyxy, ``ann_ids`` int64 (n,)."""
-        return {k: v.copy() for k, v in self._anns[i].items()}
+        ``ignore_boxes`` float32 (k, 4) xyxy, ``ann_ids`` int64 (n,), with masks ``segms`` (n,) object array of
+        COCO segmentations (new arrays)."""
+        train, crowd = self._item_annotations(i)
+        st = self.store
+        out = {"boxes": st.boxes[train].reshape(-1, 4), "labels": self._labels[train],
+               "ignore_boxes": st.boxes[crowd].reshape(-1, 4), "ann_ids": st.ann_ids[train]}
+        if st.masks is not None:  # the COCO segmentations (polygons, or RLE compressed), one per box
+            j = int(self._items[i])
+            out["segms"] = np.empty(len(train), dtype=object)
+            out["segms"][:] = [st.masks.segmentation(m, int(st.heights[j]), int(st.widths[j])) for m in train.tolist()]
+        return out
+
+    def masks_of(self, i: int, height: int, width: int) -> InstanceMasks:
+        """Item ``i``'s masks, aligned with its boxes, for its decoded image of ``height x width``."""
+        st = self.store
+        if st.masks is None:
+            raise RuntimeError("masks_of: this dataset was loaded without masks (with_mask=False)")
+        train, _ = self._item_annotations(i)
+        j = int(self._items[i])
+        jh, jw = int(st.heights[j]), int(st.widths[j])
+        items = []
+        for m in train.tolist():
+            try:
+                items.append(st.masks.decode(m, jh, jw, height, width))
+            except MaskFormatError as e:
+                raise DataError(f"{self.ann_file}: annotation id {int(st.ann_ids[m])} (image id "
+                                f"{int(st.image_ids[j])}): {e}") from e
+        return InstanceMasks(items, height, width)
 
     def load_image(self, i: int) -> np.ndarray:
         """Decode item ``i``'s image: ``(H, W, 3)`` uint8 RGB, EXIF orientation applied, 16-bit scaled to 8 bits.
@@ -370,7 +311,7 @@ class CocoDataset(torch.utils.data.Dataset):
         return img
 
     def _stale_size(self, i: int, path: Path, w: int, h: int) -> None:
-        info, ann = self.img_infos[i], self._anns[i]
+        info, ann = self.img_infos[i], self._boxes_of(i)
         boxes = np.concatenate([ann["boxes"], ann["ignore_boxes"]]).reshape(-1, 4)
         tol = 1e-3
         if len(boxes) and ((boxes[:, 2] > w + tol).any() or (boxes[:, 3] > h + tol).any()):
@@ -403,13 +344,13 @@ class CocoDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} images")
         info = self.img_infos[i]
         img = self.load_image(i)
-        ann = self._anns[i]
+        ann = self._boxes_of(i)
         h, w = img.shape[:2]
         sample = {
             "img": img,
-            "boxes": ann["boxes"].copy(),
-            "labels": ann["labels"].copy(),
-            "ignore_boxes": ann["ignore_boxes"].copy(),
+            "boxes": ann["boxes"],
+            "labels": ann["labels"],
+            "ignore_boxes": ann["ignore_boxes"],
             "meta": {
                 "image_id": info["id"],
                 "file_name": info["file_name"],
@@ -420,7 +361,7 @@ class CocoDataset(torch.utils.data.Dataset):
             },
         }
         if self.with_mask:
-            sample["masks"] = sample_masks(self, i, h, w)
+            sample["masks"] = self.masks_of(i, h, w)
         sample = self.pipeline(sample, rng=rng)
         if "views" in sample:  # MultiScaleFlipAug (test-time augmentation): one tensor sample per view
             return {"views": [_to_tensors(v) for v in sample["views"]]}

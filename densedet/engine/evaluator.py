@@ -92,7 +92,10 @@ def evaluate(model: InferenceModel | nn.Module, loader: Any, dataset: Any, devic
     ``result.metrics`` and its :class:`EvalResult` is ``result.segm``).
 
     Args:
-        dataset: has ``label2cat`` (contiguous label -> category id) and ``coco_gt_dict`` (COCO ground truth).
+        dataset: has ``label2cat`` (contiguous label -> category id) and ``coco_gt_dict`` (COCO ground truth; a
+            :class:`~densedet.data.CocoDataset` rebuilds it from its validated annotation store, so the evaluator
+            sees what training saw), and for ``segm`` optionally ``segm_gt_dict()`` (the ground truth with
+            validated segmentations).
         out_json: if given, the COCO results list is written there (rank 0, atomically).
 
     Returns:
@@ -106,23 +109,40 @@ def evaluate(model: InferenceModel | nn.Module, loader: Any, dataset: Any, devic
             save_results_json(results, out_json)
         if not results:
             logger.warning("evaluation: the model produced no detections on %d images", len(dets))
-        result = evaluate_coco(dataset.coco_gt_dict, results)
-        if dets and all("segms" in d for d in dets):
-            anns = dataset.coco_gt_dict.get("annotations", [])
-            if all("segmentation" in a for a in anns):
-                result.segm = _evaluate_segm(dets, dataset, out_json)
+        gt = box_gt = dataset.coco_gt_dict
+        mask_model = bool(dets) and all("segms" in d for d in dets)
+        segm_gt = _segm_ground_truth(dataset, gt) if mask_model else None
+        if segm_gt is not None and (segm_gt.get("annotations") or not gt.get("annotations")):
+            gt = segm_gt  # boxes are scored against what a mask model trains on (annotations with a usable mask)
+        result = evaluate_coco(gt, results)
+        if mask_model:
+            anns = (segm_gt or {}).get("annotations", [])
+            with_segm = sum("segmentation" in a for a in anns)
+            if segm_gt is gt and with_segm == len(anns):
+                result.segm = _evaluate_segm(dets, dataset, segm_gt, out_json)
                 result.metrics.update(result.segm.metrics)
             else:
-                logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have no "
-                               "'segmentation'", sum("segmentation" not in a for a in anns), len(anns))
+                logger.warning("evaluation: no segm metrics: %d of %d ground-truth annotations have a usable "
+                               "'segmentation'", with_segm, len(box_gt.get("annotations", [])))
     return broadcast_object(result)
 
 
-def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, out_json: str | Path | None) -> Any:
-    """``segm`` evaluation of mask detections; results go beside ``out_json`` as ``*.segm.json``."""
+def _segm_ground_truth(dataset: Any, gt: dict) -> dict:
+    """The ground truth with segmentations: ``gt`` itself when every annotation has one (a dataset loaded with
+    masks: validated as for training), else the dataset's ``segm_gt_dict()`` (its file read again with the masks
+    checked as for training), else ``gt`` as it is."""
+    if all("segmentation" in a for a in gt.get("annotations", [])):
+        return gt
+    if callable(getattr(dataset, "segm_gt_dict", None)):
+        return dataset.segm_gt_dict()
+    return gt
+
+
+def _evaluate_segm(dets: list[dict[str, Any]], dataset: Any, gt: dict, out_json: str | Path | None) -> Any:
+    """``segm`` evaluation of mask detections against ``gt``; results go beside ``out_json`` as ``*.segm.json``."""
     results = detections_to_segm_results(dets, [d["image_id"] for d in dets], dataset.label2cat)
     if out_json is not None:
         path = Path(out_json)
         name = path.name[: -len(".bbox.json")] if path.name.endswith(".bbox.json") else path.stem
         save_results_json(results, path.with_name(f"{name}.segm.json"))
-    return evaluate_coco(dataset.coco_gt_dict, results, iou_type="segm")
+    return evaluate_coco(gt, results, iou_type="segm")

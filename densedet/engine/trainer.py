@@ -141,6 +141,13 @@ def _resolve(root: str, path: str) -> Path:
     return p if p.is_absolute() or not root else Path(root) / p
 
 
+def _load_fixes(dataset: Any) -> str:
+    """`` (at load: 3 clipped, 1 mask: bad polygon)``: what the dataset's loader skipped or fixed, for the log."""
+    counts = {k: v for k, v in (getattr(dataset, "skipped_counts", None) or {}).items()
+              if v and k != "unselected_category"}
+    return f" (at load: {', '.join(f'{v} {k}' for k, v in counts.items())})" if counts else ""
+
+
 # --------------------------------------------------------------------------------------------------------- Trainer
 class Trainer:
     """Runs training for one config.
@@ -278,13 +285,17 @@ class Trainer:
                     raise ConfigError("data.train.ann_file is empty", path="data.train.ann_file")
                 train_dataset = CocoDataset(train_ann, _resolve(data.root, data.train.img_dir), data.train.pipeline,
                                             filter_empty_gt=data.train.filter_empty_gt, test_mode=False,
-                                            with_mask=data.train.with_mask)
+                                            with_mask=data.train.with_mask, **data.train.mask_options(data.train))
             if val_dataset is None and self.cfg.runtime.val_interval > 0 and data.val.ann_file:
+                # Built (and so validated: its counted warnings, its errors) before the first iteration, with the
+                # masks a mask model is evaluated on: the evaluator scores against this dataset's checked store.
                 val_dataset = CocoDataset(_resolve(data.root, data.val.ann_file),
                                           _resolve(data.root, data.val.img_dir), data.val.pipeline,
-                                          filter_empty_gt=False, test_mode=True)
-        logger.info("train set: %d images; val set: %s", len(train_dataset),
-                    f"{len(val_dataset)} images" if val_dataset is not None else "none")
+                                          filter_empty_gt=False, test_mode=True,
+                                          with_mask=data.val.with_mask or data.train.with_mask,
+                                          **data.val.mask_options(data.train))
+        logger.info("train set: %d images%s; val set: %s", len(train_dataset), _load_fixes(train_dataset),
+                    f"{len(val_dataset)} images{_load_fixes(val_dataset)}" if val_dataset is not None else "none")
         return train_dataset, val_dataset
 
     def _build_loaders(self) -> tuple[Any, Any]:

@@ -20,6 +20,7 @@ import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
 from densedet.io import atomic_write, atomic_write_json
+from densedet.structures.masks import polygon_limits
 
 __all__ = [
     "EvalResult",
@@ -158,6 +159,33 @@ def _load_gt(gt: dict | str | Path) -> dict:
     return data
 
 
+def _check_polygons(entries: list[dict], sizes: dict[Any, tuple[float, float]], what: str) -> None:
+    """Refuse polygons that would make the rasteriser allocate without bound (NaN / inf coordinates, or vertices
+    more than one image size outside the image, :func:`~densedet.structures.masks.polygon_limits`) before
+    faster-coco-eval rasterises anything. A :class:`~densedet.data.CocoDataset`'s ground truth never holds them
+    (its loader skips them); a hand-written gt or results file may."""
+    for i, entry in enumerate(entries):
+        segm = entry.get("segmentation")
+        if not isinstance(segm, list):
+            continue
+        size = sizes.get(entry.get("image_id"))
+        name = f"{what} id {entry['id']}" if "id" in entry else f"{what} #{i}"
+        for j, poly in enumerate(segm):
+            try:
+                pts = np.asarray(poly, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                raise ValueError(f"evaluate_coco: {name}: polygon {j} is not a list of numbers") from None
+            if not np.isfinite(pts).all():
+                raise ValueError(f"evaluate_coco: {name}: polygon {j} has NaN or inf coordinates (rasterising it "
+                                 f"would allocate without bound)")
+            if size is not None and pts.size:
+                x_lo, x_hi, y_lo, y_hi = polygon_limits(size[0], size[1])
+                xs, ys = pts[0::2], pts[1::2]
+                if xs.min() < x_lo or xs.max() > x_hi or (ys.size and (ys.min() < y_lo or ys.max() > y_hi)):
+                    raise ValueError(f"evaluate_coco: {name}: polygon {j} has coordinates more than one image "
+                                     f"size outside its {size[1]:g}x{size[0]:g} image")
+
+
 def _check_results(results: list[dict], coco_gt: COCO) -> list[dict]:
     """Validate results against the gt and return fresh dicts (faster-coco-eval mutates what it loads)."""
     img_ids = set(coco_gt.getImgIds())
@@ -213,7 +241,13 @@ def evaluate_coco(
     if not isinstance(results, list):
         raise TypeError(f"evaluate_coco: results must be a list of dicts, got {type(results).__name__}")
 
-    coco_gt = COCO(_load_gt(gt), print_function=_quiet)
+    gt_data = _load_gt(gt)
+    if iou_type == "segm":
+        sizes = {img.get("id"): (float(img["height"]), float(img["width"])) for img in gt_data["images"]
+                 if isinstance(img, dict) and all(isinstance(img.get(k), (int, float)) for k in ("height", "width"))}
+        _check_polygons(gt_data["annotations"], sizes, "ground-truth annotation")
+        _check_polygons(results, sizes, "result")
+    coco_gt = COCO(gt_data, print_function=_quiet)
     coco_dt = coco_gt.loadRes(_check_results(results, coco_gt))
     coco_dt.print_function = _quiet
     evaluator = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=_quiet)

@@ -26,8 +26,10 @@ from faster_coco_eval.core import mask as coco_mask
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from densedet.structures.rle_codec import valid_rle_strings
+
 __all__ = ["BitmapCrop", "InstanceMasks", "MaskFormatError", "PolygonMask", "check_segmentation",
-           "decode_segmentation", "nearest_source_index"]
+           "decode_segmentation", "nearest_source_index", "polygon_limits"]
 
 
 class MaskFormatError(ValueError):
@@ -63,17 +65,33 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def polygon_limits(height: Any, width: Any) -> tuple[Any, Any, Any, Any]:
+    """``(x_min, x_max, y_min, y_max)``: the coordinates a polygon vertex may have in a ``height x width`` image
+    (numbers or arrays), one image size beyond each border. COCO's polygon rasteriser (cocoapi ``rleFrPoly``)
+    allocates memory in proportion to the polygon's perimeter, wherever its vertices lie; bounding them bounds that
+    memory (a vertex at 1e12, or NaN cast to an integer, would make it allocate without limit)."""
+    return -1.0 * width, 2.0 * width, -1.0 * height, 2.0 * height
+
+
+def _is_integral(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v) and float(v).is_integer()
+
+
 def check_segmentation(segm: Any, height: int, width: int) -> None:
     """Cheap load-time check of one COCO ``segmentation``; raises :class:`MaskFormatError` (``kind`` one of
     ``'empty polygon'``, ``'bad polygon'``, ``'RLE of the wrong size'``, ``'bad RLE'``, ``'unknown format'``).
 
-    Polygons: a non-empty list of lists of finite numbers, each of even length >= 6 (3 vertices). RLE: ``size`` must
-    equal the image's ``[height, width]``; uncompressed ``counts`` must be non-negative ints summing to ``h * w``.
-    A compressed ``counts`` string is checked when decoded (:func:`decode_segmentation`).
+    Polygons: a non-empty list of lists of finite numbers, each of even length >= 6 (3 vertices), every vertex
+    within one image size of the image (:func:`polygon_limits`). RLE: ``size`` must be two integers equal to the
+    image's ``[height, width]``; ``counts``, uncompressed (a list) or compressed (a string), must be non-negative
+    runs adding up to ``h * w`` (a compressed string is decoded to its runs, not to pixels:
+    :func:`~densedet.structures.rle_codec.valid_rle_strings`). So nothing that passes makes a rasteriser or
+    decoder allocate more than its image.
     """
     if isinstance(segm, list):
         if not segm:
             raise MaskFormatError("empty polygon list", "empty polygon")
+        x_lo, x_hi, y_lo, y_hi = polygon_limits(height, width)
         for j, poly in enumerate(segm):
             if not isinstance(poly, (list, tuple)) or not all(_is_number(v) for v in poly):
                 raise MaskFormatError(f"polygon {j} is not a list of numbers", "bad polygon")
@@ -82,11 +100,16 @@ def check_segmentation(segm: Any, height: int, width: int) -> None:
                                       "bad polygon" if poly else "empty polygon")
             if not all(math.isfinite(v) for v in poly):
                 raise MaskFormatError(f"polygon {j} has NaN or inf coordinates", "bad polygon")
+            xs, ys = poly[0::2], poly[1::2]
+            if min(xs) < x_lo or max(xs) > x_hi or min(ys) < y_lo or max(ys) > y_hi:
+                raise MaskFormatError(f"polygon {j} has coordinates more than one image size outside the "
+                                      f"{width}x{height} image (x in [{min(xs):g}, {max(xs):g}], y in "
+                                      f"[{min(ys):g}, {max(ys):g}])", "bad polygon")
         return
     if isinstance(segm, dict):
         size, counts = segm.get("size"), segm.get("counts")
-        if not (isinstance(size, (list, tuple)) and len(size) == 2):
-            raise MaskFormatError(f"RLE 'size' must be [h, w], got {size!r}", "bad RLE")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_integral(v) for v in size)):
+            raise MaskFormatError(f"RLE 'size' must be [h, w] (two integers), got {size!r}", "bad RLE")
         if [int(size[0]), int(size[1])] != [int(height), int(width)]:
             raise MaskFormatError(f"RLE size {list(size)} differs from the image's [h, w] = [{height}, {width}]",
                                   "RLE of the wrong size")
@@ -98,6 +121,15 @@ def check_segmentation(segm: Any, height: int, width: int) -> None:
                                       f"{height * width}", "RLE of the wrong size")
             return
         if isinstance(counts, (str, bytes)):
+            try:
+                raw = counts.encode("ascii") if isinstance(counts, str) else counts
+            except UnicodeEncodeError:
+                raise MaskFormatError("compressed RLE counts hold non-ASCII characters", "bad RLE") from None
+            ok = valid_rle_strings(np.frombuffer(raw, np.uint8), np.array([0, len(raw)]),
+                                   np.array([int(height) * int(width)]))
+            if not ok[0]:
+                raise MaskFormatError(f"compressed RLE counts are corrupt (not non-negative runs adding up to "
+                                      f"h * w = {int(height) * int(width)})", "bad RLE")
             return
         raise MaskFormatError(f"RLE 'counts' must be a list or a string, got {type(counts).__name__}", "bad RLE")
     raise MaskFormatError(f"segmentation must be a polygon list or an RLE dict, got {type(segm).__name__}",
