@@ -31,7 +31,9 @@ demo: venv
 test: venv
 	# the layer contracts of pyproject.toml (docs/architecture.md): imports point one way
 	$(VENV)/bin/lint-imports --no-cache
-	$(PY) -m pytest -q -x --durations=15
+	# two workers (each test process runs torch on one thread, tests/conftest.py): the 2-core CI machine is kept busy;
+	# a file's tests stay on one worker (module fixtures are built once)
+	$(PY) -m pytest -q -x -n 2 --dist loadfile --durations=15
 
 lint: venv
 	$(VENV)/bin/ruff check densedet tests benchmarks

@@ -153,6 +153,8 @@ class AnnotationStore:
         masks: :class:`~densedet.data.mask_loading.PackedMasks` of the ``M`` annotations (``with_mask``), else None.
         skipped: counts of what was skipped or fixed, by kind: ``degenerate``, ``outside``, ``clipped`` and
             ``mask: <kind>`` (the kinds of :mod:`densedet.data.mask_loading`) where non-zero.
+        has_annotations: whether the file has an ``annotations`` key (an image-info file such as
+            ``image_info_test-dev2017.json`` has none: results can only be formatted for the evaluation server).
     """
 
     ann_file: Path
@@ -174,6 +176,7 @@ class AnnotationStore:
     noncrowd_counts: np.ndarray
     masks: PackedMasks | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    has_annotations: bool = True
 
     @property
     def with_mask(self) -> bool:
@@ -491,6 +494,7 @@ def _build_store(ann_file: Path, require_annotations: bool, min_box_size: float,
     # Counts per image before any check, to say why a training set came out empty.
     ann_counts = np.bincount(img_idx, minlength=len(image_ids)).astype(np.int64)
     noncrowd_counts = np.bincount(img_idx[~crowd], minlength=len(image_ids)).astype(np.int64)
+    has_annotations = "annotations" in data
     del anns, data  # the caller's reference is the last one: the json goes as soon as it returns
 
     # Group the kept annotations by image in one sort (stable: keeps the json order within an image).
@@ -507,7 +511,7 @@ def _build_store(ann_file: Path, require_annotations: bool, min_box_size: float,
         boxes=box64[order].astype(np.float32), areas=areas[order], flags=flags[order],
         ann_counts=ann_counts, noncrowd_counts=noncrowd_counts,
         masks=packed.take(position[order]) if packed is not None else None,
-        skipped=skipped)
+        skipped=skipped, has_annotations=has_annotations)
     _readonly(*store.arrays().values())
     return store
 

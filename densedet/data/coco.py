@@ -245,7 +245,7 @@ class CocoDataset(torch.utils.data.Dataset):
     def has_annotations(self) -> bool:
         """Whether the annotation file has an ``annotations`` key (COCO's ``image_info_test-dev2017.json`` has none:
         results can only be formatted for the evaluation server, not evaluated)."""
-        return "annotations" in self._coco
+        return self.store.has_annotations
 
     def __len__(self) -> int:
         return len(self._items)
