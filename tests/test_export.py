@@ -39,12 +39,11 @@ def test_export_matches_eager_in_onnxruntime(config, extra, tmp_path):
     _need_export_deps()
     import onnx
 
-    from densedet import export
-
     # Weights drawn per tensor name (tests/contract_fixture.py): a fresh head scores every location ~0.01, so its
     # candidates are near-ties that float rounding between torch and onnxruntime reorders; spread scores are not.
     from contract_fixture import fill_weights
 
+    from densedet import export
     from densedet.config import load_config
     from densedet.models.build import build_detector
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -315,3 +316,15 @@ def test_amp_on_cpu_uses_bfloat16_autocast(synth_root: Path, tmp_path: Path) -> 
     assert seen and all(d == torch.bfloat16 for d in seen)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_lines(tmp_path))
     assert (tmp_path / "iter_2.pth").is_file() is False and (tmp_path / "epoch_1.pth").is_file()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_on_a_cpu_without_native_bf16_says_so(synth_root: Path, tmp_path: Path, monkeypatch, caplog,
+                                                  native: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cfg = make_cfg(synth_root, runtime={"amp": True}, schedule={"max_iters": 2})
+    with caplog.at_level(logging.WARNING, logger="densedet"):
+        Trainer(cfg, tmp_path, model=ToyDetector())
+    notes = [r.getMessage() for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert len(notes) == (0 if native else 1), notes

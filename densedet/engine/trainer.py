@@ -63,6 +63,7 @@ from densedet.errors import ConfigError, DataError, NonFiniteError
 from densedet.evaluation.coco_eval import format_metrics_table, format_per_class_table
 from densedet.evaluation.plots import plot_training_curves
 from densedet.models.build import build_detector
+from densedet.models.precision import bf16_emulation_note
 
 __all__ = ["Trainer", "choose_device", "epoch_seed", "parse_losses", "set_random_seed", "train"]
 
@@ -219,6 +220,8 @@ class Trainer:
         self.grad_clip = self._check_grad_clip(cfg.optimizer.grad_clip)
         self.use_amp = bool(rt.amp)
         self.scaler = torch.amp.GradScaler("cuda") if self.use_amp and self.device.type == "cuda" else None
+        if self.use_amp and self.device.type == "cpu" and (note := bf16_emulation_note(self.device)):
+            logger.warning("runtime.amp trains under bf16 autocast on CPU: %s", note)
         self.skipped_steps = 0  # AMP: optimizer steps skipped for non-finite gradients (this run)
         self.consecutive_skips = 0
 

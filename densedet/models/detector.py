@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from densedet.models.compile import compile_network
 from densedet.models.fuse import fuse_conv_bn
 from densedet.models.heads.postprocess import Candidates, TestConfig
+from densedet.models.precision import warn_if_bf16_emulated
 from densedet.models.preprocess import build_preprocessor
 from densedet.models.tta import aug_predict_dense
 from densedet.registry import BACKBONES, DETECTORS, HEADS, NECKS, ConfigError
@@ -172,6 +173,7 @@ class Detector(nn.Module):
         network = self._compiled if self._compiled is not None else self.network
         if self.precision != "bf16":
             return network(x)
+        warn_if_bf16_emulated(x.device)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16):
             outs = network(x)
         return to_float32(outs)
@@ -181,6 +183,7 @@ class Detector(nn.Module):
         """bf16 autocast for inference work outside :meth:`network` (a second stage's heads) when
         ``precision == 'bf16'``; a no-op otherwise."""
         if self.precision == "bf16" and not self.training:
+            warn_if_bf16_emulated(device)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
                 yield
         else:
