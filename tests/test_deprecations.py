@@ -29,6 +29,17 @@ def test_old_module_paths_warn_and_give_the_new_objects(old: str, new: str, name
     assert value is getattr(importlib.import_module(new), name)
 
 
+def test_config_level_export_says_where_it_moved() -> None:
+    # no alias (deploy is below the config-level API), but the error names the new place
+    import densedet.deploy
+
+    with pytest.raises(AttributeError, match=r"densedet\.export \(same arguments\)"):
+        densedet.deploy.export  # noqa: B018
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        densedet.deploy.nothing_here  # noqa: B018
+    assert callable(densedet.deploy.export_detector)
+
+
 def test_predict_candidates_is_an_alias_of_candidates() -> None:
     from densedet.api import build_model
 

@@ -21,3 +21,12 @@ __all__ = ["EXPORT_INSTALL_HINT", "DeployDetector", "DeployTwoStage", "ExportDep
            "OnnxDetector", "OnnxRuntimeModel", "build_deploy_module", "check_onnx", "compare_detections",
            "export_detector", "format_check", "is_onnx_path", "padded_nms", "paste_onnx_masks",
            "require_export_deps"]
+
+
+def __getattr__(name: str) -> object:
+    # `densedet.deploy.export` (config + checkpoint -> file) moved up to `densedet.export` with the layering of
+    # issue 17: deploy sits below the config-level API, so an alias here would import upwards. Say where it went.
+    if name == "export":
+        raise AttributeError("densedet.deploy.export moved to densedet.export (same arguments); "
+                             "densedet.deploy.export_detector exports a detector object")
+    raise AttributeError(f"module 'densedet.deploy' has no attribute {name!r}")
