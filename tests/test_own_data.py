@@ -85,6 +85,57 @@ def test_voc_conversion_matches_hand_written_coco(tmp_path) -> None:
     assert ann["ignore_boxes"].tolist() == [[0, 0, 29, 29]]
 
 
+def _relayout(devkit: Path, out: Path, layout: str) -> Path:
+    """The devkit root of :func:`_voc_root` re-laid out as labelling tools and dataset repositories write VOC."""
+    src_ann, src_img = devkit / "Annotations", devkit / "JPEGImages"
+    for stem, split in (("a", "train"), ("b", "val")):
+        ann_dir, img_dir = {"lower": (out / "annotations", out / "images"), "flat": (out, out),
+                            "roboflow": (out / split, out / split)}[layout]
+        for d in (ann_dir, img_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        (ann_dir / f"{stem}.xml").write_bytes((src_ann / f"{stem}.xml").read_bytes())
+        (img_dir / f"{stem}.jpg").write_bytes((src_img / f"{stem}.jpg").read_bytes())
+    if layout == "roboflow":
+        (out / "val").rename(out / "valid")
+    return out
+
+
+@pytest.mark.parametrize("layout", ["lower", "flat", "roboflow"])
+def test_voc_xml_layouts_of_labelling_tools(layout, tmp_path) -> None:
+    # annotations/ + images/ (dataset repositories), XMLs beside images (labelImg), train/ + valid/ (Roboflow):
+    # the same XMLs give the same boxes as the devkit layout
+    devkit = _voc_root(tmp_path)
+    root = _relayout(devkit, tmp_path / layout, layout)
+    before = _snapshot(root)
+    assert detect_layout(root) == "voc"
+    ds = prepare_dataset(root)
+    assert ds.kind == "voc" and ds.classes == ["cat", "dog"]
+    expected = {"a": voc_to_coco(devkit, ["a"], ["cat", "dog"]), "b": voc_to_coco(devkit, ["b"], ["cat", "dog"])}
+    seen = {}
+    for split in ("train", "val"):
+        coco = json.loads(ds.splits[split].ann_file.read_text())
+        for img in coco["images"]:
+            stem = Path(img["file_name"]).stem
+            assert (ds.splits[split].img_dir / img["file_name"]).is_file()
+            boxes = [(a["category_id"], a["bbox"], a["iscrowd"]) for a in coco["annotations"]
+                     if a["image_id"] == img["id"]]
+            seen[stem] = (split, boxes)
+    for stem, ref in expected.items():
+        assert seen[stem][1] == [(a["category_id"], a["bbox"], a["iscrowd"]) for a in ref["annotations"]]
+    if layout == "roboflow":  # its split folders are the splits
+        assert {k: v[0] for k, v in seen.items()} == {"a": "train", "b": "val"}
+    else:  # one folder: the hold-out (every 5th image; 2 images -> both in train)
+        assert set(seen) == {"a", "b"} and any("held out" in n for n in ds.notes)
+    assert _snapshot(root) == before  # nothing written into the dataset
+
+
+def test_folder_of_xml_without_images_is_not_a_layout(tmp_path) -> None:
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.xml").write_text(_xml("a.jpg", 10, 10, ""))
+    with pytest.raises(DataError, match="XMLs beside their images"):
+        detect_layout(tmp_path / "x")
+
+
 def test_yolo_conversion_matches_hand_written_coco(tmp_path) -> None:
     root = tmp_path / "yolo"
     (root / "images" / "train").mkdir(parents=True)

@@ -2,7 +2,10 @@
 
 * COCO: ``annotations/instances_{train,val}*.json`` with images in ``{split}2017/``, ``{split}/``,
   ``images/{split}2017/``, ``images/{split}/`` or ``images/``.
-* VOC: ``Annotations/*.xml`` + ``JPEGImages/`` (+ ``ImageSets/Main/{train,val}.txt``, else ``trainval``/``test``).
+* VOC: ``Annotations/*.xml`` + ``JPEGImages/`` (+ ``ImageSets/Main/{train,val}.txt``, else ``trainval``/``test``);
+  also the layouts labelling tools and dataset repositories write (:func:`voc_folders`): ``annotations/*.xml`` +
+  ``images/``, XMLs beside their images in ``train/`` and ``valid/`` (Roboflow's "Pascal VOC" export), or in the
+  root itself (labelImg's default).
 * YOLO: ``data.yaml`` with ``names`` + ``images/{train,val}`` and ``labels/{train,val}``.
 
 VOC and YOLO annotations are converted (:mod:`densedet.data.formats.voc`, :mod:`densedet.data.formats.yolo`) into
@@ -67,6 +70,36 @@ def _coco_ann(root: Path, split: str) -> Path | None:
     return found[0] if found else None
 
 
+_VAL_FOLDERS = ("val", "valid", "validation")
+
+
+def _has_xml(folder: Path) -> bool:
+    return folder.is_dir() and next(folder.glob("*.xml"), None) is not None
+
+
+def voc_folders(root: Path) -> dict[str, tuple[Path, Path]] | None:
+    """The (annotation folder, image folder) pairs of a VOC-style root, or None when it is not one.
+
+    Keys: ``"all"`` for one folder pair whose splits come from ``ImageSets/Main`` (devkit) or a hold-out, or
+    ``"train"`` (+ ``"val"``) for split folders. Checked in this order: the devkit (``Annotations/`` +
+    ``JPEGImages/``); ``annotations/*.xml`` + ``images/``; ``train/*.xml`` (+ ``val/``, ``valid/`` or
+    ``validation/``), XMLs beside their images; ``*.xml`` beside images in the root."""
+    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
+        return {"all": (root / "Annotations", root / "JPEGImages")}
+    if _has_xml(root / "annotations") and (root / "images").is_dir():
+        return {"all": (root / "annotations", root / "images")}
+    if _has_xml(root / "train"):
+        pairs = {"train": (root / "train", root / "train")}
+        for name in _VAL_FOLDERS:
+            if _has_xml(root / name):
+                pairs["val"] = (root / name, root / name)
+                break
+        return pairs
+    if _has_xml(root) and any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir()):
+        return {"all": (root, root)}
+    return None
+
+
 def detect_layout(root: str | Path) -> str:
     """'coco', 'voc' or 'yolo' for a dataset root; a :class:`DataError` listing what each layout needs otherwise."""
     root = Path(root)
@@ -78,10 +111,13 @@ def detect_layout(root: str | Path) -> str:
         return "voc"
     if read_data_yaml(root)[0] is not None or ((root / "images").is_dir() and (root / "labels").is_dir()):
         return "yolo"
+    if voc_folders(root) is not None:  # the other VOC-style layouts
+        return "voc"
     raise DataError(
         f"{root}: not a dataset layout DenseDet recognises. Expected one of\n"
         "  COCO: annotations/instances_train*.json (+ instances_val*.json) and images in train2017/ val2017/ or "
-        "images/\n  Pascal VOC: Annotations/*.xml, JPEGImages/, ImageSets/Main/{train,val}.txt\n"
+        "images/\n  Pascal VOC: Annotations/*.xml, JPEGImages/, ImageSets/Main/{train,val}.txt (or annotations/*.xml "
+        "+ images/, or XMLs beside their images in train/ + valid/ or in the folder itself)\n"
         "  YOLO: data.yaml (names: [...]), images/{train,val}/, labels/{train,val}/")
 
 
@@ -172,30 +208,47 @@ def _cached(cache: Path, key: str, build: Any, log: ProblemLog | None = None) ->
 
 
 def _prepare_voc(root: Path, ds: PreparedDataset, out: Path) -> None:
-    ids = {s: voc_split_ids(root, s) for s in _SPLITS}
-    if ids["train"] is None and ids["val"] is None:
-        ids = {"train": voc_split_ids(root, "trainval"), "val": voc_split_ids(root, "test")}
-    xmls = list((root / "Annotations").glob("*.xml"))
-    extra_files = [p for p in (root / "ImageSets" / "Main").glob("*.txt")] if (root / "ImageSets").is_dir() else []
+    folders = voc_folders(root)
+    assert folders is not None  # detect_layout said 'voc'
+    devkit = folders.get("all") == (root / "Annotations", root / "JPEGImages")
+    ids: dict[str, list[str] | None] = {s: None for s in _SPLITS}
+    if devkit:
+        ids = {s: voc_split_ids(root, s) for s in _SPLITS}
+        if ids["train"] is None and ids["val"] is None:
+            ids = {"train": voc_split_ids(root, "trainval"), "val": voc_split_ids(root, "test")}
+    ann_dirs = sorted({a for a, _ in folders.values()})
+    xmls = [p for d in ann_dirs for p in d.glob("*.xml")]
+    extra_files = [p for p in (root / "ImageSets" / "Main").glob("*.txt")] if devkit and (
+        root / "ImageSets").is_dir() else []
     extra_files += [p for p in (root / "classes.txt", root / "labels.txt") if p.is_file()]
-    images = sorted(p.name for p in (root / "JPEGImages").iterdir())
-    key = _fingerprint(xmls + extra_files, ["voc", images])
-    ds.classes = voc_classes(root)
+    images = sorted(str(p.relative_to(root)) for _, d in folders.values() for p in d.iterdir()
+                    if p.suffix.lower() in IMAGE_EXTS)
+    key = _fingerprint(xmls + extra_files, ["voc", images, {k: [str(a), str(b)] for k, (a, b) in folders.items()}])
+    ds.classes = voc_classes(root, ann_dirs=ann_dirs)
     log = ProblemLog(str(root))
+    split_dirs = {s: folders.get(s, folders.get("all")) for s in _SPLITS}
+    whole = "all" in folders and (ids["train"] is None or ids["val"] is None)  # one folder, no lists: hold out
 
     def build() -> dict[str, Any]:
-        if ids["train"] is not None and ids["val"] is not None:
-            return {s: voc_to_coco(root, ids[s], ds.classes, log) for s in _SPLITS}
-        coco = voc_to_coco(root, ids["train"] or ids["val"], ds.classes, log)
+        if not whole and split_dirs["val"] is not None:  # ImageSets lists, or train/ + valid/ folders
+            return {s: voc_to_coco(root, ids[s], ds.classes, log, ann_dir=split_dirs[s][0], img_dir=split_dirs[s][1])
+                    for s in _SPLITS}
+        ann_dir, img_dir = split_dirs["train"]
+        coco = voc_to_coco(root, ids["train"] or ids["val"], ds.classes, log, ann_dir=ann_dir, img_dir=img_dir)
         return dict(zip(_SPLITS, split_holdout(coco)))
 
     paths = _cached(out, key, build, log)
     log.warn()
     ds.problems = dict(log.counts)
-    if ids["train"] is None or ids["val"] is None:
-        ds.notes.append(f"no ImageSets/Main train+val lists: every {HOLDOUT_EVERY}th image is held out for "
-                        "validation")
-    ds.splits = {s: SplitFiles(paths[s], root / "JPEGImages") for s in _SPLITS}
+    if whole or split_dirs["val"] is None:
+        why = "no ImageSets/Main train+val lists" if devkit else ("no val/ or valid/ folder" if "train" in folders
+                                                                  else "one folder of annotations")
+        ds.notes.append(f"{why}: every {HOLDOUT_EVERY}th image is held out for validation")
+    if not devkit:
+        ds.notes.append("VOC XML files read from " + ", ".join(
+            f"{s}: {split_dirs[s][0].relative_to(root).as_posix() or '.'}/" for s in _SPLITS
+            if split_dirs[s] is not None))
+    ds.splits = {s: SplitFiles(paths[s], (split_dirs[s] or split_dirs["train"])[1]) for s in _SPLITS}
 
 
 def _unused_own_image(root: Path, used: list[Path]) -> Path | None:

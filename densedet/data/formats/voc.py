@@ -1,4 +1,9 @@
-"""Pascal VOC (``Annotations/*.xml``, ``JPEGImages/``, ``ImageSets/Main/{split}.txt``) -> COCO instances.
+"""Pascal VOC XML annotations -> COCO instances.
+
+The folders come from :mod:`densedet.data.formats.layout`: the VOC devkit's ``Annotations/*.xml`` + ``JPEGImages/``
+(+ ``ImageSets/Main/{split}.txt``), or the layouts labelling tools and dataset repositories use (``annotations/``
++ ``images/``; XMLs beside their images, in one folder or in ``train/`` + ``valid/``). Every function takes the
+annotation folder and the image folder (the devkit's by default).
 
 Semantics follow MMDetection ``XMLDataset`` (mmdet/datasets/xml_style.py): ``bndbox`` corners are VOC's 1-based
 pixel coordinates and become ``[xmin - 1, ymin - 1, xmax - 1, ymax - 1]`` (mmdet truncates them to integers first;
@@ -9,10 +14,10 @@ training (mmdet reads it nowhere); it is kept as an attribute of the annotation.
 XML's ``size`` element, or from the image header when the XML has none (mmdet does the same).
 
 Classes: ``classes.txt`` (or ``labels.txt``) in the dataset root, one name per line, when present; otherwise every
-object name found in ``Annotations/``, sorted.
+object name found in the annotation folder(s), sorted.
 
-Containment: an image id (``ImageSets`` line) and an XML's ``<filename>`` are file names inside ``Annotations/`` and
-``JPEGImages/``. An absolute path, a ``..`` component, or a symlink resolving outside that folder is a
+Containment: an image id (``ImageSets`` line) and an XML's ``<filename>`` are file names inside the annotation and
+image folders. An absolute path, a ``..`` component, or a symlink resolving outside that folder is a
 :class:`DataError` naming the XML (or the ``ImageSets`` line), raised before the file it names is opened: an
 annotation never makes DenseDet read a file outside the dataset (:func:`~densedet.data.formats.common.outside_reason`).
 """
@@ -122,32 +127,36 @@ def xml_path(ann_dir: Path, image_id: str) -> Path:
     return path
 
 
-def voc_classes(root: Path, records: dict[str, VocRecord] | None = None) -> list[str]:
-    """``classes.txt`` / ``labels.txt`` in ``root`` when present, else the sorted set of object names."""
+def voc_classes(root: Path, records: dict[str, VocRecord] | None = None,
+                ann_dirs: list[Path] | None = None) -> list[str]:
+    """``classes.txt`` / ``labels.txt`` in ``root`` when present, else the sorted set of object names in
+    ``records`` (default: every XML of ``ann_dirs``, default ``[root / 'Annotations']``)."""
     for name in ("classes.txt", "labels.txt"):
         if (root / name).is_file():
             return read_class_file(root / name)
+    ann_dirs = ann_dirs or [root / "Annotations"]
     if records is None:  # unreadable XMLs are skipped here: the conversion counts them
         records = {}
-        for p in sorted((root / "Annotations").glob("*.xml")):
-            xml = xml_path(root / "Annotations", p.stem)  # a symlink leading outside: an error, never opened
-            try:
-                records[p.stem] = parse_voc_xml(xml)
-            except DataError:
-                continue
+        for ann_dir in ann_dirs:
+            for p in sorted(ann_dir.glob("*.xml")):
+                xml = xml_path(ann_dir, p.stem)  # a symlink leading outside: an error, never opened
+                try:
+                    records[str(xml)] = parse_voc_xml(xml)
+                except DataError:
+                    continue
     names = sorted({o.name for r in records.values() for o in r.objects})
     if not names:
-        raise DataError(f"{root / 'Annotations'}: no objects in any XML, so no classes (add a classes.txt)")
+        where = ", ".join(str(d) for d in ann_dirs)
+        raise DataError(f"{where}: no objects in any XML, so no classes (add a classes.txt to {root})")
     return names
 
 
-def _find_image(root: Path, image_id: str, rec: VocRecord, xml: Path) -> Path | None:
-    """The image of ``xml``: ``JPEGImages/<filename>``, else ``JPEGImages/<image_id>.<ext>``; None when missing.
+def _find_image(img_dir: Path, image_id: str, rec: VocRecord, xml: Path) -> Path | None:
+    """The image of ``xml``: ``img_dir/<filename>``, else ``img_dir/<image_id>.<ext>``; None when missing.
 
     Containment is checked before anything is looked at: a ``<filename>`` that is absolute, has ``..`` or is a
-    symlink leading outside ``JPEGImages`` (and a found image that is such a symlink) is a :class:`DataError`
+    symlink leading outside ``img_dir`` (and a found image that is such a symlink) is a :class:`DataError`
     naming ``xml``."""
-    img_dir = root / "JPEGImages"
 
     def refuse(name: str, why: str) -> DataError:
         return DataError(f"{xml}: <filename> '{name}' {why}, outside the image folder {img_dir}; file names must "
@@ -170,16 +179,20 @@ def _find_image(root: Path, image_id: str, rec: VocRecord, xml: Path) -> Path | 
 
 
 def voc_to_coco(root: str | Path, ids: list[str] | None = None, classes: list[str] | None = None,
-                log: ProblemLog | None = None) -> dict[str, Any]:
-    """COCO instances dict for the VOC images ``ids`` of ``root`` (default: every XML in ``Annotations/``).
+                log: ProblemLog | None = None, *, ann_dir: Path | None = None,
+                img_dir: Path | None = None) -> dict[str, Any]:
+    """COCO instances dict for the VOC images ``ids`` (default: every XML in ``ann_dir``).
 
-    ``file_name`` entries are relative to ``root/JPEGImages``. Unreadable XMLs, missing images, unknown classes and
-    boxes outside their image are counted in ``log`` (warned about by the caller); a degenerate box is skipped.
+    ``ann_dir`` / ``img_dir`` default to the devkit's ``root/Annotations`` and ``root/JPEGImages`` (they may be
+    one folder, XMLs beside their images). ``file_name`` entries are relative to ``img_dir``. Unreadable XMLs,
+    missing images, unknown classes and boxes outside their image are counted in ``log`` (warned about by the
+    caller); a degenerate box is skipped.
     """
     root = Path(root)
-    ann_dir = root / "Annotations"
+    ann_dir = Path(ann_dir) if ann_dir is not None else root / "Annotations"
+    img_dir = Path(img_dir) if img_dir is not None else root / "JPEGImages"
     if not ann_dir.is_dir():
-        raise DataError(f"{root}: no Annotations/ folder (not a Pascal VOC layout)")
+        raise DataError(f"{root}: no {ann_dir.name}/ folder of VOC XML files (not a Pascal VOC layout)")
     log = log or ProblemLog(str(root))
     if ids is None:
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
@@ -195,11 +208,11 @@ def voc_to_coco(root: str | Path, ids: list[str] | None = None, classes: list[st
             xmls[image_id] = xml
         except DataError:
             log.add("unreadable_xml", xml.name)
-    classes = list(classes) if classes is not None else voc_classes(root, records)
+    classes = list(classes) if classes is not None else voc_classes(root, records, [ann_dir])
     label_of = {n: i for i, n in enumerate(classes)}
     coco = CocoBuilder(classes)
     for image_id, rec in records.items():
-        img = _find_image(root, image_id, rec, xmls[image_id])
+        img = _find_image(img_dir, image_id, rec, xmls[image_id])
         if img is None:
             log.add("missing_image", f"{image_id}.xml")
             continue
@@ -210,7 +223,7 @@ def voc_to_coco(root: str | Path, ids: list[str] | None = None, classes: list[st
             except OSError:
                 log.add("unreadable_image", img.name)
                 continue
-        iid = coco.add_image(img.relative_to(root / "JPEGImages").as_posix(), w, h)
+        iid = coco.add_image(img.relative_to(img_dir).as_posix(), w, h)
         for k, obj in enumerate(rec.objects):
             where = f"{image_id}.xml object #{k}"
             if obj.name not in label_of:
