@@ -122,8 +122,10 @@ def save_confusion_csv(cm: ConfusionMatrix, path: str | Path) -> Path:
 
 
 def plot_confusion_matrix(cm: ConfusionMatrix, path: str | Path, title: str | None = None) -> Path:
-    """Row-normalised matrix (percent of each ground-truth row, as MMDetection draws it) with the raw counts in the
-    cells when there are at most 30 classes; background last. Written atomically as PNG."""
+    """Row-normalised matrix (percent of each ground-truth row), the percentages written in the cells as
+    MMDetection's confusion_matrix.py writes them, with the raw count below when there are at most 10 classes
+    (at most 30: the percentage only); background last. The counts are in :func:`save_confusion_csv`. Written
+    atomically as PNG."""
     pct = cm.normalized()
     n = len(cm.classes)
     side = max(5.0, 0.42 * n + 2.5)
@@ -143,7 +145,8 @@ def plot_confusion_matrix(cm: ConfusionMatrix, path: str | Path, title: str | No
         for i in range(n):
             for j in range(n):
                 if cm.matrix[i, j]:
-                    ax.text(j, i, str(cm.matrix[i, j]), ha="center", va="center", fontsize=7,
+                    text = f"{pct[i, j]:.0f}%" + (f"\n({cm.matrix[i, j]})" if n <= 10 else "")
+                    ax.text(j, i, text, ha="center", va="center", fontsize=7,
                             color="black" if pct[i, j] > 60 else "white")
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
