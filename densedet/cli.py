@@ -117,6 +117,25 @@ def _build_eval_dataset(cfg: Any, split: str, tta: bool | None = None) -> CocoDa
                        with_mask=spec.with_mask or cfg.data.train.with_mask, **spec.mask_options(cfg.data.train))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("s") else "s")
+
+
+def _check_model_classes(model: Any, dataset: CocoDataset, ckpt_path: Path | None) -> None:
+    """Weights that name their classes must be evaluated on a dataset with as many (a model trained with
+    ``--data`` tested without it would be scored against another dataset's categories); other names are a
+    warning (the same classes may be spelt differently)."""
+    names = getattr(model, "classes", None)
+    if not names or list(names) == list(dataset.classes):
+        return
+    if len(names) != len(dataset.classes):
+        raise DataError(f"{ckpt_path}: the weights hold {_count(len(names), 'class')} ({', '.join(names[:5])}"
+                        f"{', ...' if len(names) > 5 else ''}) but {dataset.ann_file} has {len(dataset.classes)}; "
+                        "test on the data the model was trained on (--data PATH as in training)")
+    print(f"warning: the weights name their classes {names}, {dataset.ann_file} {dataset.classes}: matched by "
+          "position", file=sys.stderr)
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     _zoo_row_config(args)
     cfg = _load_cfg(args)
@@ -127,6 +146,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                           compile=args.compile, backend=args.backend)
     split = args.split or ("test" if cfg.data.test is not None else "val")
     dataset = _build_eval_dataset(cfg, split, args.tta if model.supports_tta else False)
+    _check_model_classes(model, dataset, ckpt_path)
     loader = build_dataloader(dataset, batch_size=cfg.data.val_samples_per_gpu, num_workers=cfg.data.workers_per_gpu,
                               shuffle=False, seed=cfg.runtime.seed, size_divisor=cfg.data.size_divisor)
     zoo = args.checkpoint.startswith("zoo")  # released weights: results go to work_dirs, not into the cache

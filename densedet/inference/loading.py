@@ -107,9 +107,16 @@ def load_detector(cfg: Config, checkpoint: str | Path | None = None, *, device: 
             raise ConfigError(f"{path} is an exported ONNX file: run it with the onnxruntime backend",
                               path="backend")
         ckpt = load_checkpoint(path)
-        load_model_weights(model, ckpt, strict=True, source=str(path))
         names = (ckpt.get("meta") or {}).get("classes")
         classes = [str(c) for c in names] if names else None
+        if classes and len(classes) != model.num_classes:
+            # weights trained on other classes (`densedet train --data`, a fine-tune) run with their own class
+            # count, as their file names them; the strict load below still checks every shape
+            logger.info("%s holds %d class(es) (%s); the config's head has %d: sized from the checkpoint",
+                        path.name, len(classes), ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else ""),
+                        model.num_classes)
+            model.reset_classifier(len(classes))
+        load_model_weights(model, ckpt, strict=True, source=str(path))
     model.classes = classes
     model.to(choose_inference_device(device)).eval()
     model.use_channels_last(cfg.runtime.channels_last if channels_last is None else channels_last)
