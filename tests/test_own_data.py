@@ -454,3 +454,14 @@ def test_data_yaml_leading_outside_is_followed_logged_and_warned(tmp_path, caplo
         prepare_dataset(bare)
     assert not [w for w in rec if issubclass(w.category, DataWarning)]
     assert any("reading the train images from" in r.getMessage() for r in caplog.records)
+
+
+def test_mask_model_on_box_only_data_says_why(tmp_path) -> None:
+    # every VOC annotation lacks a mask: the error names that, not "boxes all invalid"
+    ds = prepare_dataset(synth_as_voc(tmp_path / "v", 3, 1, 64))
+    split = ds.splits["train"]
+    with pytest.warns(DataWarning, match="no segmentation"), pytest.raises(DataError) as err:
+        CocoDataset(split.ann_file, split.img_dir, with_mask=True)
+    assert "needs an instance mask" in str(err.value) and "no segmentation" in str(err.value)
+    assert "filter_empty_gt" not in str(err.value)
+    assert len(CocoDataset(split.ann_file, split.img_dir)) == 3  # the boxes themselves are fine

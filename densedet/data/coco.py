@@ -221,6 +221,12 @@ class CocoDataset(torch.utils.data.Dataset):
         reasons = [f"{no_ann} without annotations", f"{only_crowd} with only crowd (iscrowd=1) boxes",
                    f"{invalid} whose boxes are all invalid (degenerate, outside the image"
                    + (", or of classes not selected)" if len(self.cat_ids) < len(self._all_cat_ids) else ")")]
+        masks = {k.removeprefix("mask: "): v for k, v in st.skipped.items() if k.startswith("mask: ") and v}
+        if st.with_mask and masks:  # a mask model on box-only data (VOC XML, YOLO boxes, COCO without masks)
+            return (f"{self.ann_file}: the training set is empty: a mask model (with_mask) needs an instance mask "
+                    f"per annotation, and {sum(masks.values())} annotations were skipped for their masks "
+                    f"({', '.join(f'{v} {k}' for k, v in masks.items())}). Box annotations (Pascal VOC, YOLO "
+                    f"boxes) have no masks: train a box detector config (`densedet configs`) on them")
         return (f"{self.ann_file}: the training set is empty after filtering: all {num_images} images were dropped "
                 f"({', '.join(reasons)}). Fix the annotations, or set data.train.filter_empty_gt: false to train "
                 f"on images without boxes")
