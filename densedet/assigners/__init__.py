@@ -5,7 +5,13 @@ All take priors shared by the batch and a :class:`~densedet.structures.PaddedTar
 """
 
 from densedet.assigners.atss import atss_assign
-from densedet.assigners.fcos import DEFAULT_REGRESS_RANGES, expand_regress_ranges, expand_strides, fcos_assign
+from densedet.assigners.fcos import (
+    DEFAULT_REGRESS_RANGES,
+    expand_regress_ranges,
+    expand_strides,
+    fcos_assign,
+    fcos_assign_levels,
+)
 from densedet.assigners.fovea import fovea_assign, fovea_grid
 from densedet.assigners.max_iou import IGNORED, NEGATIVE, AssignResult, max_iou_assign
 from densedet.assigners.point import point_assign
@@ -19,6 +25,7 @@ __all__ = [
     "expand_regress_ranges",
     "expand_strides",
     "fcos_assign",
+    "fcos_assign_levels",
     "fovea_assign",
     "fovea_grid",
     "max_iou_assign",

@@ -109,3 +109,19 @@ def fcos_assign(
     bbox_targets = targets.gather(2, min_idx.view(bsz, n, 1, 1).expand(-1, -1, 1, 4)).squeeze(2)
     bbox_targets = torch.where(pos.unsqueeze(-1), bbox_targets, 0.0)
     return AssignResult(gt_inds=gt_inds, max_overlaps=points.new_zeros((bsz, n))), bbox_targets
+
+
+def fcos_assign_levels(
+    points: Tensor,
+    num_level_points: Sequence[int],
+    strides: Sequence[float],
+    regress_ranges: Sequence[Sequence[float]],
+    gt: PaddedTargets,
+    center_sampling: bool = False,
+    center_sample_radius: float = 1.5,
+) -> tuple[AssignResult, Tensor]:
+    """:func:`fcos_assign` with one stride and one ``(lo, hi)`` regress range per level (a head's settings),
+    expanded to the ``(N, 2)`` points of those levels."""
+    return fcos_assign(points, expand_strides(strides, num_level_points, points.device),
+                       expand_regress_ranges(regress_ranges, num_level_points, points.device), gt,
+                       center_sampling=center_sampling, center_sample_radius=center_sample_radius)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from densedet.assigners import expand_regress_ranges, fcos_assign
+from densedet.assigners import expand_strides, fcos_assign_levels
 from densedet.dist import reduce_mean
 from densedet.losses import build_loss
 from densedet.models.heads.dense_head import (
@@ -116,12 +116,13 @@ class FCOSHead(DenseHead):
         """FCOS assignment (regress ranges, optional center sampling) of the points."""
         device = gt.gt_boxes.device
         points, per_level = self.points(featmap_sizes, device, torch.float32)
-        strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
-                                          torch.tensor(per_level, device=device))
-        ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
-        assign, _ = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
-                                center_sample_radius=self.center_sample_radius)
+        assign, _ = self._assign(points, per_level, gt)
         return assign.gt_inds, per_level
+
+    def _assign(self, points: Tensor, per_level: list[int], gt: PaddedTargets) -> tuple[Any, Tensor]:
+        """FCOS assignment of the ``(N, 2)`` points: ``(AssignResult, ltrb targets (B, N, 4))``."""
+        return fcos_assign_levels(points, per_level, self.strides, self.regress_ranges, gt,
+                                  center_sampling=self.center_sampling, center_sample_radius=self.center_sample_radius)
 
     def prior_size_range(self) -> tuple[float, float]:
         """A P3 cell up to twice the last regress range's lower bound (a location regresses about half a box)."""
@@ -134,12 +135,8 @@ class FCOSHead(DenseHead):
         device = cls_scores[0].device
         sizes = [tuple(m.shape[-2:]) for m in cls_scores]
         points, per_level = self.points(sizes, device, torch.float32)
-        strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
-                                          torch.tensor(per_level, device=device))
-        ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
         gt = pad_targets(targets, device=device)
-        assign, ltrb = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
-                                   center_sample_radius=self.center_sample_radius)
+        assign, ltrb = self._assign(points, per_level, gt)
         labels, _ = assign.gather(gt.gt_labels, gt.gt_boxes, self.num_classes)
         pos = assign.pos_mask
         num_pos = max(reduce_mean(pos.sum().float()).item(), 1.0)
@@ -152,6 +149,7 @@ class FCOSHead(DenseHead):
         pos_points = points.expand(b, -1, -1)[pos]
         pos_ltrb = ltrb[pos]
         if self.norm_on_bbox:
+            strides = expand_strides(self.strides, per_level, device)
             pos_ltrb = pos_ltrb / strides.expand(b, -1)[pos][:, None]
         ctr_targets = self.centerness_target(pos_ltrb)
         ctr_denorm = max(reduce_mean(ctr_targets.sum().detach()).item(), 1e-6)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densedet.assigners import IGNORED, AssignResult, max_iou_assign, point_assign
+from densedet.assigners import IGNORED, AssignResult, expand_strides, max_iou_assign, point_assign
 from densedet.losses import build_loss
 from densedet.models.dcn import DeformConv2d
 from densedet.models.heads.dense_head import (
@@ -210,9 +210,7 @@ class RepPointsHead(DenseHead):
         """Locations ``(N, 2)`` ``(x, y)`` at ``(j * stride, i * stride)``, their strides ``(N,)``, count per level."""
         per_level = self.prior_generator.grid_priors(featmap_sizes, dtype=torch.float32, device=device)
         counts = [p.shape[0] for p in per_level]
-        strides = torch.repeat_interleave(torch.tensor(self.strides, dtype=torch.float32, device=device),
-                                          torch.tensor(counts, device=device))
-        return torch.cat(per_level, 0), strides, counts
+        return torch.cat(per_level, 0), expand_strides(self.strides, counts, device), counts
 
     @torch.no_grad()
     def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: Any,

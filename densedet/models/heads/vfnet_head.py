@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from densedet.assigners import atss_assign, expand_regress_ranges, fcos_assign
+from densedet.assigners import atss_assign, fcos_assign_levels
 from densedet.dist import reduce_mean
 from densedet.losses import build_loss
 from densedet.models.dcn import DeformConv2d
@@ -237,19 +237,23 @@ class VFNetHead(DenseHead):
     def assign_priors(self, featmap_sizes: list[tuple[int, int]], gt: PaddedTargets,
                       metas: list[dict[str, Any]]) -> tuple[Tensor, list[int]]:
         """ATSS on one square anchor per location (``use_atss``; padding priors negative), else FCOS ranges."""
-        device = gt.gt_boxes.device
-        points, per_level = self.points(featmap_sizes, device, torch.float32)
+        points, per_level = self.points(featmap_sizes, gt.gt_boxes.device, torch.float32)
+        assign, valid = self._assign(featmap_sizes, points, per_level, gt, metas)
+        return (assign.gt_inds if valid is None else assign.gt_inds.masked_fill(~valid, -1)), per_level
+
+    def _assign(self, featmap_sizes: list[tuple[int, int]], points: Tensor, per_level: list[int], gt: PaddedTargets,
+                metas: list[dict[str, Any]]) -> tuple[Any, Tensor | None]:
+        """ATSS on one square anchor per location (``use_atss``: with the valid-prior mask (N,) of the batch
+        padding) or FCOS ranges (mask None): ``(AssignResult, valid)``."""
+        device = points.device
         if self.use_atss:
             anchors = torch.cat(self.anchor_generator.grid_priors(featmap_sizes, dtype=torch.float32, device=device))
             valid = self.valid_prior_mask(featmap_sizes, self.strides, 1, metas, device)
-            res = atss_assign(anchors, per_level, gt, prior_valid=valid, **self.assigner_kwargs)
-            return res.gt_inds.masked_fill(~valid, -1), per_level
-        strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
-                                          torch.tensor(per_level, device=device))
-        ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
-        assign, _ = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
-                                center_sample_radius=self.center_sample_radius)
-        return assign.gt_inds, per_level
+            return atss_assign(anchors, per_level, gt, prior_valid=valid, **self.assigner_kwargs), valid
+        assign, _ = fcos_assign_levels(points, per_level, self.strides, self.regress_ranges, gt,
+                                       center_sampling=self.center_sampling,
+                                       center_sample_radius=self.center_sample_radius)
+        return assign, None
 
     def prior_size_range(self) -> tuple[float, float]:
         """ATSS: the anchors' sides; FCOS targets: a P3 cell up to twice the last regress range's lower bound."""
@@ -270,21 +274,13 @@ class VFNetHead(DenseHead):
             (0 elsewhere), label_weights (B, N) float or None (FCOS: every prior counts, as the reference),
             pos (B, N) bool, neg (B, N) bool)``.
         """
-        device = points.device
-        gt = pad_targets(targets, device=device)
-        if self.use_atss:
-            anchors = torch.cat(self.anchor_generator.grid_priors(featmap_sizes, dtype=torch.float32, device=device))
-            valid = self.valid_prior_mask(featmap_sizes, self.strides, 1, metas, device)
-            assign = atss_assign(anchors, per_level, gt, prior_valid=valid, **self.assigner_kwargs)
+        gt = pad_targets(targets, device=points.device)
+        assign, valid = self._assign(featmap_sizes, points, per_level, gt, metas)
+        if valid is not None:  # ATSS: priors on the batch padding are neither positive nor negative
             pos = assign.pos_mask & valid
             neg = (assign.gt_inds == -1) & valid
             label_weights = (valid & (assign.gt_inds != -2)).float()
         else:
-            strides = torch.repeat_interleave(torch.tensor(self.strides, device=device, dtype=torch.float32),
-                                              torch.tensor(per_level, device=device))
-            ranges = expand_regress_ranges(self.regress_ranges, per_level).to(device)
-            assign, _ = fcos_assign(points, strides, ranges, gt, center_sampling=self.center_sampling,
-                                    center_sample_radius=self.center_sample_radius)
             pos = assign.pos_mask
             neg = ~pos
             label_weights = None
