@@ -93,3 +93,15 @@ def test_an_old_style_override_gives_the_same_model_input() -> None:
                                                  "{type: Normalize}]"])
     assert old.model["data_preprocessor"] == new.model["data_preprocessor"]
     assert [s["type"] for s in old.data.val.pipeline] == ["Resize"]
+
+
+def test_aliases_know_only_the_names_that_moved() -> None:
+    import densedet.compat.mmdet
+    import densedet.engine.dist
+
+    with pytest.raises(AttributeError, match="'densedet.engine.dist' has no attribute 'no_such_name'"):
+        densedet.engine.dist.no_such_name  # noqa: B018
+    # a restricted alias: weights.mmdet has other names (nn), but only convert_mmdet_checkpoint moved from compat
+    assert hasattr(importlib.import_module("densedet.weights.mmdet"), "nn")
+    with pytest.raises(AttributeError, match="'densedet.compat.mmdet' has no attribute 'nn'"):
+        densedet.compat.mmdet.nn  # noqa: B018
