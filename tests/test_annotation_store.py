@@ -20,6 +20,7 @@ import pytest
 import torch
 from faster_coco_eval.core import mask as coco_mask
 from PIL import Image
+from rle_reference import uncompressed_rle
 
 from densedet.data import CocoDataset, DataWarning, make_synthetic_coco
 from densedet.data import annotation_store as store_module
@@ -27,20 +28,6 @@ from densedet.data.annotation_store import FLAG_BOX_FROM_MASK, load_annotation_s
 from densedet.evaluation import evaluate_coco
 from densedet.structures.masks import BitmapCrop, InstanceMasks, MaskFormatError, PolygonMask, decode_segmentation
 from densedet.structures.rle_codec import rle_string_counts, valid_rle_strings
-
-
-def _uncompressed(full: np.ndarray) -> dict:
-    """Hand-written COCO uncompressed RLE (column-major runs, starting with zeros)."""
-    flat = full.T.reshape(-1).tolist()
-    counts, cur, run = [], 0, 0
-    for v in flat:
-        if v == cur:
-            run += 1
-        else:
-            counts.append(run)
-            cur, run = v, 1
-    counts.append(run)
-    return {"size": list(full.shape), "counts": counts}
 
 
 def write_every_kind(root: Path) -> tuple[Path, Path]:
@@ -70,7 +57,7 @@ def write_every_kind(root: Path) -> tuple[Path, Path]:
     add(1, 2, [30, 10, 17, 10], {"size": [48, 64], "counts": enc["counts"].decode()})
     crowd = np.zeros((48, 64), np.uint8)
     crowd[30:40, 5:25] = 1
-    add(1, 1, [5, 30, 20, 10], _uncompressed(crowd), iscrowd=1, area=200)
+    add(1, 1, [5, 30, 20, 10], uncompressed_rle(crowd), iscrowd=1, area=200)
     add(1, 2, [10, 10, 5, 5], [[10, 10, 15, 10, 15, 15]], ignore=1)
     add(2, 1, [1, 1, 10, 10], [[1, 1, 11, 1, 11, 11, 1, 11]], iscrowd=1)
     add(2, 2, [5, 5, 0, 5], [[5, 5, 5, 10, 6, 10]])
@@ -78,7 +65,7 @@ def write_every_kind(root: Path) -> tuple[Path, Path]:
     add(4, 3, [1, 1, 10, 10], [[1, 1, 11, 1, 11, 11]])
     blob = np.zeros((36, 60), np.uint8)
     blob[5:9, 40:55] = 1
-    add(4, 1, [40, 5, 15, 4], _uncompressed(blob))
+    add(4, 1, [40, 5, 15, 4], uncompressed_rle(blob))
     add(4, 2, [0, 0, 60, 36], [[0, 0, 60, 0, 60, 36, 0, 36]])
     add(5, 2, [0.9, 1.9, 30.0, 40.2], [[0.9, 1.9, 10.9, 1.9, 10.9, 11.9], [20.9, 20.9, 30.9, 20.9, 30.9, 42.1],
                                        [1.9, 30.9, 9.9, 30.9, 5.9, 35.9, 2.1, 33.3]])
@@ -315,7 +302,7 @@ def _bad_mask_file(root: Path) -> tuple[Path, Path, dict[int, str]]:
     }
     anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "segmentation": square, "area": 100},
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [20, 20, 10, 10], "iscrowd": 1,
-             "segmentation": _uncompressed(np.pad(np.ones((10, 10), np.uint8), ((20, 10), (20, 20)))), "area": 100}]
+             "segmentation": uncompressed_rle(np.pad(np.ones((10, 10), np.uint8), ((20, 10), (20, 20)))), "area": 100}]
     for ann_id, (segm, _) in bad.items():
         anns.append({"id": ann_id, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9], "segmentation": segm})
     text = json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 50, "height": 40}], "annotations": anns,

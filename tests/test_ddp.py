@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from worker_procs import wait_workers
 
 _HERE = Path(__file__).resolve().parent
 _REPO = _HERE.parent
@@ -109,14 +110,7 @@ def test_two_process_ddp_equals_single_process_batch(tmp_path: Path, kind: str) 
     finally:
         torch.set_num_threads(n)
 
-    for rank, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=150)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"DDP worker {rank} timed out") from None
-        assert p.returncode == 0, f"worker {rank} failed:\n{out[-4000:]}"
+    wait_workers(procs, 150, "DDP worker")
 
     single, ddp = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert [r["iter"] for r in single] == [r["iter"] for r in ddp] == [1, 2]

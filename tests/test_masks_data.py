@@ -12,6 +12,7 @@ import pytest
 import torch
 from faster_coco_eval.core import mask as coco_mask
 from PIL import Image
+from rle_reference import uncompressed_rle
 from torchvision.ops import roi_align
 
 from densedet.data import CocoDataset, collate
@@ -28,20 +29,6 @@ from densedet.structures.masks import (
 )
 
 
-def _uncompressed_rle(full: np.ndarray) -> dict:
-    """Hand-written COCO uncompressed RLE (column-major, starts with a zero run)."""
-    flat = full.T.reshape(-1)
-    counts, cur, run = [], 0, 0
-    for v in flat.tolist():
-        if v == cur:
-            run += 1
-        else:
-            counts.append(run)
-            cur, run = v, 1
-    counts.append(run)
-    return {"size": list(full.shape), "counts": counts}
-
-
 def test_polygon_decodes_to_hand_made_mask() -> None:
     # a 3x2 rectangle with pixel corners (1, 1)-(4, 3): columns 1..3, rows 1..2
     m = decode_segmentation([[1, 1, 4, 1, 4, 3, 1, 3]], 6, 6)
@@ -56,7 +43,7 @@ def test_uncompressed_and_compressed_rle_decode_to_hand_made_mask() -> None:
     expected = np.zeros((5, 7), np.uint8)
     expected[1:4, 2] = 1
     expected[2, 3:6] = 1
-    rle = _uncompressed_rle(expected)
+    rle = uncompressed_rle(expected)
     m = decode_segmentation(rle, 5, 7)
     assert isinstance(m, BitmapCrop) and (m.x0, m.y0) == (2, 1) and m.bits.shape == (3, 4)  # cropped to extent
     np.testing.assert_array_equal(InstanceMasks([m], 5, 7).to_full(0), expected)
@@ -106,7 +93,7 @@ def _random_masks(rng: np.random.Generator, h: int, w: int, n: int) -> tuple[Ins
             full = np.zeros((h, w), np.uint8)
             yy, xx = np.mgrid[:h, :w]
             full[((xx - x0 - bw / 2) / (bw / 2)) ** 2 + ((yy - y0 - bh / 2) / (bh / 2)) ** 2 <= 1] = 1
-            item = decode_segmentation(_uncompressed_rle(full), h, w)
+            item = decode_segmentation(uncompressed_rle(full), h, w)
         items.append(item)
     masks = InstanceMasks(items, h, w)
     for k, item in enumerate(items):
@@ -170,7 +157,7 @@ def test_resize_of_bitmap_equals_full_image_nearest_resize() -> None:
     rng = np.random.default_rng(3)
     full = np.zeros((50, 70), np.uint8)
     full[10:30, 20:45] = rng.integers(0, 2, size=(20, 25))
-    masks = InstanceMasks([decode_segmentation(_uncompressed_rle(full), 50, 70)], 50, 70)
+    masks = InstanceMasks([decode_segmentation(uncompressed_rle(full), 50, 70)], 50, 70)
     for new_h, new_w in ((23, 31), (101, 143), (50, 70)):
         ys = nearest_source_index(0, new_h, new_h / 50, 50)
         xs = nearest_source_index(0, new_w, new_w / 70, 70)
@@ -184,7 +171,7 @@ def test_roi_targets_equal_full_image_roi_align_and_box_gt_is_all_ones() -> None
     rng = np.random.default_rng(1)
     blob = np.zeros((h, w), np.uint8)
     blob[0:25, 50:80] = rng.integers(0, 2, size=(25, 30))  # touches the top and right image borders
-    masks = InstanceMasks([decode_segmentation(_uncompressed_rle(m), h, w) for m in (box_mask, blob)], h, w)
+    masks = InstanceMasks([decode_segmentation(uncompressed_rle(m), h, w) for m in (box_mask, blob)], h, w)
     rois = torch.tensor([[20, 10, 62, 40], [18.3, 7.7, 70.2, 45.1], [45, -3, 83, 20], [52.5, 1.5, 79.5, 24.5]])
     inds = torch.tensor([0, 0, 1, 1])
     got = masks.roi_targets(rois, inds, 28, binarize=False)
@@ -254,7 +241,7 @@ def test_rle_of_an_image_whose_real_size_differs_names_the_annotation(tmp_path) 
     naming the annotation (a mask cannot be stretched to a stale size)."""
     full = np.zeros((40, 50), np.uint8)
     full[5:15, 5:15] = 1
-    rle = _uncompressed_rle(full)
+    rle = uncompressed_rle(full)
     ann_file, img_dir = _write_mask_coco(tmp_path, [{"id": 42, "image_id": 1, "category_id": 1,
                                                       "bbox": [5, 5, 10, 10], "segmentation": rle}])
     Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img_dir / "a.png")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from worker_procs import wait_workers
 
 from densedet.dist import expand_nodelist, slurm_environment, slurm_master_port
 from densedet.errors import ConfigError
@@ -133,17 +134,6 @@ def _launch(root: Path, work: Path, envs: list[dict[str, str]]) -> list[subproce
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for env in envs]
 
 
-def _wait(procs: list[subprocess.Popen]) -> None:
-    for i, p in enumerate(procs):
-        try:
-            out, _ = p.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"worker {i} timed out") from None
-        assert p.returncode == 0, f"worker {i} failed:\n{out[-4000:]}"
-
-
 def _train_lines(work: Path) -> list[dict]:
     keys = ("epoch", "iter", "lr", "loss", "loss_cls", "loss_bbox", "num_pos")  # not the timing / memory ones
     lines = [json.loads(s) for s in (work / "log.jsonl").read_text().splitlines()]
@@ -165,7 +155,7 @@ def test_two_srun_tasks_train_as_two_torchrun_processes(tmp_path: Path) -> None:
     procs += _launch(root, tmp_path / "slurm", [
         {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r), "SLURM_JOB_ID": job_id,
          "SLURM_JOB_NODELIST": "localhost,gpu[02-03]", "SLURM_JOB_NAME": "densedet", "PATH": ""} for r in range(2)])
-    _wait(procs)  # both pairs run side by side
+    wait_workers(procs, 240)  # both pairs run side by side
 
     ref = _train_lines(tmp_path / "torchrun")
     assert [r["iter"] for r in ref] == [1, 2]
