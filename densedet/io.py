@@ -38,23 +38,12 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (after a rename), to disk; best effort: a system that cannot
+    open or sync it (Windows cannot open folders) leaves it to the OS."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open directories
         return
     try:
         os.fsync(fd)
@@ -111,7 +100,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, fsync: bool 
     try:
         write(tmp)
         if fsync:
-            _fsync_file(tmp)
+            _fsync(tmp)
         os.replace(tmp, path)
     except OSError as e:
         _discard(tmp)
@@ -122,7 +111,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any], *, fsync: bool 
         _discard(tmp)
         raise
     if fsync:
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     return path
 
 
